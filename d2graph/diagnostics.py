@@ -1,0 +1,198 @@
+"""Spans, diagnostics and the one exception every d2graph error derives from.
+
+In:  positions from the parser and messages from the checker.
+Out: `Diagnostic` values (data, never printed here) and their rendering in the
+     rustc/Elm style — position, source excerpt, caret, help — or as JSON.
+Guarantees: a `Span` always knows its `Source`, so any diagnostic can be rendered
+without re-reading files; spans never take part in equality, so two ASTs or IRs
+that differ only in positions compare equal.
+
+Example:
+    >>> src = Source("g.d2", "graph g {\\n  input x\\n}\\n")
+    >>> d = Diagnostic("E002", "unexpected `}`", Span(src, 19, 20), "expected a shape")
+    >>> print(d.render().splitlines()[1])
+      --> g.d2:3:1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+
+@dataclass(frozen=True, eq=False)
+class Source:
+    """A file's name and text; shared by every span that points into it."""
+
+    name: str
+    text: str
+
+    def line_starts(self) -> list[int]:
+        starts = [0]
+        for i, ch in enumerate(self.text):
+            if ch == "\n":
+                starts.append(i + 1)
+        return starts
+
+    def position(self, offset: int) -> tuple[int, int]:
+        """1-based (line, column) of a character offset."""
+        offset = max(0, min(offset, len(self.text)))
+        line = self.text.count("\n", 0, offset) + 1
+        line_start = self.text.rfind("\n", 0, offset) + 1
+        return line, offset - line_start + 1
+
+    def line_text(self, line: int) -> str:
+        lines = self.text.split("\n")
+        return lines[line - 1] if 0 < line <= len(lines) else ""
+
+
+@dataclass(frozen=True)
+class Span:
+    """A half-open range of characters [start, end) in a source file."""
+
+    source: Source = field(compare=False, repr=False)
+    start: int
+    end: int
+
+    @property
+    def line(self) -> int:
+        return self.source.position(self.start)[0]
+
+    @property
+    def column(self) -> int:
+        return self.source.position(self.start)[1]
+
+    @property
+    def end_line(self) -> int:
+        return self.source.position(self.end)[0]
+
+    @property
+    def text(self) -> str:
+        return self.source.text[self.start : self.end]
+
+    def to(self, other: "Span") -> "Span":
+        """The span from the start of self to the end of other."""
+        return Span(self.source, min(self.start, other.start), max(self.end, other.end))
+
+    def location(self) -> str:
+        return f"{self.source.name}:{self.line}:{self.column}"
+
+
+def span_field():
+    """A dataclass field for a span that never takes part in equality."""
+    return field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Note:
+    """A secondary location shown under the main excerpt."""
+
+    span: Span
+    label: str
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One problem in a user's file: a stable code, a message, where, and what to do.
+
+    `label` is printed next to the caret; `help` is one sentence saying what to change.
+    """
+
+    code: str
+    message: str
+    span: Span | None = None
+    label: str = ""
+    help: str = ""
+    notes: tuple[Note, ...] = ()
+    severity: str = "error"  # "error" or "warning"
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity == "error"
+
+    def render(self) -> str:
+        head = f"{self.severity}[{self.code}]: {self.message}"
+        if self.span is None:
+            lines = [head]
+        else:
+            lines = [head] + _excerpt(self.span, self.label)
+            for note in self.notes:
+                lines += _excerpt(note.span, note.label, arrow="::")
+        if self.help:
+            pad = " " * (len(str(self.span.end_line)) if self.span else 0)
+            lines.append(f"{pad} = help: {self.help}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        out = {"code": self.code, "severity": self.severity, "message": self.message}
+        if self.span is not None:
+            end_line, end_col = self.span.source.position(self.span.end)
+            out.update(
+                file=self.span.source.name,
+                line=self.span.line,
+                column=self.span.column,
+                end_line=end_line,
+                end_column=end_col,
+            )
+        out["label"] = self.label
+        out["help"] = self.help
+        out["notes"] = [
+            {"file": n.span.source.name, "line": n.span.line, "column": n.span.column, "label": n.label}
+            for n in self.notes
+        ]
+        return out
+
+
+def _excerpt(span: Span, label: str, arrow: str = "-->") -> list[str]:
+    """Location line, the source line and a caret line under the span's first line."""
+    line, col = span.line, span.column
+    text = span.source.line_text(line)
+    # A multi-line span is underlined to the end of its first line only.
+    end = span.end if span.end_line == line else span.start + max(1, len(text) - col + 1)
+    width = max(1, min(end - span.start, len(text) - col + 1))
+    gutter = " " * len(str(line))
+    # Tabs are kept under the caret so that it lines up with the source line.
+    lead = "".join(ch if ch == "\t" else " " for ch in text[: col - 1])
+    caret = lead + "^" * width + (f" {label}" if label else "")
+    return [
+        f"{gutter}{arrow} {span.location()}",
+        f"{gutter} |",
+        f"{line} | {text}",
+        f"{gutter} | {caret}",
+    ]
+
+
+class D2GraphError(Exception):
+    """The root of every error d2graph raises about a user's input.
+
+    Carries the diagnostics (errors and warnings); `str()` renders them all.
+    """
+
+    def __init__(self, diagnostics: Sequence[Diagnostic] | str):
+        if isinstance(diagnostics, str):
+            diagnostics = [Diagnostic("E000", diagnostics)]
+        self.diagnostics = tuple(diagnostics)
+        super().__init__(self.render())
+
+    @property
+    def errors(self) -> tuple[Diagnostic, ...]:
+        return tuple(d for d in self.diagnostics if d.is_error)
+
+    def render(self) -> str:
+        return "\n\n".join(d.render() for d in self.diagnostics)
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """' (did you mean `x`?)' for the closest candidate, or ''."""
+    pool = sorted(set(candidates))
+    lowered = {c.lower(): c for c in pool}
+    if word.lower() in lowered and lowered[word.lower()] != word:
+        return f" (did you mean `{lowered[word.lower()]}`?)"
+    close = difflib.get_close_matches(word, pool, n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def replace(diag: Diagnostic, **changes) -> Diagnostic:
+    return dataclasses.replace(diag, **changes)
