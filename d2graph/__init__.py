@@ -1,1 +1,61 @@
-"""d2graph."""
+"""d2graph: dynamic neural networks from a small graph language.
+
+The pipeline, one module per stage (no stage imports a later one):
+
+    .d2 text --syntax--> AST --check--> IR (Graph) --render--> DOT/SVG
+                           \\--fmt--> canonical text
+
+Public API:
+    load(path)            read, parse and check a .d2 file → Graph (raises D2GraphError)
+    parse(text)           text → AST (ast.File)
+    check(text)           text → (Graph | None, diagnostics), never raises on a user's mistake
+    format(text)          text → canonical text
+    render(graph, out)    Graph → .svg / .png / .dot
+
+Example:
+    >>> import d2graph
+    >>> g = d2graph.load("examples/high_low.d2")        # doctest: +SKIP
+    >>> print(g)                                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from .diagnostics import D2GraphError, Diagnostic, Span
+from .ir import Graph, Node
+from .syntax import parse
+
+__version__ = "0.1.0"
+
+
+def load(path, *, allow_imports: bool = False) -> Graph:
+    """Read, parse and check a .d2 file; raise D2GraphError carrying every error."""
+    from .check import load as _load
+
+    return _load(path, allow_imports=allow_imports)
+
+
+def check(text: str, filename: str = "<input>", *, allow_imports: bool = False):
+    """Check .d2 source text: (Graph or None, list of diagnostics, errors and warnings)."""
+    from .check import check as _check
+
+    try:
+        return _check(parse(text, filename), allow_imports=allow_imports)
+    except D2GraphError as e:
+        return None, list(e.diagnostics)
+
+
+def format(text: str, filename: str = "<input>") -> str:  # noqa: A001 - the verb users expect
+    """Canonical layout of .d2 source text (comments kept); raises D2GraphError if malformed."""
+    from .fmt import format_source
+
+    return format_source(text, filename)
+
+
+def render(graph: Graph, out, stats=None):
+    """Draw a checked graph to .svg, .png or .dot (the DOT is always written)."""
+    from .render import render as _render
+
+    return _render(graph, out, stats)
+
+
+__all__ = ["D2GraphError", "Diagnostic", "Graph", "Node", "Span", "check", "format", "load", "parse", "render"]

@@ -104,6 +104,9 @@ class _Checker:
         self.costs: dict[str, int | float] = {}
         self.layers: dict[str, tuple[Layer, ...]] = {}
         self.in_shapes: dict[str, tuple | None] = {}
+        # Nodes named in an edge statement that had an error: their missing edges are
+        # a consequence, not a second mistake, so E504 and W501 stay quiet about them.
+        self.tainted: set[str] = set()
 
     def error(self, code, message, span, label="", help="", notes=()):
         self.diags.append(Diagnostic(code, message, span, label, help, tuple(notes)))
@@ -305,7 +308,7 @@ class _Checker:
         return out
 
     def bind_call(self, schema: Schema, call: ast.Call, env: dict, what: str):
-        positional, keywords, ok = [], [], True
+        positional, keywords, ok, bad = [], [], True, []
         names = [p.name for p in schema.params]
         for i, arg in enumerate(call.args):
             v = self.value(arg.value, env)
@@ -315,9 +318,12 @@ class _Checker:
             else:
                 param = schema.params[names.index(arg.key.text)] if arg.key.text in names else None
                 keywords.append((arg.key.text, v, arg.key.span, arg.value.span))
-            if param is not None or schema.open:
-                ok &= self.check_symbols(v, arg.value.span, param or Param("x", "any"), env)
+            if (param is not None or schema.open) and not self.check_symbols(
+                    v, arg.value.span, param or Param("x", "any"), env):
+                ok, bad = False, bad + [arg.value.span]
         bound, diags = schema.bind(positional, keywords, call.span, what=what)
+        # An argument already reported as an undefined name is not also the wrong type.
+        diags = [d for d in diags if d.span not in bad]
         self.diags += diags
         return bound if ok and not diags else None
 
@@ -345,6 +351,7 @@ class _Checker:
             self.error("E802", f"`{name.text}` is not a node", name.span, "a constant or block, not a node",
                        help="edges connect inputs, outputs and nodes")
         else:
+            self.tainted.add("*")  # a misspelt name may be the missing edge of any node
             self.error("E802", f"undefined node `{name.text}`{did_you_mean(name.text, self.decls)}", name.span,
                        "not declared", help=f"declare it, e.g. `node {name.text} = ...`, or fix the name")
         return False
@@ -355,6 +362,8 @@ class _Checker:
             if isinstance(stmt, ast.EdgeChain):
                 attrs = self.attributes(_NODE_ATTRS["edge"], stmt.attrs, "an edge")
                 ok = [all([self.node_ref(n) for n in hop]) for hop in stmt.hops]
+                if not all(ok):
+                    self.tainted |= {n.text for hop in stmt.hops for n in hop}
                 for (left, lok), (right, rok) in zip(zip(stmt.hops, ok), zip(stmt.hops[1:], ok[1:])):
                     if not (lok and rok):
                         continue
@@ -371,12 +380,15 @@ class _Checker:
             elif isinstance(stmt, ast.ControlEdges):
                 self.attributes(_NODE_ATTRS["control edge"], stmt.attrs, "a control edge")
                 src = stmt.source
+                names = [src.text] + [t.text for t in stmt.actions if t is not None]
                 if not self.node_ref(src):
+                    self.tainted |= set(names)
                     continue
                 targets_ok = all([self.node_ref(t) for t in stmt.actions if t is not None])
                 kind = self.decls[src.text].kind
                 if kind != "control":
-                    self.error("E202", f"`{src.text}` emits control edges but is {_a(kind)} node", src.span,
+                    self.tainted |= set(names)
+                    self.error("E202", f"`{src.text}` emits control edges but is {_a(kind)}", src.span,
                                "only control nodes choose actions",
                                help=f"declare it as `control {src.text} = ...` ending in one score per action, "
                                "or use `->` for data")
@@ -428,9 +440,18 @@ class _Checker:
                 self.error("E502", f"{tkind} `{e.target}` cannot have a data input", e.span,
                            f"{tkind}s take no input",
                            help="declare it as a `node` if it should compute from its input")
+        # Edges already reported as impossible would only add echoes (cycles, shapes) later.
+        invalid = {"control", "output"}
+        for e in self.data_edges:
+            if self.decls[e.source].kind in invalid or self.decls[e.target].kind in ("input", "dummy"):
+                self.tainted |= {e.source, e.target}
+        self.data_edges = [e for e in self.data_edges if self.decls[e.source].kind not in invalid
+                           and self.decls[e.target].kind not in ("input", "dummy")]
+        self.control_edges = [c for c in self.control_edges
+                              if c.target is None or self.decls[c.target].kind not in ("input", "output")]
         has_input = {e.target for e in self.data_edges}
         for d in self.decls.values():
-            if d.kind in ("node", "control", "output") and d.name not in has_input:
+            if d.kind in ("node", "control", "output") and d.name not in has_input and not {d.name, "*"} & self.tainted:
                 self.error("E504", f"{_kind_word(d.kind)} `{d.name}` has no data input", d.name_span,
                            "nothing flows into it", help=f"connect it, e.g. `x -> {d.name}`")
             if d.kind == "control":
@@ -495,7 +516,8 @@ class _Checker:
                 self.error("E501", f"`{d.name}` is not reachable from any input", d.name_span,
                            "it only sees constants" if d.name in has_input else "nothing reaches it",
                            help="connect it to a path that starts at an input")
-            if outputs and d.kind not in ("output",) and d.name not in feeds_output:
+            # Unused-node warnings wait for a file without errors: until then they are noise.
+            if outputs and d.kind != "output" and d.name not in feeds_output and not self.has_errors:
                 self.warn("W501", f"`{d.name}` reaches no output", d.name_span, "its result is never used",
                           help="connect it to an output, or remove it")
 
@@ -659,7 +681,9 @@ class _Checker:
             self.error("E701", f"output `{o}` is null when {when}" if trail else f"output `{o}` never gets a value",
                        d.name_span, "gets no value on that path (rule R7)",
                        help=f"give the edges into `{o}` a default (`{missing[0].source if missing else 'N'} -> {o} "
-                       f"[default=0]`), declare `output {o} [merge=select]`, or route every action to `{o}`",
+                       "[default=0]`), " + ("" if d.attrs.get("merge") == "select" else
+                                            f"declare `output {o} [merge=select]`, ")
+                       + f"or route every action to a node that feeds `{o}`",
                        notes=notes)
         if budget[0] <= 0:
             self.warn("W701", f"totality was checked on the first {TOTALITY_LIMIT:,} action combinations only",

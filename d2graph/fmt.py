@@ -6,6 +6,8 @@ Out: the same file in one canonical layout: one statement per line, single space
      two-space indentation per `{`, statements and file items in the order written,
      blank-line runs collapsed to one, numbers and strings spelled as written, every
      comment kept verbatim, pipelines longer than `LINE_WIDTH` wrapped after commas.
+     Comments between the layers of a pipeline (`conv(8, 3),  # [8,16,16]`) stay there;
+     other comments inside a statement move to the line before it.
 Guarantees: `format_source` re-parses its result and raises `D2GraphError` (E020)
 instead of returning text that parses to a different AST or lost a comment;
 formatting is idempotent; the result ends with exactly one newline (an empty file
@@ -84,6 +86,8 @@ class _Placement:
     after: dict[int, ast.Comment] = field(default_factory=dict)  # end of the statement's last line
     opener: dict[int, ast.Comment] = field(default_factory=dict)  # end of a `... {` line
     own_line: dict[int, list[ast.Comment]] = field(default_factory=dict)  # between a container's items
+    # Between a pipeline layer and the next: the comment ending the layer's line, then own lines.
+    between: dict[int, tuple[ast.Comment | None, list[ast.Comment]]] = field(default_factory=dict)
 
 
 def _children(node) -> tuple | None:
@@ -102,9 +106,17 @@ class _Printer:
         self.text = text
         self._line_starts = [0] + [m.end() for m in re.finditer(r"\n", text)]
         self.place = _Placement()
+        self._inside: dict[int, tuple[ast.Statement, list[ast.Comment]]] = {}
         for comment in file.comments:
             if comment.span is not None:
                 self._place(comment, file)
+        for stmt, comments in self._inside.values():
+            gaps = self._pipeline_gaps(stmt, comments)
+            if gaps is None:
+                # Inside a statement there is no line of its own to keep a comment on.
+                self.place.before[id(stmt)] = comments
+            else:
+                self.place.between.update(gaps)
 
     # Positions ---------------------------------------------------------------------------
 
@@ -138,8 +150,7 @@ class _Printer:
                 if _children(item) is not None and pos > self._brace(item):
                     self._place(comment, item)
                 else:
-                    # Inside a statement there is no line of its own to keep it on.
-                    self.place.before.setdefault(id(item), []).append(comment)
+                    self._inside.setdefault(id(item), (item, []))[1].append(comment)
                 return
         previous = [i for i in items if i.span.end <= pos]
         line = self._line(pos)
@@ -149,6 +160,31 @@ class _Printer:
             self.place.opener[id(container)] = comment
         else:
             self.place.own_line.setdefault(id(container), []).append(comment)
+
+    def _pipeline_gaps(self, stmt, comments: list[ast.Comment]) -> dict | None:
+        """`between` entries keeping a pipeline's comments where they are, or None.
+
+        Comments between layers (`conv(8, 3),  # [8,16,16]`) annotate the layers around
+        them, so the pipeline breaks there to keep them in place. Only when all of a
+        statement's inner comments sit between layers, because one moved before the
+        statement would otherwise jump ahead of the ones kept in place.
+        """
+        if not isinstance(stmt, (ast.NodeDecl, ast.BlockDef)):
+            return None
+        gaps: dict[int, tuple[ast.Comment | None, list[ast.Comment]]] = {}
+        for comment in comments:
+            pos = comment.span.start
+            layer = next((a for a, b in zip(stmt.pipeline, stmt.pipeline[1:]) if a.span.end <= pos < b.span.start), None)
+            if layer is None:
+                return None
+            end_of_line, own_lines = gaps.get(id(layer), (None, []))
+            code_before = self.text[self._line_starts[self._line(pos)] : pos].strip()
+            if end_of_line is None and not own_lines and code_before:
+                end_of_line = comment
+            else:
+                own_lines = own_lines + [comment]
+            gaps[id(layer)] = (end_of_line, own_lines)
+        return gaps
 
     # Printing ----------------------------------------------------------------------------
 
@@ -202,13 +238,20 @@ class _Printer:
             self._block(f"{indent}train {{", stmt, depth, out)
         elif isinstance(stmt, ast.NodeDecl):
             head = f"{indent}{stmt.kind} {stmt.name.text}{_attrs(stmt.attrs)} = "
-            out += _wrap(head, [_layer(c) for c in stmt.pipeline])
+            out += self._pipeline(head, stmt.pipeline)
         elif isinstance(stmt, ast.BlockDef):
             params = ", ".join(p.text for p in stmt.params)
             head = f"{indent}block {stmt.name.text}({params}) = "
-            out += _wrap(head, [_layer(c) for c in stmt.pipeline])
+            out += self._pipeline(head, stmt.pipeline)
         else:
             out.append(indent + _simple_statement(stmt))
+
+    def _pipeline(self, head: str, pipeline: tuple[ast.Call, ...]) -> list[str]:
+        gaps = []
+        for call in pipeline:
+            end_of_line, own_lines = self.place.between.get(id(call), (None, []))
+            gaps.append((end_of_line.text if end_of_line else None, [c.text for c in own_lines]))
+        return _wrap(head, [_layer(c) for c in pipeline], gaps)
 
     def _block(self, header: str, container: Container, depth: int, out: list[str]) -> None:
         opener = self.place.opener.get(id(container))
@@ -225,25 +268,34 @@ class _Printer:
 # --- statements and values ------------------------------------------------------------------
 
 
-def _wrap(head: str, layers: list[str]) -> list[str]:
+def _wrap(head: str, layers: list[str], gaps: list[tuple[str | None, list[str]]]) -> list[str]:
     """`head` + the layers joined by commas, wrapped after commas when too long.
 
     Continuation lines start under the first layer; a break goes where the next layer
-    (and the comma after it, unless it is the last) would pass LINE_WIDTH. A layer
-    longer than the width gets a line of its own and is never split.
+    (and the comma after it, unless it is the last) would pass LINE_WIDTH, and after
+    every layer followed by comments: `gaps[i]` is the comment that ends layer i's line
+    and the comment lines that follow it. A layer longer than the width gets a line of
+    its own and is never split.
     """
     one_line = head + ", ".join(layers)
-    if len(one_line) <= LINE_WIDTH:
+    if len(one_line) <= LINE_WIDTH and not any(eol or own for eol, own in gaps):
         return [one_line]
     pad = " " * len(head)
-    lines, current = [], head + layers[0]
-    for i, layer in enumerate(layers[1:], start=1):
+    lines: list[str] = []
+    current = head + layers[0]
+    for i in range(1, len(layers)):
+        end_of_line, own_lines = gaps[i - 1]
+        if end_of_line or own_lines:
+            lines.append(current + "," + (f"  {end_of_line}" if end_of_line else ""))
+            lines += [pad + text for text in own_lines]
+            current = pad + layers[i]
+            continue
         comma = 0 if i == len(layers) - 1 else 1
-        if len(current) + 2 + len(layer) + comma <= LINE_WIDTH:
-            current += ", " + layer
+        if len(current) + 2 + len(layers[i]) + comma <= LINE_WIDTH:
+            current += ", " + layers[i]
         else:
             lines.append(current + ",")
-            current = pad + layer
+            current = pad + layers[i]
     lines.append(current)
     return lines
 

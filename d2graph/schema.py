@@ -165,7 +165,7 @@ class Schema:
                     diags.append(Diagnostic(
                         "E805", f"argument `{p.name}` of {what} `{self.name}` must be {p.describe()}{hint}",
                         spans.get(p.name), f"this is {describe_value(value)}",
-                        help=f"its signature is `{self.signature()}`" + (f"; {p.doc}" if p.doc else ""),
+                        help=(f"`{p.name}` is the {p.doc}; " if p.doc else "") + f"the signature is `{self.signature()}`",
                     ))
                     continue
                 out[p.name] = p.coerce(value)

@@ -382,6 +382,12 @@ def _syntax_diagnostic(e: lark.exceptions.UnexpectedInput, source: Source, p: _P
         span = _tok_span(source, prev)
         label = "this looks like a layer, but it is not joined to the pipeline"
         help = f"separate the layers of a pipeline with commas: `, {prev}`"
+    elif prev is not None and prev.line < tok.line and str(prev) in ("->", "=>", ",", "=", "|"):
+        # The statement stopped short: point at where it stopped, not at the next line.
+        message = f"`{prev}` is not followed by {wanted}"
+        span = _tok_span(source, prev)
+        label = f"expected {wanted} after this"
+        help = "finish the statement, or remove the dangling operator"
     else:
         message = f"unexpected {found}"
         if tok.type == "NAME" and prev is not None and prev.type == "NAME" and "_ARROW" in expected:
@@ -392,7 +398,9 @@ def _syntax_diagnostic(e: lark.exceptions.UnexpectedInput, source: Source, p: _P
             help = "name the node first: `node NAME = layers`"
         elif str(tok) == "}" and prev is not None and str(prev) in (",", "=", "->", "=>", "|"):
             help = f"something is missing after `{prev}`"
-        elif str(tok) == "{" :
+        elif prev is not None and prev.type == "NAME" and "EQUAL" in expected and "LSQB" in expected:
+            help = "a declaration reads `node NAME = layer, layer, ...` (attributes go in `[...]` before `=`)"
+        elif str(tok) == "{":
             help = "only `graph NAME {` and `train {` open braces"
     return Diagnostic("E002", message, span, label, help=help)
 
@@ -403,7 +411,7 @@ def _in_pipeline(tokens: list[Token]) -> bool:
     if len(tokens) < 2:
         return False
     last = tokens[-1]
-    depth = 0
+    depth, assigned = 0, False
     for t in reversed(tokens[:-1]):
         if t.line != last.line:
             return False
@@ -411,8 +419,10 @@ def _in_pipeline(tokens: list[Token]) -> bool:
             depth += 1
         elif t in ("(", "["):
             depth -= 1
+        elif depth == 0 and t == "=":
+            assigned = True
         elif depth == 0 and str(t) in ("node", "control", "dummy", "block"):
-            return True
+            return assigned
         elif depth == 0 and str(t) in ("->", "=>", "{", "}"):
             return False
     return False

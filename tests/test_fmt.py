@@ -66,11 +66,9 @@ def test_keeps_meaning_and_comments_and_is_idempotent(path: Path):
     assert once.endswith("\n") and not once.endswith("\n\n")
 
 
-@pytest.mark.parametrize("path", ALL_FILES, ids=_id)
-def test_layout_rules_hold(path: Path):
-    out = format_source(path.read_text(encoding="utf-8"), str(path))
+def _assert_layout_rules(out: str) -> None:
     lines = out.split("\n")[:-1]
-    assert lines[0] != "", "no blank line at the start of the file"
+    assert not lines or lines[0] != "", "no blank line at the start of the file"
     for before, line, after in zip([None] + lines, lines, lines[1:] + [None]):
         assert line == line.rstrip(), f"trailing whitespace: {line!r}"
         assert "\t" not in line[: len(line) - len(line.lstrip())], "indentation is spaces only"
@@ -78,6 +76,11 @@ def test_layout_rules_hold(path: Path):
             assert before != "", "blank-line runs are collapsed to one"
             assert not before.endswith("{"), "no blank line right after `{`"
             assert after is not None and after.strip() != "}", "no blank line before `}`"
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=_id)
+def test_layout_rules_hold(path: Path):
+    _assert_layout_rules(format_source(path.read_text(encoding="utf-8"), str(path)))
 
 
 # --- specific rules ----------------------------------------------------------------------------------
@@ -211,11 +214,6 @@ def test_spacing_and_line_breaks_do_not_matter(case):
     assert format_source(text) == format_source(plain)
 
 
-def _without_noise(formatted: str) -> str:
-    lines = [re.sub(r"  # hyp$", "", line) for line in formatted.split("\n")]
-    return "\n".join(line for line in lines if line.strip() not in ("", "# hyp"))
-
-
 @FAST
 @given(_relayout(NOISY))
 def test_blank_lines_and_comments_only_add_lines(case):
@@ -223,4 +221,8 @@ def test_blank_lines_and_comments_only_add_lines(case):
     once = format_source(text)
     assert format_source(once) == once
     assert once.count("# hyp") == text.count("# hyp")
-    assert _without_noise(once) == _without_noise(format_source(plain))
+    _assert_layout_rules(once)
+    # Comments between layers break a pipeline where they are; without them the
+    # layout is the plain one again.
+    quiet = re.sub(r"#( hyp)$", "", once, flags=re.M)
+    assert format_source(quiet) == format_source(plain)

@@ -1,0 +1,351 @@
+"""IR (+ optional run statistics) → DOT text → SVG / PNG, drawn as in the D²NN paper.
+
+In:  a checked `ir.Graph`; optionally `stats`, a mapping from node name to the fraction
+     of examples (in [0, 1]) on which that node ran, e.g. from an evaluation.
+Out: `to_dot(graph, stats)` returns DOT text; `render(graph, path, stats)` writes it
+     to `PATH.dot` (or to `path` itself when it ends in `.dot`) and, for `.svg` / `.png`,
+     runs Graphviz's `dot` on it.
+Guarantees: the DOT text depends only on the graph and the stats — the same input gives
+byte-identical text (nodes and edges in IR order, numbers formatted with fixed
+precision), so it can be compared with golden files. Every file is written atomically
+(a temporary file in the same folder, then `os.replace`): a reader never sees half a
+drawing. The DOT file is written before `dot` runs, so a user without Graphviz still
+gets something to render elsewhere.
+
+Drawing conventions:
+  input              circle, its shape below the name
+  output             circle filled light grey
+  function node      box: name, layers (wrapped at layer boundaries), cost
+  control node       diamond; its control edges are dashed and labelled with the
+                     action number, counted from 1; `skip` goes to a small "skip" mark
+  dummy node         box filled grey with a dashed outline
+  data edge          solid; a small open circle at the head when it has a default, which
+                     is written next to it (`default=0`); edges into a `select` or
+                     `concat` merge are numbered 1st, 2nd, ... in the order that counts
+With stats, each node says how often it ran and an edge is as wide as its traffic
+(from 0.5 at 0% to 6 at 100%).
+
+Errors (all `D2GraphError`): E030 `RenderError`, the `dot` program is missing (the CLI
+exits 3 on it); E031, an output extension other than .svg, .png, .dot; E032, `dot` failed.
+
+Example:
+    >>> g = d2graph.load("examples/high_low.d2")                   # doctest: +SKIP
+    >>> render(g, "high_low.svg", stats={"N2": 0.3, "N3": 0.7})    # doctest: +SKIP
+    PosixPath('high_low.svg')
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import graphviz
+
+from .diagnostics import D2GraphError, Diagnostic
+from .ir import DataEdge, Graph, Node, format_cost
+from .schema import format_value
+
+FORMATS = (".svg", ".png", ".dot")
+
+# Layer summaries wrap at layer boundaries near this width: wide boxes push the rest of
+# the drawing apart, and one layer per line would make tall ones.
+WRAP = 40
+
+FONT = "Helvetica"
+PEN_MIN, PEN_MAX = 0.5, 6.0
+DOT_TIMEOUT_S = 120
+
+# mkstemp creates 0600 files; drawings are meant to be shared like any other output, so
+# they get the permissions a plain open() would give. The umask is read once, at import,
+# because reading it means setting it (not thread-safe).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
+# Light fills that survive printing in grey scale; shapes, not colours, carry the meaning.
+OUTPUT_FILL = "#d9d9d9"
+DUMMY_FILL = "#bdbdbd"
+CONTROL_FILL = "#fff2cc"
+CONTROL_INK = "#7f6000"  # control edges and their labels: tells them from data at a glance
+NOTE_INK = "#555555"  # secondary text: costs, shapes, defaults
+
+
+class RenderError(D2GraphError):
+    """The Graphviz `dot` program is missing; the DOT file was written anyway.
+
+    Carries one Diagnostic with code E030; `dot_path` is the file that was written.
+    """
+
+    def __init__(self, dot_path: Path):
+        self.dot_path = Path(dot_path)
+        super().__init__([
+            Diagnostic(
+                "E030",
+                "cannot draw the graph: the Graphviz `dot` program was not found",
+                help=(
+                    "install Graphviz: `apt-get install -y graphviz` (Debian/Ubuntu) or "
+                    f"`brew install graphviz`; the DOT file was written to {self.dot_path}"
+                ),
+            )
+        ])
+
+
+# --- DOT text -----------------------------------------------------------------------------
+
+
+def to_dot(graph: Graph, stats: Mapping[str, float] | None = None) -> str:
+    """The graph as DOT text, deterministic for golden tests.
+
+    `stats` maps node names to execution rates in [0, 1]; names not in the graph are
+    ignored (a stats file from an older version of the graph still draws).
+
+    >>> print(to_dot(d2graph.load("examples/high_low.d2")).splitlines()[0])   # doctest: +SKIP
+    digraph high_low {
+    """
+    rates = _rates(graph, stats)
+    dot = graphviz.Digraph(name=graph.name)
+    dot.attr(
+        rankdir="TB",
+        label=f"<{_title(graph)}>",
+        labelloc="t",
+        fontname=FONT,
+        fontsize="16",
+        nodesep="0.35",
+        ranksep="0.45",
+    )
+    dot.attr("node", fontname=FONT, fontsize="12", margin="0.12,0.06")
+    dot.attr("edge", fontname=FONT, fontsize="10", arrowsize="0.7")
+
+    for node in graph.nodes:
+        dot.node(node.name, label=f"<{_label(node, rates)}>", **_node_style(node))
+
+    # Outputs share the bottom rank so that every answer of the network reads off one line.
+    outputs = graph.outputs
+    if len(outputs) > 1:
+        with dot.subgraph() as bottom:
+            bottom.attr(rank="sink")
+            for node in outputs:
+                bottom.node(node.name)
+
+    for node in graph.nodes:
+        ordered = node.merge in ("select", "concat") and len(node.inputs) > 1
+        for i, edge in enumerate(node.inputs):
+            dot.edge(edge.source, edge.target,
+                     **_data_edge_style(edge, i if ordered else None, rates))
+
+    for node in graph.control_nodes:
+        skip_id = f"{node.name}.skip"  # a '.' cannot occur in a .d2 name: no clash
+        if None in node.actions:
+            dot.node(skip_id, label="skip", shape="plaintext", fontsize="10",
+                     fontcolor=CONTROL_INK, width="0", height="0", margin="0.02")
+        for action, target in enumerate(node.actions):
+            attrs = {
+                "style": "dashed",
+                "color": CONTROL_INK,
+                "fontcolor": CONTROL_INK,
+                "label": str(action + 1),  # drawings number actions from 1, as messages do
+            }
+            if target is None:
+                # Node rates cannot tell how often `skip` was chosen (the targets of the
+                # other actions may also be switched on by other control nodes), so the
+                # skip edge keeps the plain width rather than show a made-up traffic.
+                dot.edge(node.name, skip_id, arrowhead="empty", **attrs)
+            else:
+                dot.edge(node.name, target, **attrs, **_width(rates, node.name, target))
+
+    return dot.source
+
+
+def _rates(graph: Graph, stats: Mapping[str, float] | None) -> dict[str, float]:
+    if not stats:
+        return {}
+    rates = {}
+    for node in graph.nodes:
+        rate = stats.get(node.name)
+        if rate is None or not math.isfinite(float(rate)):
+            continue
+        rates[node.name] = min(1.0, max(0.0, float(rate)))
+    return rates
+
+
+def _title(graph: Graph) -> str:
+    cost = format_cost(graph.full_cost)
+    # A declared cost is in the user's own unit, so a sum that includes one is unitless.
+    declared = any(n.cost_declared for n in graph.nodes)
+    unit = "" if declared else " MACs"
+    return (
+        f"<B>{_esc(graph.name)}</B><BR/>"
+        f'<FONT POINT-SIZE="11" COLOR="{NOTE_INK}">full cost {cost}{unit} per example</FONT>'
+    )
+
+
+def _node_style(node: Node) -> dict[str, str]:
+    if node.kind == "input":
+        return {"shape": "circle"}
+    if node.kind == "output":
+        return {"shape": "circle", "style": "filled", "fillcolor": OUTPUT_FILL}
+    if node.kind == "control":
+        return {"shape": "diamond", "style": "filled", "fillcolor": CONTROL_FILL, "margin": "0.02"}
+    if node.kind == "dummy":
+        return {"shape": "box", "style": "filled,dashed", "fillcolor": DUMMY_FILL}
+    return {"shape": "box", "style": "rounded"}
+
+
+def _label(node: Node, rates: Mapping[str, float]) -> str:
+    """An HTML-like label: the name in bold, then smaller lines of detail."""
+    lines = [f"<B>{_esc(node.name)}</B>"]
+    small: list[str] = []
+    if node.kind in ("input", "output"):
+        small.append(_esc(format_value(list(node.out_shape))))
+        if node.merge != "sum" and len(node.inputs) > 1:
+            small.append(f"merge={node.merge}")
+    else:
+        small += [_esc(line) for line in _wrap(node)]
+        if node.merge != "sum" and len(node.inputs) > 1:
+            small.append(f"merge={node.merge}")
+        small.append(_esc(_cost_text(node)))
+    if node.name in rates:
+        small.append(f"<B>ran {rates[node.name]:.0%}</B>")
+    lines += [f'<FONT POINT-SIZE="10" COLOR="{NOTE_INK}">{s}</FONT>' for s in small]
+    return "<BR/>".join(lines)
+
+
+def _cost_text(node: Node) -> str:
+    if node.cost_declared:
+        return f"cost {format_cost(node.cost)}"
+    return f"{format_cost(node.cost)} MACs"
+
+
+def _wrap(node: Node) -> list[str]:
+    """The layer summary, broken after a layer's comma once a line reaches WRAP chars."""
+    lines: list[str] = []
+    current = ""
+    for layer in node.layers:
+        part = layer.summary()
+        if current and len(current) + 2 + len(part) > WRAP:
+            lines.append(current + ",")
+            current = part
+        else:
+            current = f"{current}, {part}" if current else part
+    if current:
+        lines.append(current)
+    return lines
+
+
+def _data_edge_style(edge: DataEdge, order: int | None, rates: Mapping[str, float]) -> dict[str, str]:
+    attrs: dict[str, str] = {}
+    notes = []
+    if order is not None:
+        notes.append(_ordinal(order + 1))
+    if edge.default is not None:
+        # The paper marks an edge that may carry a default instead of its source's
+        # output with a small circle where it enters its target.
+        attrs["arrowhead"] = "odot"
+        notes.append(f"default={format_value(edge.default)}")
+    if notes:
+        attrs["label"] = " ".join(notes)
+        attrs["fontsize"] = "9"
+        attrs["fontcolor"] = NOTE_INK
+    attrs.update(_width(rates, edge.source, edge.target))
+    return attrs
+
+
+def _width(rates: Mapping[str, float], source: str, target: str) -> dict[str, str]:
+    # Traffic = the share of examples on which both ends ran; without a joint count,
+    # min(rate) is its upper bound, exact whenever one end only runs when the other does
+    # (the usual case: a target runs only if its source ran or its controller chose it).
+    if source not in rates or target not in rates:
+        return {}
+    traffic = min(rates[source], rates[target])
+    return {"penwidth": f"{PEN_MIN + (PEN_MAX - PEN_MIN) * traffic:.2f}"}
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _esc(text: str) -> str:
+    # HTML-like labels: escape &, <, > and quotes; plain DOT escaping is not enough there.
+    return html.escape(text, quote=True)
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def render(graph: Graph, out_path: str | os.PathLike, stats: Mapping[str, float] | None = None) -> Path:
+    """Write the drawing of `graph` to `out_path` (.svg, .png or .dot) and return its path.
+
+    The DOT text always goes to `out_path` with a `.dot` suffix first; `dot` then turns
+    it into the requested format.
+
+    >>> render(d2graph.load("examples/chain.d2"), "runs/chain.svg")   # doctest: +SKIP
+    PosixPath('runs/chain.svg')
+    """
+    out = Path(out_path)
+    fmt = out.suffix.lower()
+    if fmt not in FORMATS:
+        raise D2GraphError([
+            Diagnostic(
+                "E031",
+                f"cannot draw to `{out}`: unsupported file type `{out.suffix or '(none)'}`",
+                help="use one of " + ", ".join(FORMATS) + f", e.g. `{out.with_suffix('.svg')}`",
+            )
+        ])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dot_path = out if fmt == ".dot" else out.with_suffix(".dot")
+    _write_atomic(dot_path, to_dot(graph, stats).encode("utf-8"))
+    if fmt == ".dot":
+        return out
+
+    exe = shutil.which("dot")
+    if exe is None:
+        raise RenderError(dot_path)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        try:
+            proc = subprocess.run(
+                [exe, f"-T{fmt[1:]}", "-o", tmp, str(dot_path)],
+                capture_output=True, text=True, timeout=DOT_TIMEOUT_S,
+            )
+            failure = None if proc.returncode == 0 else (
+                f"exit status {proc.returncode}", proc.stderr.strip())
+        except subprocess.TimeoutExpired:
+            failure = (f"no answer after {DOT_TIMEOUT_S} s", "")
+        if failure is not None:
+            why, stderr = failure
+            raise D2GraphError([
+                Diagnostic(
+                    "E032",
+                    f"Graphviz `dot` could not draw `{out}` ({why})"
+                    + (f":\n{stderr}" if stderr else ""),
+                    help=f"the DOT file is at {dot_path}; try `dot -T{fmt[1:]} {dot_path}` "
+                         "to see the problem, and report it if it persists",
+                )
+            ])
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
