@@ -20,6 +20,9 @@ Example:
 
 from __future__ import annotations
 
+# The stage modules are imported first on purpose: the functions below share their
+# names (`check`, `render`), and defining them last makes `d2graph.check` the function.
+from . import check as _check_module, render as _render_module  # noqa: F401
 from .diagnostics import D2GraphError, Diagnostic, Span
 from .ir import Graph, Node
 from .syntax import parse
@@ -29,17 +32,13 @@ __version__ = "0.1.0"
 
 def load(path, *, allow_imports: bool = False) -> Graph:
     """Read, parse and check a .d2 file; raise D2GraphError carrying every error."""
-    from .check import load as _load
-
-    return _load(path, allow_imports=allow_imports)
+    return _check_module.load(path, allow_imports=allow_imports)
 
 
 def check(text: str, filename: str = "<input>", *, allow_imports: bool = False):
     """Check .d2 source text: (Graph or None, list of diagnostics, errors and warnings)."""
-    from .check import check as _check
-
     try:
-        return _check(parse(text, filename), allow_imports=allow_imports)
+        return _check_module.check(parse(text, filename), allow_imports=allow_imports)
     except D2GraphError as e:
         return None, list(e.diagnostics)
 
@@ -53,9 +52,7 @@ def format(text: str, filename: str = "<input>") -> str:  # noqa: A001 - the ver
 
 def render(graph: Graph, out, stats=None):
     """Draw a checked graph to .svg, .png or .dot (the DOT is always written)."""
-    from .render import render as _render
-
-    return _render(graph, out, stats)
+    return _render_module.render(graph, out, stats)
 
 
 __all__ = ["D2GraphError", "Diagnostic", "Graph", "Node", "Span", "check", "format", "load", "parse", "render"]

@@ -640,6 +640,7 @@ class _Checker:
         outputs = [n for n in order if self.decls[n].kind == "output"]
         found: dict[str, list] = {}
         budget = [TOTALITY_LIMIT]
+        ever_ran: set[str] = set()
 
         def runs(name: str, present: dict, chosen: dict) -> bool:
             if name in controllers and not any(chosen.get(c.source) == c.action for c in controllers[name]):
@@ -664,11 +665,19 @@ class _Checker:
                     return
                 i += 1
             budget[0] -= 1
+            ever_ran.update(n for n, ran in present.items() if ran)
             for o in outputs:
                 if not present[o] and o not in found:
                     found[o] = (trail, dict(present))
 
         walk(0, {}, {}, [])
+        if budget[0] > 0 and not found:
+            for name in order:
+                if name not in ever_ran:
+                    self.warn("W702", f"`{name}` never runs, whatever the control nodes choose",
+                              self.decls[name].name_span, "dead on every path",
+                              help="an input of it is null whenever it is activated: add a `default` to that "
+                              "edge, or `merge=select`")
         for o in outputs:
             if o not in found:
                 continue
