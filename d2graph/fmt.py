@@ -37,7 +37,7 @@ INDENT = "  "
 
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 
-Container = ast.File | ast.GraphDecl | ast.TrainBlock
+_Container = ast.File | ast.GraphDecl | ast.TrainBlock
 
 
 def format_source(text: str, filename: str = "<input>") -> str:
@@ -123,7 +123,7 @@ class _Printer:
     def _line(self, offset: int) -> int:
         return bisect_right(self._line_starts, offset) - 1
 
-    def _brace(self, container: Container) -> int:
+    def _brace(self, container: _Container) -> int:
         """Offset of the `{` that opens a graph or train block (0 for the file).
 
         Found by skipping whitespace and comments after the header, because a comment
@@ -142,7 +142,7 @@ class _Printer:
 
     # Placement ---------------------------------------------------------------------------
 
-    def _place(self, comment: ast.Comment, container: Container) -> None:
+    def _place(self, comment: ast.Comment, container: _Container) -> None:
         pos = comment.span.start
         items = [i for i in _children(container) if i.span is not None]
         for item in items:
@@ -198,7 +198,7 @@ class _Printer:
             return False
         return _BLANK_LINE.search(self.text, end, start) is not None
 
-    def _body(self, container: Container, depth: int, out: list[str]) -> None:
+    def _body(self, container: _Container, depth: int, out: list[str]) -> None:
         """The items of a container and its own-line comments, in source order."""
         indent = INDENT * depth
         elements: list[ast.Comment | ast.Statement] = list(self.place.own_line.get(id(container), []))
@@ -253,7 +253,7 @@ class _Printer:
             gaps.append((end_of_line.text if end_of_line else None, [c.text for c in own_lines]))
         return _wrap(head, [_layer(c) for c in pipeline], gaps)
 
-    def _block(self, header: str, container: Container, depth: int, out: list[str]) -> None:
+    def _block(self, header: str, container: _Container, depth: int, out: list[str]) -> None:
         opener = self.place.opener.get(id(container))
         inner: list[str] = []
         self._body(container, depth + 1, inner)

@@ -85,7 +85,7 @@ class Param:
     def coerce(self, value: Any) -> Any:
         # An integer is a fine number; keep floats as floats for the IR's sake.
         if self.kind == "choice" or (isinstance(value, str) and value in self.also):
-            return str(value)
+            return Symbol(value)  # a word of the language: printed bare, compared as a str
         return value
 
 

@@ -38,6 +38,9 @@ _TERMINAL_WORDS = {
 # What can start a statement, in the order a reader would list them.
 _STATEMENT_STARTS = ("node", "control", "dummy", "input", "output", "let", "block", "train")
 
+# Escapes inside strings; any other escaped character stands for itself (\" and \\).
+_ESCAPES = {"n": "\n", "t": "\t"}
+
 _KEYWORDS = {"graph", "let", "block", "input", "output", "node", "control", "dummy",
              "train", "stage", "skip", "true", "false"}
 
@@ -72,7 +75,10 @@ class _Parser:
         self.words.update(_TERMINAL_WORDS)
 
     def _comment(self, token: Token) -> None:
-        self._local.comments.append(token)
+        # lex() for error messages also fires this callback; only parse() collects.
+        comments = getattr(self._local, "comments", None)
+        if comments is not None:
+            comments.append(token)
 
     def parse(self, text: str):
         self._local.comments = []
@@ -97,12 +103,6 @@ def parse(text: str, filename: str = "<input>") -> ast.File:
     file = builder.transform(tree)
     comments = tuple(ast.Comment(t.value.rstrip(), _tok_span(source, t)) for t in comment_tokens)
     return ast.File(file.items, comments, file.span)
-
-
-def parse_file(path: str | Path) -> tuple[ast.File, Source]:
-    path = Path(path)
-    text = read_source(path)
-    return parse(text, str(path)), Source(str(path), text)
 
 
 def read_source(path: str | Path) -> str:
@@ -230,7 +230,7 @@ class _Builder(Transformer):
 
     def string(self, meta, ch):
         text = str(ch[0])
-        value = re.sub(r"\\(.)", r"\1", text[1:-1])
+        value = re.sub(r"\\(.)", lambda m: _ESCAPES.get(m[1], m[1]), text[1:-1])
         return ast.String(value, text, self._span(meta))
 
     def true(self, meta, ch):
