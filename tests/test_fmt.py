@@ -226,3 +226,10 @@ def test_blank_lines_and_comments_only_add_lines(case):
     # blank lines, the layout is the plain one again.
     quiet = "\n".join(line for line in re.sub(r"# hyp$", "", once, flags=re.M).split("\n") if line.strip())
     assert format_source(quiet) == format_source(plain)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_shipped_examples_are_canonical(path):
+    """`d2graph fmt --check examples/*.d2` passes: what we ship is what fmt writes."""
+    text = path.read_text(encoding="utf-8")
+    assert format_source(text, str(path)) == text
