@@ -47,9 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("files", nargs="+", metavar="FILE")
     f.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file would change")
 
-    r = sub.add_parser("render", help="draw a graph as SVG, PNG or DOT")
-    r.add_argument("file", metavar="FILE")
-    r.add_argument("-o", "--output", required=True, metavar="OUT", help="OUT.svg, OUT.png or OUT.dot")
+    r = sub.add_parser("render", help="draw graphs as SVG, PNG or DOT")
+    r.add_argument("files", nargs="+", metavar="FILE")
+    r.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="OUT.svg, OUT.png or OUT.dot; with several files, a folder (one drawing each)")
+    r.add_argument("--format", choices=("svg", "png", "dot"), default="svg",
+                   help="the drawing format when OUT is a folder (default svg)")
     r.add_argument("--allow-imports", action="store_true", help="allow module(\"pkg.mod:Class\") layers")
     return p
 
@@ -83,13 +86,14 @@ def cmd_check(args) -> int:
     from .check import load
 
     everything: list[Diagnostic] = []
-    failed = False
+    failed = unreadable = False
     for path in args.files:
         try:
             graph = load(path, allow_imports=args.allow_imports)
         except D2GraphError as e:
             everything += e.diagnostics
             failed = True
+            unreadable |= any(d.code == "E010" for d in e.diagnostics)
             if args.format == "text":
                 _print_diagnostics(e.diagnostics)
             continue
@@ -110,6 +114,8 @@ def cmd_check(args) -> int:
     elif failed:
         errors = sum(d.is_error for d in everything)
         print(f"{errors} error{'s' if errors != 1 else ''} found", file=sys.stderr)
+    if unreadable:  # a path that is not a readable file is a usage error, not a finding
+        return EXIT_USAGE
     return EXIT_FOUND if failed else EXIT_OK
 
 
@@ -143,10 +149,15 @@ def cmd_render(args) -> int:
     from .check import load
     from .render import render
 
-    graph = load(args.file, allow_imports=args.allow_imports)
-    _print_diagnostics(graph.warnings)
-    out = render(graph, Path(args.output))
-    print(f"wrote {out}")
+    out = Path(args.output)
+    to_folder = len(args.files) > 1 or out.is_dir() or args.output.endswith(("/", "\\"))
+    if to_folder:
+        out.mkdir(parents=True, exist_ok=True)
+    graphs = [load(f, allow_imports=args.allow_imports) for f in args.files]  # all checked before drawing
+    for path, graph in zip(args.files, graphs):
+        _print_diagnostics(graph.warnings)
+        target = out / f"{Path(path).stem}.{args.format}" if to_folder else out
+        print(f"wrote {render(graph, target)}")
     return EXIT_OK
 
 

@@ -1,0 +1,100 @@
+"""The command line: exit codes, what it prints, and that it writes files atomically."""
+
+import subprocess
+import sys
+
+import pytest
+
+from d2graph.cli import main
+
+from .conftest import EXAMPLES, ROOT, TESTDATA
+
+BAD = TESTDATA / "errors" / "R8_E802_undefined_node.d2"
+SYNTAX = TESTDATA / "errors" / "syntax_E002_missing_equals.d2"
+
+
+def test_check_clean_files_exit_0(capsys):
+    assert main(["check", *map(str, EXAMPLES)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": ok") == len(EXAMPLES)
+
+
+def test_check_ir_prints_one_line_per_node(capsys):
+    path = ROOT / "examples" / "high_low.d2"
+    assert main(["check", "--ir", str(path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("graph high_low") and len(lines) == 1 + 6
+    assert any(ln.split()[:2] == ["control", "Q1"] and "actions: N2 | N3" in ln for ln in lines)
+
+
+def test_check_reports_all_files_and_exits_1(capsys):
+    assert main(["check", str(BAD), str(EXAMPLES[0]), str(SYNTAX)]) == 1
+    captured = capsys.readouterr()
+    assert "[E802]" in captured.err and "[E002]" in captured.err and ": ok" in captured.out
+
+
+@pytest.mark.parametrize("argv", [[], ["bogus"], ["check"], ["render", "x.d2"], ["check", "--format", "xml", "a.d2"]])
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_missing_file_is_a_usage_error(capsys, tmp_path):
+    assert main(["check", str(tmp_path / "nope.d2")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["render", str(tmp_path / "nope.d2"), "-o", str(tmp_path / "o.svg")]) == 2
+
+
+def test_malformed_input_to_render_exits_2_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "g.svg"
+    assert main(["render", str(BAD), "-o", str(out)]) == 2
+    assert "[E802]" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_render_several_files_into_a_folder(tmp_path):
+    assert main(["render", *map(str, EXAMPLES[:2]), "-o", str(tmp_path / "drawings")]) == 0
+    for path in EXAMPLES[:2]:
+        svg = (tmp_path / "drawings" / f"{path.stem}.svg").read_text()
+        assert "<svg" in svg
+
+
+def test_fmt_check_and_rewrite(tmp_path, capsys):
+    f = tmp_path / "g.d2"
+    messy = "graph g {input x [4]\n\n\n   output y\nx->y # done\n}"
+    f.write_text(messy)
+    assert main(["fmt", "--check", str(f)]) == 1
+    assert f.read_text() == messy  # --check writes nothing
+    assert main(["fmt", str(f)]) == 0
+    assert f.read_text() == "graph g {\n  input x [4]\n\n  output y\n  x -> y  # done\n}\n"
+    assert main(["fmt", "--check", str(f)]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["g.d2"]  # no temporary files left
+
+
+def test_fmt_refuses_malformed_files(tmp_path, capsys):
+    f = tmp_path / "bad.d2"
+    f.write_text(SYNTAX.read_text())
+    assert main(["fmt", str(f)]) == 2
+    assert f.read_text() == SYNTAX.read_text()
+
+
+def test_python_dash_m_and_no_traceback_for_user_errors():
+    proc = subprocess.run([sys.executable, "-m", "d2graph", "check", str(BAD)], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "error[E802]" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_internal_errors_are_reported_without_traceback(monkeypatch, capsys):
+    import sys
+
+    def boom(*a, **k):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(sys.modules["d2graph.check"], "load", boom)
+    assert main(["check", str(EXAMPLES[0])]) == 70
+    err = capsys.readouterr().err
+    assert "internal error" in err and "Traceback" not in err
+    assert main(["--debug", "check", str(EXAMPLES[0])]) == 70
+    assert "Traceback" in capsys.readouterr().err
