@@ -44,7 +44,7 @@ _NODE_ATTRS = {
                                   Param("merge", "choice", "sum", choices=("sum", "concat", "select")))),
     "dummy": Schema("dummy", (Param("cost", "number", None),)),
     "output": Schema("output", (Param("merge", "choice", "sum", choices=("sum", "concat", "select")),)),
-    "edge": Schema("edge", (Param("default", "number", None, doc="the value sent when the source is skipped"),)),
+    "edge": Schema("edge", (Param("default", "number", None, doc="value sent when the source is skipped"),)),
     "control edge": Schema("control edge", ()),
 }
 
@@ -542,7 +542,10 @@ class _Checker:
                 self.costs[name] = 0
                 continue
             if d.kind == "dummy":
-                self.run_pipeline(d, None)
+                if d.layers and d.layers[0][0] == "const":
+                    self.run_pipeline(d, None)
+                else:  # already reported (E814); a shape here would only echo it
+                    self.shapes[name] = None
                 continue
             edges = inputs_of.get(name, [])
             in_shapes = [self.shapes.get(e.source) for e in edges]

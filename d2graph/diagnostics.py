@@ -186,7 +186,7 @@ class D2GraphError(Exception):
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """' (did you mean `x`?)' for the closest candidate, or ''."""
-    pool = sorted(set(candidates))
+    pool = sorted(set(candidates) - {word})
     lowered = {c.lower(): c for c in pool}
     if word.lower() in lowered and lowered[word.lower()] != word:
         return f" (did you mean `{lowered[word.lower()]}`?)"

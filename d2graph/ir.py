@@ -40,7 +40,7 @@ class Layer:
     in_shape: Shape
     out_shape: Shape
     cost: int = 0
-    written: str = field(default="", compare=False)  # the call as the user wrote it
+    written: str = field(default="", compare=False)  # canonical call, constants filled in: fc(10)
     span: Span = span_field()
 
     @property

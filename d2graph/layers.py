@@ -193,7 +193,7 @@ def _conv(shape, a):
 
 _POOL = (
     Param("kernel", "posint"),
-    Param("stride", "posint", None, doc="defaults to the kernel size"),
+    Param("stride", "posint", None, doc="step; defaults to the kernel size", shown="kernel"),
     Param("padding", "nonneg", 0),
 )
 

@@ -62,6 +62,7 @@ class Param:
     doc: str = ""
     choices: tuple[str, ...] = ()
     also: tuple[str, ...] = ()
+    shown: str = ""  # how a computed default reads in signatures, e.g. "kernel"
 
     @property
     def required(self) -> bool:
@@ -102,7 +103,7 @@ class Schema:
     def signature(self) -> str:
         parts = []
         for p in self.params:
-            parts.append(p.name if p.required else f"{p.name}={format_value(p.default)}")
+            parts.append(p.name if p.required else f"{p.name}={p.shown or format_value(p.default)}")
         if self.open:
             parts.append("...")
         return f"{self.name}({', '.join(parts)})" if parts else self.name
