@@ -2,7 +2,8 @@
 
 The pipeline, one module per stage (no stage imports a later one):
 
-    .d2 text --syntax--> AST --check--> IR (Graph) --render--> DOT/SVG
+    .d2 text --syntax--> AST --check--> IR (Graph) --compile--> Executor --> Result
+                                              \--render--> DOT/SVG
                            \\--fmt--> canonical text
 
 Public API:
@@ -10,6 +11,7 @@ Public API:
     parse(text)           text → AST (ast.File)
     check(text)           text → (Graph | None, diagnostics), never raises on a user's mistake
     format(text)          text → canonical text
+    compile(graph)        Graph → Executor (nn.Module); executor(x, mode=...) → Result
     render(graph, out)    Graph → .svg / .png / .dot
 
 Example:
@@ -22,8 +24,9 @@ from __future__ import annotations
 
 # The stage modules are imported first on purpose: the functions below share their
 # names (`check`, `render`), and defining them last makes `d2graph.check` the function.
-from . import check as _check_module, render as _render_module  # noqa: F401
+from . import check as _check_module, executor as _executor_module, render as _render_module  # noqa: F401
 from .diagnostics import D2GraphError, Diagnostic, Span
+from .executor import Executor, Result
 from .ir import Graph, Node
 from .syntax import parse
 
@@ -50,9 +53,15 @@ def format(text: str, filename: str = "<input>") -> str:  # noqa: A001 - the ver
     return format_source(text, filename)
 
 
+def compile(graph: Graph) -> "Executor":  # noqa: A001 - the verb users expect
+    """Compile a checked graph into an nn.Module that routes each example (see executor.py)."""
+    return _executor_module.compile(graph)
+
+
 def render(graph: Graph, out, stats=None):
     """Draw a checked graph to .svg, .png or .dot (the DOT is always written)."""
     return _render_module.render(graph, out, stats)
 
 
-__all__ = ["D2GraphError", "Diagnostic", "Graph", "Node", "Span", "check", "format", "load", "parse", "render"]
+__all__ = ["D2GraphError", "Diagnostic", "Executor", "Graph", "Node", "Result", "Span", "check", "compile",
+           "format", "load", "parse", "render"]

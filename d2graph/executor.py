@@ -1,0 +1,690 @@
+"""The executor: a checked graph compiled into an `nn.Module` that routes each example.
+
+In:  a `Graph` from `d2graph.load` / `d2graph.check` (frozen IR, nodes in topological order).
+Out: `compile(graph)` → `Executor`, an `nn.Module` holding one `nn.Sequential` per node that
+     has layers, keyed by the node's name (`executor.nodes["N1"]`, state_dict keys
+     `nodes.N1.0.weight`). It is built on the CPU in float32; `.to(device / dtype)`,
+     `.train()` / `.eval()` and `state_dict()` work as for any module.
+     Calling it, `executor(x, mode=..., ...)`, runs one batch and returns a `Result`:
+     the outputs for the whole batch, the per-example cost, which nodes ran for which
+     examples, every control node's scores and chosen actions, the log-probabilities of
+     sampled actions, and (on request, `keep=`) intermediate node outputs.
+
+Modes (how control nodes choose; LANGUAGE.md §3.4 leaves that to the caller):
+    argmax   inference: the action with the highest score.
+    force    the actions given in `actions={control: int | LongTensor[B]}` (0-based);
+             control nodes missing from the dict take the argmax.
+    explore  ε-greedy: a uniformly random action with probability `epsilon`, else argmax.
+    sample   an action drawn from softmax(scores); `Result.log_probs` keeps its
+             log-probability (differentiable, for REINFORCE).
+    all      every node runs on every example (supervised training of every head, or
+             what each action would cost); control nodes still compute their scores and
+             report their argmax, but routing ignores them.
+`explore` and `sample` draw from `generator` when one is given (on its own device).
+
+Guarantees:
+  - Semantics of LANGUAGE.md §3, per example: a node runs iff (it has no incoming control
+    edge or one of them is activated) and every data input is present (the source ran,
+    or the edge has a default, which then stands in as a tensor of the source's shape);
+    `merge=select` runs when any input is present and takes the first present one in
+    declaration order, for each example separately. Null propagates. Outputs have a value
+    for every example (the checker's totality rule R7; checked again here, for free).
+  - Routing works on compact row subsets: each node runs on the examples that reach it
+    only, gathered with `index_select` and merged with `index_copy_` into fresh tensors;
+    no boolean-mask indexing and no full-batch `torch.where` on data. A node that no
+    example reaches is not called at all; a node that every example reaches runs on the
+    full-batch tensors without a copy.
+  - The sets of examples are kept on the host (CPU index tensors), so their sizes, unions
+    and intersections never wait for the device: at most one host synchronisation per
+    control node (reading its actions back), none in `all` mode or for actions forced as
+    ints or CPU tensors. Index tensors travel to the GPU through pinned memory,
+    asynchronously.
+  - `Result.cost` is the exact sum of the costs of the nodes that ran for each example,
+    accumulated with integers (float64 if a node declares a fractional `cost=`). When no
+    node declares `cost=`, its sum over the batch equals FlopCounterMode's FLOPs / 2 for
+    the same forward pass.
+  - Gradients flow through every node that ran, and through `scores` and `log_probs`.
+    Works in train and eval mode, under `torch.inference_mode()`, in float32 and bfloat16.
+
+The forward pass is an interpreter in the style of torch.fx's `Interpreter`: one method
+per node kind (`run_input`, `run_node`, `run_control`, `run_dummy`, `run_output`), called
+for each node of `graph.nodes` in order.
+
+Example:
+    >>> import torch, d2graph
+    >>> from d2graph.executor import compile
+    >>> executor = compile(d2graph.load("examples/high_low.d2")).eval()   # doctest: +SKIP
+    >>> result = executor(torch.randn(8, 1, 32, 32))                      # doctest: +SKIP
+    >>> result.output.shape, result.actions["Q1"], result.cost_fraction   # doctest: +SKIP
+    >>> executor(x, mode="force", actions={"Q1": 1}).cost                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property, reduce
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .ir import DataEdge, Graph, Node
+from .layers import build_layer
+
+MODES = ("argmax", "force", "explore", "sample", "all")
+
+__all__ = ["MODES", "Executor", "Interpreter", "Result", "Rows", "compile"]
+
+
+# --- sets of examples ---------------------------------------------------------------------
+
+
+class Rows:
+    """A sorted set of example indices of one batch, held on the host.
+
+    `index` is a sorted int64 numpy array, or None for every example of the batch. Sets
+    live on the host so that their sizes (which decide whether a node is called, and on
+    how many rows) are known without waiting for the device; numpy because these arrays
+    are small and its calls cost a microsecond where torch's cost several. The device
+    copy is made once, on first use."""
+
+    __slots__ = ("batch", "index", "n", "_mask", "_device_index")
+
+    def __init__(self, batch: int, index: np.ndarray | None):
+        self.batch = batch
+        self.index = index
+        self.n = batch if index is None else len(index)
+        self._mask: np.ndarray | None = None
+        self._device_index: Tensor | None = None
+
+    @property
+    def full(self) -> bool:
+        return self.index is None
+
+    def __repr__(self) -> str:
+        return "Rows(all)" if self.index is None else f"Rows({self.index.tolist()})"
+
+
+class _Router:
+    """Set algebra on `Rows` for one forward pass, and their copies on the device.
+
+    Sets are canonical where it is cheap: a result equal to one of the operands is that
+    very object, a result covering the batch is `self.all`. The fast paths of the
+    interpreter compare sets by identity, so "every example chose the same branch" keeps
+    the full-batch tensors flowing without a single copy. The masks below are host-side
+    bookkeeping on index sets, never used to index data."""
+
+    def __init__(self, batch: int, device: torch.device):
+        self.batch = batch
+        self.device = device
+        self.all = Rows(batch, None)
+        self.none = Rows(batch, np.empty(0, dtype=np.int64))
+        self._positions: dict[tuple[Rows, Rows], Tensor] = {}
+
+    def rows(self, index: np.ndarray) -> Rows:
+        n = len(index)
+        return self.all if n == self.batch else self.none if n == 0 else Rows(self.batch, index)
+
+    def mask(self, rows: Rows) -> np.ndarray:
+        if rows._mask is None:
+            if rows.index is None:
+                rows._mask = np.ones(self.batch, dtype=bool)
+            else:
+                rows._mask = np.zeros(self.batch, dtype=bool)
+                rows._mask[rows.index] = True
+        return rows._mask
+
+    def _from_mask(self, mask: np.ndarray, same_as: Rows) -> Rows:
+        n = int(np.count_nonzero(mask))
+        return same_as if n == same_as.n else self.rows(np.flatnonzero(mask))
+
+    def intersect(self, sets: Iterable[Rows]) -> Rows:
+        sets = [s for s in sets if s is not self.all]
+        if not sets:
+            return self.all
+        smallest = min(sets, key=lambda s: s.n)
+        if smallest.n == 0:
+            return self.none
+        others = [s for s in sets if s is not smallest]
+        if not others:
+            return smallest
+        mask = self.mask(smallest).copy()
+        for s in others:
+            mask &= self.mask(s)
+        return self._from_mask(mask, smallest)
+
+    def union(self, sets: Iterable[Rows]) -> Rows:
+        sets = [s for s in sets if s.n]
+        if not sets:
+            return self.none
+        biggest = max(sets, key=lambda s: s.n)
+        if biggest is self.all:
+            return self.all
+        others = [s for s in sets if s is not biggest]
+        if not others:
+            return biggest
+        mask = self.mask(biggest).copy()
+        for s in others:
+            mask |= self.mask(s)
+        return self._from_mask(mask, biggest)
+
+    def minus(self, a: Rows, b: Rows) -> Rows:
+        if b.n == 0:
+            return a
+        if a is b or b is self.all:
+            return self.none
+        return self._from_mask(self.mask(a) & ~self.mask(b), a)
+
+    def split(self, rows: Rows, actions: np.ndarray, k: int) -> list[Rows]:
+        """The examples of `rows` per action, given each one's action (host, aligned with rows)."""
+        counts = np.bincount(actions, minlength=k)
+        top = int(counts.argmax())
+        if counts[top] == rows.n:  # one branch for everybody: keep the very same set (no copies downstream)
+            return [rows if j == top else self.none for j in range(k)]
+        # A stable sort by action keeps each action's examples in ascending order.
+        order = np.argsort(actions, kind="stable")
+        index = order if rows.index is None else rows.index[order]
+        return [self.rows(part) for part in np.split(index, np.cumsum(counts[:-1]))]
+
+    # --- on the device ---
+
+    def upload(self, a: np.ndarray) -> Tensor:
+        t = torch.from_numpy(a)
+        if self.device.type == "cpu":
+            return t
+        if self.device.type == "cuda":  # pinned memory: the copy does not block the host
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def on_device(self, rows: Rows) -> Tensor:
+        if rows._device_index is None:
+            if rows.index is None:
+                rows._device_index = torch.arange(self.batch, device=self.device)
+            else:
+                rows._device_index = self.upload(rows.index)
+        return rows._device_index
+
+    def scatter(self, rows: Rows, t: Tensor | None, fill: float, shape: tuple, dtype: torch.dtype) -> Tensor:
+        """A node's [n, *shape] rows → [B, *shape], `fill` where it did not run."""
+        if rows is self.all and t is not None:
+            return t
+        if t is not None:
+            dtype = t.dtype
+        out = torch.full((self.batch, *shape), fill, dtype=dtype, device=self.device)
+        return out.index_copy_(0, self.on_device(rows), t) if t is not None else out
+
+    def positions(self, sub: Rows, sup: Rows) -> Tensor:
+        """Where each example of `sub` sits among those of `sup` (sub ⊆ sup), on the device."""
+        if sup is self.all:
+            return self.on_device(sub)
+        key = (sub, sup)
+        if key not in self._positions:
+            assert sub.index is not None and sup.index is not None
+            self._positions[key] = self.upload(np.searchsorted(sup.index, sub.index))
+        return self._positions[key]
+
+
+# --- the result ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Decision:
+    """A control node's choice on the examples it ran for (compact rows)."""
+
+    rows: Rows
+    k: int
+    scores: Tensor | None  # [n, k]; None where it ran for no example
+    actions: Tensor | None  # [n]
+    log_probs: Tensor | None  # [n], sample mode only
+
+
+@dataclass(eq=False)  # tensors do not compare to one bool
+class Result:
+    """What one forward pass produced, for a batch of B examples.
+
+    outputs        output name → tensor [B, ...] (`output` when the graph has one output)
+    cost           [B] the cost of each example: the sum of the costs of the nodes that ran
+                   (int64, or float64 when a node declares a fractional `cost=`)
+    cost_fraction  [B] float64, cost / graph.full_cost (0 where the graph costs nothing)
+    actions        control name → int64 [B], the chosen action (0-based), -1 where the
+                   control node did not run
+    scores         control name → [B, k] scores, zero rows where it did not run (see `ran`)
+    log_probs      control name → float32 [B] log-probability of the sampled action, 0 where
+                   it did not run; only in `sample` mode (empty otherwise)
+    values         node name → (example indices [n], output [n, ...]) for the nodes named
+                   in `keep=`; the rows are those of the examples it ran for
+    ran            node name → sorted int64 example indices it ran for (on the device);
+                   `ran_mask(name)` gives the same as a bool [B]
+    rows           node name → the same sets on the host (`Rows`: a numpy index or all)
+
+    `actions`, `scores`, `log_probs` and `ran` are made into full-batch tensors when first
+    read (inference rarely reads them; scattering costs a few operations per node). Read
+    them before `backward()` when a loss depends on them, as with any tensor.
+    """
+
+    outputs: dict[str, Tensor]
+    cost: Tensor
+    cost_fraction: Tensor
+    values: dict[str, tuple[Tensor, Tensor]]
+    mode: str
+    rows: dict[str, Rows] = field(repr=False)
+    _decisions: dict[str, _Decision] = field(repr=False, compare=False)
+    _router: _Router = field(repr=False, compare=False)
+    _dtype: torch.dtype = field(repr=False, compare=False)
+    _grad: bool = field(default=True, repr=False, compare=False)  # torch's modes during the forward
+    _inference: bool = field(default=False, repr=False, compare=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self._router.batch
+
+    @property
+    def output(self) -> Tensor:
+        if len(self.outputs) != 1:
+            raise AttributeError(f"the graph has {len(self.outputs)} outputs ({', '.join(self.outputs)}): "
+                                 "use result.outputs[name]")
+        return next(iter(self.outputs.values()))
+
+    def _scatter(self, what: str, fill: float, dtype: torch.dtype | None) -> dict[str, Tensor]:
+        # Under the grad / inference mode of the forward pass, not the caller's: reading
+        # `scores` first inside `no_grad()` must not cache scores cut off from the graph.
+        with torch.inference_mode(self._inference), torch.set_grad_enabled(self._grad):
+            return {name: self._router.scatter(d.rows, getattr(d, what), fill,
+                                               (d.k,) if what == "scores" else (), dtype or self._dtype)
+                    for name, d in self._decisions.items()}
+
+    @cached_property
+    def actions(self) -> dict[str, Tensor]:
+        return self._scatter("actions", -1, torch.long)
+
+    @cached_property
+    def scores(self) -> dict[str, Tensor]:
+        return self._scatter("scores", 0.0, None)
+
+    @cached_property
+    def log_probs(self) -> dict[str, Tensor]:
+        return self._scatter("log_probs", 0.0, torch.float32) if self.mode == "sample" else {}
+
+    @cached_property
+    def ran(self) -> dict[str, Tensor]:
+        return {name: self._router.on_device(rows) for name, rows in self.rows.items()}
+
+    def ran_mask(self, name: str) -> Tensor:
+        """bool [B]: True for the examples node `name` ran for."""
+        return self._router.upload(self._router.mask(self.rows[name]).copy())
+
+
+# --- the module ---------------------------------------------------------------------------
+
+
+class Executor(nn.Module):
+    """A compiled graph: one `nn.Sequential` per node with layers, in `self.nodes`.
+
+    Call it as `executor(x, mode="argmax", actions=None, epsilon=0.0, keep=(), generator=None)`;
+    see the module docstring for the modes and `Result` for what comes back."""
+
+    def __init__(self, graph: Graph):
+        super().__init__()
+        self.graph = graph
+        self.nodes = nn.ModuleDict()
+        for node in graph.nodes:
+            if node.layers:
+                # Written into `_modules` directly: ModuleDict refuses keys that are also
+                # attribute names of nn.Module (a node the user called `eval`, `to` or
+                # `forward`), and the names are the user's to choose.
+                self.nodes._modules[node.name] = nn.Sequential(
+                    *(build_layer(layer.name, layer.kwargs, layer.in_shape) for layer in node.layers))
+        self.to(device="cpu", dtype=torch.float32)  # whatever the user's default device / dtype
+        # After the last node that reads a value, the interpreter drops it (less peak
+        # memory at inference; autograd keeps what it needs anyway).
+        last_use: dict[str, int] = {}
+        for i, node in enumerate(graph.nodes):
+            for edge in node.inputs:
+                last_use[edge.source] = i
+        self._dead_after: list[list[str]] = [[] for _ in graph.nodes]
+        for name, i in last_use.items():
+            self._dead_after[i].append(name)
+        self._integer_costs = all(isinstance(n.cost, int) and not isinstance(n.cost, bool) for n in graph.nodes)
+
+    def extra_repr(self) -> str:
+        return f"graph={self.graph.name!r}"
+
+    def forward(self, x: Tensor | Mapping[str, Tensor], mode: str = "argmax",
+                actions: Mapping[str, int | Tensor] | None = None, epsilon: float = 0.0,
+                keep: Iterable[str] = (), generator: torch.Generator | None = None) -> Result:
+        """Run a batch: `x` is a tensor [B, *shape] for a graph with one input, else a dict
+        input name → tensor. Returns a `Result`.
+
+        Example:
+            >>> executor(x).output                                            # doctest: +SKIP
+            >>> executor(x, mode="force", actions={"Q1": torch.tensor([0, 1, 1])})  # doctest: +SKIP
+            >>> executor(x, mode="sample", generator=torch.Generator().manual_seed(0))  # doctest: +SKIP
+        """
+        return Interpreter(self, x, mode, actions, epsilon, keep, generator).run()
+
+    # typing: nn.Module.__call__ returns Any
+    def __call__(self, *args: Any, **kwargs: Any) -> Result:
+        return super().__call__(*args, **kwargs)
+
+
+def compile(graph: Graph) -> Executor:  # noqa: A001 - the stage's verb (DESIGN.md)
+    """Compile a checked graph into an `Executor` (an nn.Module, on the CPU, float32).
+
+    Example:
+        >>> executor = compile(d2graph.load("examples/cascade.d2"))       # doctest: +SKIP
+        >>> sorted(executor.state_dict())[:2]                             # doctest: +SKIP
+        ['nodes.N1.0.bias', 'nodes.N1.0.weight']
+    """
+    return Executor(graph)
+
+
+# --- the interpreter ----------------------------------------------------------------------
+
+
+class _Value:
+    """A node's output: a tensor whose rows are the examples in `rows`, in order."""
+
+    __slots__ = ("rows", "tensor")
+
+    def __init__(self, rows: Rows, tensor: Tensor):
+        self.rows, self.tensor = rows, tensor
+
+
+class Interpreter:
+    """One forward pass of an `Executor`: walks `graph.nodes` in order, calling the method
+    for each node's kind on the examples that reach it. Subclass and override a `run_*`
+    method to trace or alter one kind of node (as with torch.fx's Interpreter)."""
+
+    def __init__(self, executor: Executor, x: Tensor | Mapping[str, Tensor], mode: str,
+                 actions: Mapping[str, int | Tensor] | None, epsilon: float, keep: Iterable[str],
+                 generator: torch.Generator | None):
+        self.executor = executor
+        self.graph = graph = executor.graph
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; the modes are {', '.join(MODES)}")
+        controls = {n.name: n for n in graph.control_nodes}
+        if mode == "force":
+            if actions is None:
+                raise ValueError("mode='force' needs actions={control node: action}")
+            unknown = [name for name in actions if name not in controls]
+            if unknown:
+                raise ValueError(f"actions name {', '.join(map(repr, unknown))}, which "
+                                 f"{'is' if len(unknown) == 1 else 'are'} not a control node of "
+                                 f"{graph.name!r}; its control nodes are {', '.join(controls) or 'none'}")
+        elif actions is not None:
+            raise ValueError(f"actions are only used in mode='force', not {mode!r}")
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"epsilon is a probability, between 0 and 1, not {epsilon}")
+        self.keep = tuple(keep)
+        missing = [name for name in self.keep if name not in graph]
+        if missing:
+            raise ValueError(f"keep names {', '.join(map(repr, missing))}, not a node of {graph.name!r}")
+        self.mode, self.forced, self.epsilon, self.generator = mode, dict(actions or {}), epsilon, generator
+
+        self.inputs = self._check_inputs(x)
+        first = next(iter(self.inputs.values()))
+        self.batch = first.shape[0]
+        self.device = first.device
+        # The dtype of the data; dummies, defaults and empty merges are made in it.
+        self.dtype = first.dtype if first.is_floating_point() else torch.get_default_dtype()
+        self.router = _Router(self.batch, self.device)
+
+        self.env: dict[str, _Value | None] = {}
+        self.rows: dict[str, Rows] = {}
+        self.chosen: dict[str, list[Rows]] = {}  # control node → the examples per action
+        self.scores: dict[str, Tensor] = {}
+        self.actions: dict[str, Tensor] = {}
+        self.log_probs: dict[str, Tensor] = {}
+        self.cost_by_rows: dict[Rows, int | float] = {}
+
+    def _check_inputs(self, x: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
+        names = [n.name for n in self.graph.inputs]
+        if isinstance(x, Mapping):
+            given = dict(x)
+            if set(given) != set(names):
+                raise ValueError(f"{self.graph.name!r} has inputs {', '.join(names)}; got {', '.join(given) or 'none'}")
+        elif len(names) == 1:
+            given = {names[0]: x}
+        else:
+            raise TypeError(f"{self.graph.name!r} has {len(names)} inputs ({', '.join(names)}): "
+                            "pass a dict name → tensor")
+        batch = None
+        for name in names:
+            t, shape = given[name], self.graph[name].out_shape
+            if not isinstance(t, Tensor) or tuple(t.shape[1:]) != shape:
+                got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"input {name!r} takes a batch of shape [B, {', '.join(map(str, shape))}], got {got}")
+            if batch is not None and t.shape[0] != batch:
+                raise ValueError(f"inputs have different batch sizes ({batch} and {t.shape[0]} for {name!r})")
+            batch = t.shape[0]
+        if batch == 0:
+            raise ValueError("the batch is empty")
+        return given
+
+    # --- the walk ---
+
+    def run(self) -> Result:
+        handlers = {"input": self.run_input, "node": self.run_node, "control": self.run_control,
+                    "dummy": self.run_dummy, "output": self.run_output}
+        keep = set(self.keep)
+        for i, node in enumerate(self.graph.nodes):
+            if node.is_control:
+                self.chosen[node.name] = [self.router.none] * len(node.actions)
+            rows = self.rows_to_run(node)
+            self.rows[node.name] = rows
+            if rows.n == 0:
+                self.env[node.name] = None  # null for every example: not called at all
+            else:
+                self.env[node.name] = _Value(rows, handlers[node.kind](node, rows))
+                if node.cost:
+                    self.cost_by_rows[rows] = self.cost_by_rows.get(rows, 0) + node.cost
+            for name in self.executor._dead_after[i]:
+                if name not in keep:
+                    self.env[name] = None
+        return self.result()
+
+    def rows_to_run(self, node: Node) -> Rows:
+        """LANGUAGE.md §3.1 on sets of examples: activated ∩ (inputs present)."""
+        r = self.router
+        if self.mode == "all" or node.kind == "input":
+            return r.all
+        activated = r.all
+        if node.controllers:
+            activated = r.union(self.chosen[c.source][c.action] for c in node.controllers)
+            if activated.n == 0:
+                return r.none
+        present = [self.present(edge) for edge in node.inputs]
+        if node.merge == "select":
+            return r.intersect([activated, r.union(present)])
+        return r.intersect([activated, *present])
+
+    def present(self, edge: DataEdge) -> Rows:
+        if edge.default is not None:
+            return self.router.all
+        value = self.env[edge.source]
+        return self.router.none if value is None else value.rows
+
+    # --- one method per node kind ---
+
+    def run_input(self, node: Node, rows: Rows) -> Tensor:
+        return self.inputs[node.name]
+
+    def run_node(self, node: Node, rows: Rows) -> Tensor:
+        return self.call(node, self.merge(node, rows))
+
+    def run_dummy(self, node: Node, rows: Rows) -> Tensor:
+        # `const` reads only the batch size, dtype and device of what it is given
+        like = torch.empty((rows.n, 0), dtype=self.dtype, device=self.device)
+        return self.call(node, like)
+
+    def run_output(self, node: Node, rows: Rows) -> Tensor:
+        if rows is not self.router.all:
+            raise AssertionError(f"output {node.name!r} has no value for some examples; the checker's "
+                                 "totality rule (R7) should have made that impossible")
+        return self.merge(node, rows)
+
+    def run_control(self, node: Node, rows: Rows) -> Tensor:
+        scores = self.call(node, self.merge(node, rows))
+        k = len(node.actions)
+        device_actions, host_actions = self.decide(node, rows, scores)
+        if self.mode != "all":  # in `all` mode routing ignores the choice: no need to read it back
+            if isinstance(host_actions, int):
+                self.chosen[node.name] = [rows if i == host_actions else self.router.none for i in range(k)]
+            else:
+                self.chosen[node.name] = self.router.split(rows, host_actions, k)
+        self.scores[node.name] = scores
+        self.actions[node.name] = device_actions
+        return scores
+
+    # --- helpers ---
+
+    def call(self, node: Node, x: Tensor) -> Tensor:
+        return self.executor.nodes[node.name](x)
+
+    def merge(self, node: Node, rows: Rows) -> Tensor:
+        """The node's input on `rows`, its data inputs merged (LANGUAGE.md §3.3)."""
+        if node.merge == "select":
+            return self.select(node, rows)
+        parts = [self.gather(edge, rows) for edge in node.inputs]
+        if len(parts) == 1:
+            return parts[0]
+        if node.merge == "concat":
+            return torch.cat(parts, dim=1)  # dim 1: the first per-example dimension
+        return reduce(operator.add, parts)
+
+    def gather(self, edge: DataEdge, rows: Rows) -> Tensor:
+        """The edge's tensor on `rows`: its source's output where the source ran, the edge's
+        default elsewhere (the node runs only where every input without default is present)."""
+        r = self.router
+        value = self.env[edge.source]
+        if value is None:
+            return self.fill(edge, rows.n, None)
+        if value.rows is rows:
+            return value.tensor  # the same examples: no copy
+        if edge.default is None:
+            return value.tensor.index_select(0, r.positions(rows, value.rows))
+        hit = r.intersect([rows, value.rows])
+        if hit is rows:
+            return value.tensor.index_select(0, r.positions(rows, value.rows))
+        out = self.fill(edge, rows.n, value.tensor)
+        if hit.n:
+            part = value.tensor if hit is value.rows else value.tensor.index_select(0, r.positions(hit, value.rows))
+            out.index_copy_(0, r.positions(hit, rows), part)
+        return out
+
+    def fill(self, edge: DataEdge, n: int, like: Tensor | None) -> Tensor:
+        shape = self.graph[edge.source].out_shape
+        dtype = like.dtype if like is not None else self.dtype
+        return torch.full((n, *shape), float(edge.default), dtype=dtype, device=self.device)
+
+    def select(self, node: Node, rows: Rows) -> Tensor:
+        """Per example, the first present input in declaration order. Each row is written
+        once, by the first input present for it; an input that covers every row alone is
+        passed through without a copy."""
+        r = self.router
+        remaining, out = rows, None
+        for edge in node.inputs:
+            take = r.intersect([remaining, self.present(edge)])
+            if take.n == 0:
+                continue
+            if take is rows:
+                return self.gather(edge, rows)
+            part = self.gather(edge, take)
+            if out is None:
+                out = torch.zeros((rows.n, *part.shape[1:]), dtype=part.dtype, device=self.device)
+            out.index_copy_(0, r.positions(take, rows), part)
+            remaining = r.minus(remaining, take)
+            if remaining.n == 0:
+                break
+        assert out is not None, "a select node runs only where an input is present"
+        return out
+
+    def decide(self, node: Node, rows: Rows, scores: Tensor) -> tuple[Tensor, np.ndarray | int | None]:
+        """The actions of a control node on its rows: (on the device, on the host). The host
+        copy is the one synchronisation a control node may cost; `None` in `all` mode, an
+        int when one action is forced for everybody."""
+        k, n = len(node.actions), rows.n
+        mode = self.mode
+        if mode == "force" and node.name in self.forced:
+            return self.forced_actions(node, rows, self.forced[node.name])
+        if mode in ("argmax", "all", "force") or (mode == "explore" and self.epsilon == 0.0):
+            chosen = scores.detach().argmax(dim=1)
+        elif mode == "explore":
+            greedy = scores.detach().argmax(dim=1)
+            explore = self.random(lambda g, d: torch.rand(n, generator=g, device=d)) < self.epsilon
+            anything = self.random(lambda g, d: torch.randint(k, (n,), generator=g, device=d))
+            chosen = torch.where(explore, anything, greedy)  # n actions, not data rows
+        else:  # sample: inverse CDF, so that any generator (on any device) can drive it
+            log_p = torch.log_softmax(scores.float(), dim=1)
+            cdf = log_p.detach().exp().cumsum(dim=1)
+            u = self.random(lambda g, d: torch.rand(n, 1, generator=g, device=d))
+            chosen = torch.searchsorted(cdf, u, right=True).view(-1).clamp_(max=k - 1)
+            self.log_probs[node.name] = log_p.gather(1, chosen.view(-1, 1)).view(-1)
+        return chosen, (None if mode == "all" else chosen.cpu().numpy())
+
+    def forced_actions(self, node: Node, rows: Rows, spec: int | Tensor) -> tuple[Tensor, np.ndarray | int]:
+        k = len(node.actions)
+        if isinstance(spec, Tensor) and spec.dim() == 0 and not spec.is_floating_point():
+            spec = int(spec)
+        if not isinstance(spec, (Tensor, bool)) and hasattr(spec, "__index__"):  # int, numpy int
+            spec = operator.index(spec)
+            if not 0 <= spec < k:
+                raise ValueError(f"{node.name!r} has {k} actions (0..{k - 1}); cannot force action {spec}")
+            return torch.full((rows.n,), spec, dtype=torch.long, device=self.device), spec
+        if not isinstance(spec, Tensor) or spec.shape != (self.batch,) or spec.is_floating_point():
+            raise ValueError(f"the action forced on {node.name!r} must be an int or an integer tensor "
+                             f"of shape [{self.batch}] (one per example)")
+        host = spec.cpu().long().numpy()  # the one synchronisation, if the tensor is on the device
+        if rows.index is not None:
+            host = host[rows.index]
+        low, high = int(host.min()), int(host.max())
+        if low < 0 or high >= k:
+            raise ValueError(f"{node.name!r} has {k} actions (0..{k - 1}); the forced actions include "
+                             f"{low if low < 0 else high}")
+        if spec.device == self.device:
+            on_device = spec.long() if rows.full else spec.long().index_select(0, self.router.on_device(rows))
+        else:
+            on_device = self.router.upload(host)
+        return on_device, host
+
+    def random(self, draw) -> Tensor:
+        """Random numbers from the user's generator, on its device, brought to ours."""
+        g = self.generator
+        return draw(g, g.device if g is not None else self.device).to(self.device)
+
+    # --- the result ---
+
+    def result(self) -> Result:
+        g, r = self.graph, self.router
+        outputs = {n.name: self.env[n.name].tensor for n in g.outputs}
+        decisions = {}
+        for node in g.control_nodes:
+            rows = self.rows[node.name]
+            decisions[node.name] = _Decision(rows, len(node.actions), self.scores.get(node.name),
+                                             self.actions.get(node.name), self.log_probs.get(node.name))
+        values = {}
+        for name in self.keep:
+            value = self.env[name]
+            if value is None:
+                empty = torch.empty((0, *g[name].out_shape), dtype=self.dtype, device=self.device)
+                values[name] = (r.on_device(r.none), empty)
+            else:
+                values[name] = (r.on_device(value.rows), value.tensor)
+        cost = self.cost()
+        full = g.full_cost
+        fraction = cost.to(torch.float64) / full if full else torch.zeros_like(cost, dtype=torch.float64)
+        return Result(outputs, cost, fraction, values, self.mode, dict(self.rows), decisions, r, self.dtype,
+                      torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+
+    def cost(self) -> Tensor:
+        """Per-example cost, summed on the host with plain integers, then sent over once."""
+        dtype = np.int64 if self.executor._integer_costs else np.float64
+        base = sum(c for rows, c in self.cost_by_rows.items() if rows.full)
+        cost = np.full(self.batch, base, dtype=dtype)
+        for rows, c in self.cost_by_rows.items():
+            if not rows.full:
+                cost[rows.index] += c  # the indices of a set are distinct
+        return self.router.upload(cost)
