@@ -1,4 +1,4 @@
-"""d2graph: dynamic neural networks from a small graph language.
+r"""d2graph: dynamic neural networks from a small graph language.
 
 The pipeline, one module per stage (no stage imports a later one):
 

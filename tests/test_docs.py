@@ -187,3 +187,14 @@ def test_option_is_documented(option):
                                   cli.EXIT_INTERNAL, cli.EXIT_INTERRUPTED])
 def test_exit_code_is_documented(code):
     assert re.search(rf"^\| {code} \|", _text(CLI), re.M)
+
+
+def test_api_page_runs_as_written(monkeypatch):
+    """Every ```python block of docs/api.md runs, in order, in one namespace."""
+    page = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert len(blocks) >= 3
+    monkeypatch.chdir(ROOT)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/api.md", "exec"), namespace)
