@@ -4,7 +4,7 @@ The pipeline, one module per stage (no stage imports a later one):
 
     .d2 text --syntax--> AST --check--> IR (Graph) --compile--> Executor --> Result
                                               \--render--> DOT/SVG
-                           \\--fmt--> canonical text
+                           \--fmt--> canonical text
 
 Public API:
     load(path)            read, parse and check a .d2 file → Graph (raises D2GraphError)
