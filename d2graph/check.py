@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,13 +57,6 @@ class _Decl:
     decl: Any  # the AST statement
     attrs: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)  # [(name, args, span, written)]
-
-
-@dataclass
-class _Closure:
-    """A block definition with the scope it was defined in."""
-
-    defn: ast.BlockDef
 
 
 def load(path: str | Path, *, allow_imports: bool = False) -> Graph:

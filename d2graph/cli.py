@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .diagnostics import D2GraphError, Diagnostic
+from .files import write_atomic
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_TOOL, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 70, 130
 
@@ -170,21 +171,6 @@ _COMMANDS = {"check": cmd_check, "fmt": cmd_fmt, "render": cmd_render}
 def _print_diagnostics(diags) -> None:
     for d in diags:
         print(d.render() + "\n", file=sys.stderr)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder, so a crash leaves the old file."""
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _version() -> str:

@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -193,6 +192,3 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, pool, n=1, cutoff=0.6)
     return f" (did you mean `{close[0]}`?)" if close else ""
 
-
-def replace(diag: Diagnostic, **changes) -> Diagnostic:
-    return dataclasses.replace(diag, **changes)

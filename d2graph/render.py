@@ -41,32 +41,27 @@ import math
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import graphviz
 
 from .diagnostics import D2GraphError, Diagnostic
+from .files import atomic_path, write_atomic
 from .ir import DataEdge, Graph, Node, format_cost
 from .schema import format_value
 
 FORMATS = (".svg", ".png", ".dot")
 
 # Layer summaries wrap at layer boundaries near this width: wide boxes push the rest of
-# the drawing apart, and one layer per line would make tall ones.
+# the drawing apart, and one layer per line would make tall ones. A diamond is about
+# twice as wide as its text, so control nodes wrap shorter.
 WRAP = 40
+WRAP_CONTROL = 26
 
 FONT = "Helvetica"
 PEN_MIN, PEN_MAX = 0.5, 6.0
 DOT_TIMEOUT_S = 120
-
-# mkstemp creates 0600 files; drawings are meant to be shared like any other output, so
-# they get the permissions a plain open() would give. The umask is read once, at import,
-# because reading it means setting it (not thread-safe).
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
 
 # Light fills that survive printing in grey scale; shapes, not colours, carry the meaning.
 OUTPUT_FILL = "#d9d9d9"
@@ -80,7 +75,10 @@ class RenderError(D2GraphError):
     """The Graphviz `dot` program is missing; the DOT file was written anyway.
 
     Carries one Diagnostic with code E030; `dot_path` is the file that was written.
+    The CLI exits with `exit_code` (3: a tool is missing, not the user's file).
     """
+
+    exit_code = 3
 
     def __init__(self, dot_path: Path):
         self.dot_path = Path(dot_path)
@@ -186,15 +184,19 @@ def _title(graph: Graph) -> str:
 
 
 def _node_style(node: Node) -> dict[str, str]:
-    if node.kind == "input":
-        return {"shape": "circle"}
     if node.kind == "output":
-        return {"shape": "circle", "style": "filled", "fillcolor": OUTPUT_FILL}
+        return {"shape": "circle", "style": "filled", "fillcolor": OUTPUT_FILL, "margin": "0.02"}
     if node.kind == "control":
+        # No `ordering` here: pinning action 1 left of action 2 fights the data edges
+        # into the same targets and makes the dashed edges cross each other.
         return {"shape": "diamond", "style": "filled", "fillcolor": CONTROL_FILL, "margin": "0.02"}
+    # A data source keeps its consumers left to right in declaration order, so that
+    # siblings (N4, N5 under N2) read in the order of the file.
+    if node.kind == "input":
+        return {"shape": "circle", "margin": "0.02", "ordering": "out"}
     if node.kind == "dummy":
-        return {"shape": "box", "style": "filled,dashed", "fillcolor": DUMMY_FILL}
-    return {"shape": "box", "style": "rounded"}
+        return {"shape": "box", "style": "filled,dashed", "fillcolor": DUMMY_FILL, "ordering": "out"}
+    return {"shape": "box", "style": "rounded", "ordering": "out"}
 
 
 def _label(node: Node, rates: Mapping[str, float]) -> str:
@@ -224,11 +226,12 @@ def _cost_text(node: Node) -> str:
 
 def _wrap(node: Node) -> list[str]:
     """The layer summary, broken after a layer's comma once a line reaches WRAP chars."""
+    width = WRAP_CONTROL if node.is_control else WRAP
     lines: list[str] = []
     current = ""
     for layer in node.layers:
         part = layer.summary()
-        if current and len(current) + 2 + len(part) > WRAP:
+        if current and len(current) + 2 + len(part) > width:
             lines.append(current + ",")
             current = part
         else:
@@ -263,7 +266,11 @@ def _width(rates: Mapping[str, float], source: str, target: str) -> dict[str, st
     if source not in rates or target not in rates:
         return {}
     traffic = min(rates[source], rates[target])
-    return {"penwidth": f"{PEN_MIN + (PEN_MAX - PEN_MIN) * traffic:.2f}"}
+    pen = PEN_MIN + (PEN_MAX - PEN_MIN) * traffic
+    # dot grows arrowheads with the pen width; shrink them back so that a busy edge keeps
+    # a readable head (an open circle for a default stays visibly open).
+    arrow = min(0.7, 0.9 / math.sqrt(pen))
+    return {"penwidth": f"{pen:.2f}", "arrowsize": f"{arrow:.2f}"}
 
 
 def _ordinal(n: int) -> str:
@@ -300,19 +307,17 @@ def render(graph: Graph, out_path: str | os.PathLike, stats: Mapping[str, float]
         ])
     out.parent.mkdir(parents=True, exist_ok=True)
     dot_path = out if fmt == ".dot" else out.with_suffix(".dot")
-    _write_atomic(dot_path, to_dot(graph, stats).encode("utf-8"))
+    write_atomic(dot_path, to_dot(graph, stats))
     if fmt == ".dot":
         return out
 
     exe = shutil.which("dot")
     if exe is None:
         raise RenderError(dot_path)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         try:
             proc = subprocess.run(
-                [exe, f"-T{fmt[1:]}", "-o", tmp, str(dot_path)],
+                [exe, f"-T{fmt[1:]}", "-o", str(tmp), str(dot_path)],
                 capture_output=True, text=True, timeout=DOT_TIMEOUT_S,
             )
             failure = None if proc.returncode == 0 else (
@@ -330,22 +335,4 @@ def render(graph: Graph, out_path: str | os.PathLike, stats: Mapping[str, float]
                          "to see the problem, and report it if it persists",
                 )
             ])
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
