@@ -106,8 +106,9 @@ def cmd_check(args) -> int:
             else:
                 from .ir import format_cost
 
+                unit = "" if any(n.cost_declared for n in graph.nodes) else " MACs"  # declared costs: user's unit
                 print(f"{path}: ok — {len(graph.nodes)} nodes, {len(graph.control_nodes)} control, "
-                      f"full cost {format_cost(graph.full_cost)} per example")
+                      f"full cost {format_cost(graph.full_cost)}{unit} per example")
     if args.format == "json":
         errors = sum(d.is_error for d in everything)
         print(json.dumps({"diagnostics": [d.to_json() for d in everything], "errors": errors,
