@@ -260,14 +260,16 @@ def looks_like_terrastruct(text: str) -> bool:
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
     if not lines or re.match(r"\s*(graph|block|let)\b", lines[0]):
         return False
-    hits = sum(1 for ln in lines if _TERRASTRUCT_LINE.match(ln) and ":" in ln or "<->" in ln or " -- " in ln)
+    # `a -> b: label`, `x.shape: circle`, `direction: right`, `a <-> b`, `a -- b`
+    hits = sum(1 for ln in lines
+               if (_TERRASTRUCT_LINE.match(ln) and ":" in ln) or "<->" in ln or " -- " in ln)
     return hits > 0 and not re.search(r"^\s*graph\s+\w+\s*\{", text, re.M)
 
 
-def _describe_token(tok: Token, words: dict) -> str:
+def _describe_token(tok: Token) -> str:
     if tok.type == "$END":
         return "the end of the file"
-    if tok.type in ("NAME",):
+    if tok.type == "NAME":
         return f"name `{tok}`"
     if tok.type == "NUMBER":
         return f"number `{tok}`"
@@ -279,8 +281,9 @@ def _describe_token(tok: Token, words: dict) -> str:
 
 
 def _describe_expected(expected: set[str], words: dict) -> str:
-    described = sorted({words.get(t, t.lower()) for t in expected if not t.startswith("__")} |
-                       {words[t] for t in expected if t.startswith("__") and t in words})
+    # Every terminal has a word (fixed strings are quoted as written); lark's own names
+    # for anonymous terminals never reach the user.
+    described = sorted({words[t] for t in expected if t in words})
     statement_kw = {f"`{k}`" for k in _STATEMENT_STARTS}
     if statement_kw <= set(described):
         described = [d for d in described if d not in statement_kw] + ["a statement"]
@@ -367,7 +370,7 @@ def _syntax_diagnostic(e: lark.exceptions.UnexpectedInput, source: Source, p: _P
                           help="finish the statement or remove it")
 
     span = _tok_span(source, tok)
-    found = _describe_token(tok, p.words)
+    found = _describe_token(tok)
     wanted = _describe_expected(expected, p.words)
     help = ""
     label = f"expected {wanted}"
