@@ -57,6 +57,7 @@ class _Decl:
     decl: Any  # the AST statement
     attrs: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)  # [(name, args, span, written)]
+    broken: bool = False  # some layer of the pipeline was reported as unresolvable
 
 
 def load(path: str | Path, *, allow_imports: bool = False) -> Graph:
@@ -263,7 +264,9 @@ class _Checker:
         for decl in self.decls.values():
             if decl.kind in ("input", "output"):
                 continue
+            errors_before = len(self.diags)
             decl.layers = self.expand(decl.decl.pipeline, self.lets, [], decl)
+            decl.broken = len(self.diags) > errors_before
             consts = [i for i, layer in enumerate(decl.layers) if layer[0] == "const"]
             if decl.kind == "dummy" and (not decl.layers or consts[:1] != [0]) and decl.decl.pipeline:
                 first = decl.decl.pipeline[0]
@@ -594,11 +597,11 @@ class _Checker:
 
     def run_pipeline(self, d: _Decl, shape: tuple | None) -> None:
         layers, cost = [], 0
-        for i, (lname, args, span, written) in enumerate(d.layers):
-            if lname == "const":
-                shape_in = ()
-            else:
-                shape_in = shape
+        if d.broken:  # a layer could not be resolved: its shapes would be guesses
+            self.shapes[d.name] = None
+            return
+        for lname, args, span, written in d.layers:
+            shape_in = () if lname == "const" else shape
             try:
                 out, macs = measure(lname, args, shape_in if shape_in is not None else ())
             except LayerError as e:
@@ -610,8 +613,6 @@ class _Checker:
                                 out, macs, written, span))
             cost += macs
             shape = out
-        if not d.layers:  # an empty pipeline cannot be written; keep the type checker honest
-            self.shapes[d.name] = shape
         self.layers[d.name] = tuple(layers)
         self.shapes[d.name] = shape
         declared = d.attrs.get("cost")
