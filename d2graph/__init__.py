@@ -25,6 +25,7 @@ from __future__ import annotations
 # The stage modules are imported first on purpose: the functions below share their
 # names (`check`, `render`), and defining them last makes `d2graph.check` the function.
 from . import check as _check_module, executor as _executor_module, render as _render_module  # noqa: F401
+from . import data as _data  # noqa: F401  (registers the built-in data sets the checker accepts)
 from .diagnostics import D2GraphError, Diagnostic, Span
 from .executor import Executor, Result
 from .ir import Graph, Node
