@@ -1,6 +1,6 @@
 """argv → library calls → exit code. The only module that prints.
 
-Commands: `check`, `fmt`, `render` (more arrive with the executor and trainers).
+Commands: `check`, `fmt`, `render`, `bench` (more arrive with the trainers).
 Exit codes: 0 success · 1 `check` found errors, or `fmt --check` found a file to
 reformat · 2 usage errors and malformed input to any other command · 3 a required
 external tool is missing (Graphviz's `dot`) · 130 interrupted · 70 internal error.
@@ -55,7 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--format", choices=("svg", "png", "dot"), default="svg",
                    help="the drawing format when OUT is a folder (default svg)")
     r.add_argument("--allow-imports", action="store_true", help="allow module(\"pkg.mod:Class\") layers")
+
+    b = sub.add_parser("bench", help="cost and latency of the dynamic executor and of each static path")
+    b.add_argument("file", metavar="FILE")
+    b.add_argument("--batch", type=_positive_int, default=256, help="examples per batch (default 256)")
+    b.add_argument("--rounds", type=_positive_int, default=20, help="timed rounds per row (default 20)")
+    b.add_argument("--allow-imports", action="store_true", help="allow module(\"pkg.mod:Class\") layers")
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,7 +179,16 @@ def cmd_render(args) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"check": cmd_check, "fmt": cmd_fmt, "render": cmd_render}
+def cmd_bench(args) -> int:
+    from .bench import bench, bench_table
+    from .check import load
+
+    graph = load(args.file, allow_imports=args.allow_imports)
+    print(bench_table(bench(graph, batch=args.batch, rounds=args.rounds)))
+    return EXIT_OK
+
+
+_COMMANDS = {"check": cmd_check, "fmt": cmd_fmt, "render": cmd_render, "bench": cmd_bench}
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -89,16 +89,25 @@ class Rows:
     live on the host so that their sizes (which decide whether a node is called, and on
     how many rows) are known without waiting for the device; numpy because these arrays
     are small and its calls cost a microsecond where torch's cost several. The device
-    copy is made once, on first use."""
+    copy is made once, on first use.
 
-    __slots__ = ("batch", "index", "n", "_mask", "_device_index")
+    A set made by splitting another by a control node's actions remembers that set
+    (`_parent`), its positions in it (`_in_parent`) and its sibling parts (`_parts`,
+    pairwise disjoint): unions, intersections and gathers across the branches of one
+    decision — the usual merge after a branch — then need no set arithmetic at all."""
 
-    def __init__(self, batch: int, index: np.ndarray | None):
+    __slots__ = ("batch", "index", "n", "_mask", "_device_index", "_parent", "_in_parent", "_parts")
+
+    def __init__(self, batch: int, index: np.ndarray | None, parent: Rows | None = None,
+                 in_parent: np.ndarray | None = None, parts: list[Rows] | None = None):
         self.batch = batch
         self.index = index
         self.n = batch if index is None else len(index)
         self._mask: np.ndarray | None = None
         self._device_index: Tensor | None = None
+        self._parent = parent
+        self._in_parent = in_parent
+        self._parts = parts
 
     @property
     def full(self) -> bool:
@@ -112,16 +121,18 @@ class _Router:
     """Set algebra on `Rows` for one forward pass, and their copies on the device.
 
     Sets are canonical where it is cheap: a result equal to one of the operands is that
-    very object, a result covering the batch is `self.all`. The fast paths of the
-    interpreter compare sets by identity, so "every example chose the same branch" keeps
-    the full-batch tensors flowing without a single copy. The masks below are host-side
-    bookkeeping on index sets, never used to index data."""
+    very object, a result covering the batch is `self.all`, an empty one `self.none`. The
+    fast paths of the interpreter compare sets by identity, so "every example chose the
+    same branch" keeps the full-batch tensors flowing without a single copy, and the two
+    branches of a decision merge back into the very set the decision ran on. The masks
+    below are host-side bookkeeping on index sets, never used to index data."""
 
-    def __init__(self, batch: int, device: torch.device):
+    def __init__(self, batch: int, device: torch.device, cpu: bool | None = None):
         self.batch = batch
         self.device = device
+        self.cpu = device.type == "cpu" if cpu is None else cpu
         self.all = Rows(batch, None)
-        self.none = Rows(batch, np.empty(0, dtype=np.int64))
+        self.none = Rows(batch, _NO_INDEX)
         self._positions: dict[tuple[Rows, Rows], Tensor] = {}
 
     def rows(self, index: np.ndarray) -> Rows:
@@ -141,59 +152,80 @@ class _Router:
         n = int(np.count_nonzero(mask))
         return same_as if n == same_as.n else self.rows(np.flatnonzero(mask))
 
-    def intersect(self, sets: Iterable[Rows]) -> Rows:
-        sets = [s for s in sets if s is not self.all]
-        if not sets:
-            return self.all
-        smallest = min(sets, key=lambda s: s.n)
-        if smallest.n == 0:
+    def intersect2(self, a: Rows, b: Rows) -> Rows:
+        """a ∩ b; one of the operands itself whenever it is the answer."""
+        if a is b or b is self.all:
+            return a
+        if a is self.all:
+            return b
+        if a.n == 0 or b.n == 0:
             return self.none
-        others = [s for s in sets if s is not smallest]
-        if not others:
-            return smallest
-        mask = self.mask(smallest).copy()
-        for s in others:
-            mask &= self.mask(s)
-        return self._from_mask(mask, smallest)
+        if a._parent is b:
+            return a
+        if b._parent is a:
+            return b
+        if a._parts is not None and a._parts is b._parts:  # two branches of one decision
+            return self.none
+        small, big = (a, b) if a.n <= b.n else (b, a)
+        hit = self.mask(big)[small.index]  # the small set's members that are in the big one
+        n = int(np.count_nonzero(hit))
+        return small if n == small.n else self.rows(small.index[hit])
 
     def union(self, sets: Iterable[Rows]) -> Rows:
         sets = [s for s in sets if s.n]
         if not sets:
             return self.none
-        biggest = max(sets, key=lambda s: s.n)
-        if biggest is self.all:
+        first = sets[0]
+        if len(sets) == 1:
+            return first
+        if any(s is self.all for s in sets):
             return self.all
-        others = [s for s in sets if s is not biggest]
-        if not others:
-            return biggest
+        parts = first._parts
+        if parts is not None and all(s._parts is parts for s in sets):
+            # branches of one decision are disjoint: all of them together are the set it split
+            distinct = {id(s): s for s in sets}
+            if sum(s.n for s in distinct.values()) == first._parent.n:
+                return first._parent
+            if len(distinct) == 1:
+                return first
+        biggest = max(sets, key=lambda s: s.n)
         mask = self.mask(biggest).copy()
-        for s in others:
-            mask |= self.mask(s)
+        for s in sets:
+            if s is not biggest:
+                mask[s.index] = True
         return self._from_mask(mask, biggest)
 
-    def minus(self, a: Rows, b: Rows) -> Rows:
-        if b.n == 0:
-            return a
-        if a is b or b is self.all:
-            return self.none
-        return self._from_mask(self.mask(a) & ~self.mask(b), a)
-
-    def split(self, rows: Rows, actions: np.ndarray, k: int) -> list[Rows]:
-        """The examples of `rows` per action, given each one's action (host, aligned with rows)."""
-        counts = np.bincount(actions, minlength=k)
-        top = int(counts.argmax())
-        if counts[top] == rows.n:  # one branch for everybody: keep the very same set (no copies downstream)
-            return [rows if j == top else self.none for j in range(k)]
-        # A stable sort by action keeps each action's examples in ascending order.
-        order = np.argsort(actions, kind="stable")
-        index = order if rows.index is None else rows.index[order]
-        return [self.rows(part) for part in np.split(index, np.cumsum(counts[:-1]))]
+    def split(self, rows: Rows, actions: np.ndarray, k: int, counts: np.ndarray | None = None) -> list[Rows]:
+        """The examples of `rows` per action, given each one's action (host, aligned with rows)
+        and, when already known, how many took each action."""
+        if counts is None:
+            if k == 2:  # one count answers "did everybody take the same branch?"
+                second = int(np.count_nonzero(actions))
+                if second == 0:
+                    return [rows, self.none]
+                if second == rows.n:
+                    return [self.none, rows]
+                counts = (rows.n - second, second)
+            else:
+                counts = np.bincount(actions, minlength=k)
+        for top in range(k):
+            if counts[top] == rows.n:  # one branch for everybody: keep the very same set (no copies downstream)
+                return [rows if j == top else self.none for j in range(k)]
+        parts: list[Rows] = []
+        for j in range(k):
+            if not counts[j]:
+                parts.append(self.none)
+                continue
+            # ascending, like the set it came from (`nonzero` is numpy's cheapest way there)
+            local = (actions if k == 2 and j == 1 else actions == j).nonzero()[0]
+            parts.append(Rows(self.batch, local if rows.index is None else rows.index[local], rows, local, parts))
+        return parts
 
     # --- on the device ---
 
     def upload(self, a: np.ndarray) -> Tensor:
         t = torch.from_numpy(a)
-        if self.device.type == "cpu":
+        if self.cpu:
             return t
         if self.device.type == "cuda":  # pinned memory: the copy does not block the host
             return t.pin_memory().to(self.device, non_blocking=True)
@@ -203,6 +235,8 @@ class _Router:
         if rows._device_index is None:
             if rows.index is None:
                 rows._device_index = torch.arange(self.batch, device=self.device)
+            elif rows.n == 0:
+                rows._device_index = torch.empty(0, dtype=torch.long, device=self.device)
             else:
                 rows._device_index = self.upload(rows.index)
         return rows._device_index
@@ -221,24 +255,34 @@ class _Router:
         if sup is self.all:
             return self.on_device(sub)
         key = (sub, sup)
-        if key not in self._positions:
+        found = self._positions.get(key)
+        if found is None:
             assert sub.index is not None and sup.index is not None
-            self._positions[key] = self.upload(np.searchsorted(sup.index, sub.index))
-        return self._positions[key]
+            local = sub._in_parent if sub._parent is sup else np.searchsorted(sup.index, sub.index)
+            found = self._positions[key] = self.upload(local)
+        return found
+
+
+# The index of the empty set, shared by every pass (read-only: nothing writes to an index).
+_NO_INDEX = np.empty(0, dtype=np.int64)
+_NO_INDEX.flags.writeable = False
 
 
 # --- the result ---------------------------------------------------------------------------
 
 
-@dataclass(eq=False)
 class _Decision:
     """A control node's choice on the examples it ran for (compact rows)."""
 
-    rows: Rows
-    k: int
-    scores: Tensor | None  # [n, k]; None where it ran for no example
-    actions: Tensor | None  # [n]
-    log_probs: Tensor | None  # [n], sample mode only
+    __slots__ = ("rows", "k", "scores", "actions", "log_probs")
+
+    def __init__(self, rows: Rows, k: int, scores: Tensor | None, actions: Tensor | np.ndarray | int | None,
+                 log_probs: Tensor | None):
+        self.rows = rows
+        self.k = k
+        self.scores = scores  # [n, k]; None where it ran for no example
+        self.actions = actions  # [n]; on the host (array, or one int for all) until read
+        self.log_probs = log_probs  # [n], sample mode only
 
 
 @dataclass(eq=False)  # tensors do not compare to one bool
@@ -260,22 +304,34 @@ class Result:
                    `ran_mask(name)` gives the same as a bool [B]
     rows           node name → the same sets on the host (`Rows`: a numpy index or all)
 
-    `actions`, `scores`, `log_probs` and `ran` are made into full-batch tensors when first
-    read (inference rarely reads them; scattering costs a few operations per node). Read
-    them before `backward()` when a loss depends on them, as with any tensor.
+    `cost`, `cost_fraction`, `actions`, `scores`, `log_probs` and `ran` are made into
+    full-batch tensors when first read (inference rarely reads them, and on a CPU every
+    extra operation in the forward pass runs with caches the layers have just evicted).
+    Read them before `backward()` when a loss depends on them, as with any tensor.
     """
 
     outputs: dict[str, Tensor]
-    cost: Tensor
-    cost_fraction: Tensor
     values: dict[str, tuple[Tensor, Tensor]]
     mode: str
     rows: dict[str, Rows] = field(repr=False)
     _decisions: dict[str, _Decision] = field(repr=False, compare=False)
     _router: _Router = field(repr=False, compare=False)
     _dtype: torch.dtype = field(repr=False, compare=False)
+    _costs: dict[Rows, int | float] = field(repr=False, compare=False)  # set of examples → cost of its nodes
+    _integer_costs: bool = field(repr=False, compare=False)
+    _full_cost: int | float = field(repr=False, compare=False)
     _grad: bool = field(default=True, repr=False, compare=False)  # torch's modes during the forward
     _inference: bool = field(default=False, repr=False, compare=False)
+
+    @cached_property
+    def cost(self) -> Tensor:
+        return self._router.upload(_per_example_cost(self._router.batch, self._costs, self._integer_costs))
+
+    @cached_property
+    def cost_fraction(self) -> Tensor:
+        cost = _per_example_cost(self._router.batch, self._costs, self._integer_costs)
+        full = self._full_cost
+        return self._router.upload(cost / full if full else np.zeros(self._router.batch))
 
     @property
     def batch_size(self) -> int:
@@ -291,10 +347,17 @@ class Result:
     def _scatter(self, what: str, fill: float, dtype: torch.dtype | None) -> dict[str, Tensor]:
         # Under the grad / inference mode of the forward pass, not the caller's: reading
         # `scores` first inside `no_grad()` must not cache scores cut off from the graph.
+        r = self._router
         with torch.inference_mode(self._inference), torch.set_grad_enabled(self._grad):
-            return {name: self._router.scatter(d.rows, getattr(d, what), fill,
-                                               (d.k,) if what == "scores" else (), dtype or self._dtype)
-                    for name, d in self._decisions.items()}
+            out = {}
+            for name, d in self._decisions.items():
+                t = getattr(d, what)
+                if isinstance(t, np.ndarray):
+                    t = r.upload(t)
+                elif isinstance(t, int):
+                    t = torch.full((d.rows.n,), t, dtype=torch.long, device=r.device)
+                out[name] = r.scatter(d.rows, t, fill, (d.k,) if what == "scores" else (), dtype or self._dtype)
+            return out
 
     @cached_property
     def actions(self) -> dict[str, Tensor]:
@@ -348,6 +411,15 @@ class Executor(nn.Module):
         for name, i in last_use.items():
             self._dead_after[i].append(name)
         self._integer_costs = all(isinstance(n.cost, int) and not isinstance(n.cost, bool) for n in graph.nodes)
+        # What every forward pass would otherwise re-derive from the IR (its lookups scan
+        # the node tuple): the per-node plan the interpreter walks, and the graph's facts.
+        self._plan = tuple(_Step(node, tuple(self._dead_after[i])) for i, node in enumerate(graph.nodes))
+        self._steps = {step.name: step for step in self._plan}
+        self._shapes = {node.name: node.out_shape for node in graph.nodes}
+        self._input_names = tuple(node.name for node in graph.inputs)
+        self._output_names = tuple(node.name for node in graph.outputs)
+        self._control_nodes = graph.control_nodes
+        self._full_cost = graph.full_cost
 
     def extra_repr(self) -> str:
         return f"graph={self.graph.name!r}"
@@ -393,10 +465,35 @@ class _Value:
         self.rows, self.tensor = rows, tensor
 
 
+class _Step:
+    """One node as the walk needs it, derived once at compile time: its control edges as
+    (control node, action) pairs, the sources it cannot do without (edges without a
+    default), the values no later node reads, and the number of actions of a control node."""
+
+    __slots__ = ("node", "name", "kind", "controllers", "needs", "select", "cost", "k", "dead")
+
+    def __init__(self, node: Node, dead: tuple[str, ...]):
+        self.node, self.name, self.kind = node, node.name, node.kind
+        self.controllers = tuple((c.source, c.action) for c in node.controllers)
+        self.needs = tuple(e.source for e in node.inputs if e.default is None)
+        self.select = node.merge == "select"
+        self.cost = node.cost
+        self.k = len(node.actions) if node.is_control else 0
+        self.dead = dead
+
+
+_NUMPY_FLOATS = (torch.float32, torch.float64)
+
+
 class Interpreter:
     """One forward pass of an `Executor`: walks `graph.nodes` in order, calling the method
     for each node's kind on the examples that reach it. Subclass and override a `run_*`
-    method to trace or alter one kind of node (as with torch.fx's Interpreter)."""
+    method to trace or alter one kind of node (as with torch.fx's Interpreter).
+
+    The walk costs a few microseconds of Python per node: what can be derived from the IR
+    alone is in the executor's per-node plan (`_Step`), and the common cases — every
+    example on the same path, the branches of one decision merging back — are answered
+    by identity checks on `Rows` before any set arithmetic."""
 
     def __init__(self, executor: Executor, x: Tensor | Mapping[str, Tensor], mode: str,
                  actions: Mapping[str, int | Tensor] | None, epsilon: float, keep: Iterable[str],
@@ -405,10 +502,10 @@ class Interpreter:
         self.graph = graph = executor.graph
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; the modes are {', '.join(MODES)}")
-        controls = {n.name: n for n in graph.control_nodes}
         if mode == "force":
             if actions is None:
                 raise ValueError("mode='force' needs actions={control node: action}")
+            controls = [n.name for n in executor._control_nodes]
             unknown = [name for name in actions if name not in controls]
             if unknown:
                 raise ValueError(f"actions name {', '.join(map(repr, unknown))}, which "
@@ -419,7 +516,7 @@ class Interpreter:
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError(f"epsilon is a probability, between 0 and 1, not {epsilon}")
         self.keep = tuple(keep)
-        missing = [name for name in self.keep if name not in graph]
+        missing = [name for name in self.keep if name not in executor._shapes]
         if missing:
             raise ValueError(f"keep names {', '.join(map(repr, missing))}, not a node of {graph.name!r}")
         self.mode, self.forced, self.epsilon, self.generator = mode, dict(actions or {}), epsilon, generator
@@ -430,7 +527,9 @@ class Interpreter:
         self.device = first.device
         # The dtype of the data; dummies, defaults and empty merges are made in it.
         self.dtype = first.dtype if first.is_floating_point() else torch.get_default_dtype()
-        self.router = _Router(self.batch, self.device)
+        self.router = _Router(self.batch, self.device, first.is_cpu)
+        # Node modules by name, read once per pass (ModuleDict's item lookup is not free).
+        self.modules: dict[str, nn.Module] = executor._modules["nodes"]._modules
 
         self.env: dict[str, _Value | None] = {}
         self.rows: dict[str, Rows] = {}
@@ -439,10 +538,13 @@ class Interpreter:
         self.actions: dict[str, Tensor] = {}
         self.log_probs: dict[str, Tensor] = {}
         self.cost_by_rows: dict[Rows, int | float] = {}
+        self._counts: np.ndarray | None = None  # actions per branch, when forced_actions counted them
 
     def _check_inputs(self, x: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
-        names = [n.name for n in self.graph.inputs]
-        if isinstance(x, Mapping):
+        names = self.executor._input_names
+        if isinstance(x, Tensor) and len(names) == 1:
+            given = {names[0]: x}
+        elif isinstance(x, Mapping):
             given = dict(x)
             if set(given) != set(names):
                 raise ValueError(f"{self.graph.name!r} has inputs {', '.join(names)}; got {', '.join(given) or 'none'}")
@@ -452,9 +554,10 @@ class Interpreter:
             raise TypeError(f"{self.graph.name!r} has {len(names)} inputs ({', '.join(names)}): "
                             "pass a dict name → tensor")
         batch = None
+        shapes = self.executor._shapes
         for name in names:
-            t, shape = given[name], self.graph[name].out_shape
-            if not isinstance(t, Tensor) or tuple(t.shape[1:]) != shape:
+            t, shape = given[name], shapes[name]
+            if not isinstance(t, Tensor) or t.shape[1:] != shape:
                 got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"input {name!r} takes a batch of shape [B, {', '.join(map(str, shape))}], got {got}")
             if batch is not None and t.shape[0] != batch:
@@ -469,37 +572,55 @@ class Interpreter:
     def run(self) -> Result:
         handlers = {"input": self.run_input, "node": self.run_node, "control": self.run_control,
                     "dummy": self.run_dummy, "output": self.run_output}
-        keep = set(self.keep)
-        for i, node in enumerate(self.graph.nodes):
-            if node.is_control:
-                self.chosen[node.name] = [self.router.none] * len(node.actions)
-            rows = self.rows_to_run(node)
-            self.rows[node.name] = rows
+        keep = self.keep
+        env, rows_of, chosen, cost_by_rows = self.env, self.rows, self.chosen, self.cost_by_rows
+        r = self.router
+        every, none, rows_for = self.mode == "all", r.none, self._rows_for
+        for step in self.executor._plan:
+            name = step.name
+            if step.k:
+                chosen[name] = [none] * step.k
+            rows = r.all if every else rows_for(step)
+            rows_of[name] = rows
             if rows.n == 0:
-                self.env[node.name] = None  # null for every example: not called at all
+                env[name] = None  # null for every example: not called at all
             else:
-                self.env[node.name] = _Value(rows, handlers[node.kind](node, rows))
-                if node.cost:
-                    self.cost_by_rows[rows] = self.cost_by_rows.get(rows, 0) + node.cost
-            for name in self.executor._dead_after[i]:
-                if name not in keep:
-                    self.env[name] = None
+                env[name] = _Value(rows, handlers[step.kind](step.node, rows))
+                if step.cost:
+                    cost_by_rows[rows] = cost_by_rows.get(rows, 0) + step.cost
+            for dead in step.dead:
+                if dead not in keep:
+                    env[dead] = None
         return self.result()
 
     def rows_to_run(self, node: Node) -> Rows:
         """LANGUAGE.md §3.1 on sets of examples: activated ∩ (inputs present)."""
+        return self.router.all if self.mode == "all" else self._rows_for(self.executor._steps[node.name])
+
+    def _rows_for(self, step: _Step) -> Rows:
         r = self.router
-        if self.mode == "all" or node.kind == "input":
-            return r.all
-        activated = r.all
-        if node.controllers:
-            activated = r.union(self.chosen[c.source][c.action] for c in node.controllers)
-            if activated.n == 0:
+        rows = r.all
+        if step.controllers:
+            if len(step.controllers) == 1:
+                source, action = step.controllers[0]
+                rows = self.chosen[source][action]
+            else:
+                rows = r.union(self.chosen[source][action] for source, action in step.controllers)
+            if rows.n == 0:
                 return r.none
-        present = [self.present(edge) for edge in node.inputs]
-        if node.merge == "select":
-            return r.intersect([activated, r.union(present)])
-        return r.intersect([activated, *present])
+        if step.select:
+            present = [self.present(edge) for edge in step.node.inputs]
+            return r.intersect2(rows, r.all if any(p is r.all for p in present) else r.union(present))
+        env = self.env
+        for source in step.needs:  # an edge with a default is present everywhere
+            value = env[source]
+            if value is None:
+                return r.none
+            if value.rows is not rows:
+                rows = r.intersect2(rows, value.rows)
+                if rows.n == 0:
+                    return r.none
+        return rows
 
     def present(self, edge: DataEdge) -> Rows:
         if edge.default is not None:
@@ -534,7 +655,8 @@ class Interpreter:
             if isinstance(host_actions, int):
                 self.chosen[node.name] = [rows if i == host_actions else self.router.none for i in range(k)]
             else:
-                self.chosen[node.name] = self.router.split(rows, host_actions, k)
+                self.chosen[node.name] = self.router.split(rows, host_actions, k, self._counts)
+                self._counts = None
         self.scores[node.name] = scores
         self.actions[node.name] = device_actions
         return scores
@@ -542,18 +664,26 @@ class Interpreter:
     # --- helpers ---
 
     def call(self, node: Node, x: Tensor) -> Tensor:
-        return self.executor.nodes[node.name](x)
+        return self.modules[node.name](x)
 
     def merge(self, node: Node, rows: Rows) -> Tensor:
         """The node's input on `rows`, its data inputs merged (LANGUAGE.md §3.3)."""
+        inputs = node.inputs
+        if len(inputs) == 1:
+            return self.gather(inputs[0], rows)
         if node.merge == "select":
             return self.select(node, rows)
-        parts = [self.gather(edge, rows) for edge in node.inputs]
-        if len(parts) == 1:
-            return parts[0]
         if node.merge == "concat":
-            return torch.cat(parts, dim=1)  # dim 1: the first per-example dimension
-        return reduce(operator.add, parts)
+            # dim 1: the first per-example dimension
+            return torch.cat([self.gather(edge, rows) for edge in inputs], dim=1)
+        # A sum term that is its default 0 for every example adds nothing: leave it out
+        # (the usual `A, B -> y [default=0]` after a branch then costs no fill and no add).
+        env = self.env
+        parts = [self.gather(edge, rows) for edge in inputs
+                 if not (edge.default == 0 and env[edge.source] is None)]
+        if not parts:
+            return self.fill(inputs[0], rows.n, None)
+        return parts[0] if len(parts) == 1 else reduce(operator.add, parts)
 
     def gather(self, edge: DataEdge, rows: Rows) -> Tensor:
         """The edge's tensor on `rows`: its source's output where the source ran, the edge's
@@ -566,7 +696,7 @@ class Interpreter:
             return value.tensor  # the same examples: no copy
         if edge.default is None:
             return value.tensor.index_select(0, r.positions(rows, value.rows))
-        hit = r.intersect([rows, value.rows])
+        hit = r.intersect2(rows, value.rows)
         if hit is rows:
             return value.tensor.index_select(0, r.positions(rows, value.rows))
         out = self.fill(edge, rows.n, value.tensor)
@@ -576,41 +706,58 @@ class Interpreter:
         return out
 
     def fill(self, edge: DataEdge, n: int, like: Tensor | None) -> Tensor:
-        shape = self.graph[edge.source].out_shape
+        shape = self.executor._shapes[edge.source]
         dtype = like.dtype if like is not None else self.dtype
         return torch.full((n, *shape), float(edge.default), dtype=dtype, device=self.device)
 
     def select(self, node: Node, rows: Rows) -> Tensor:
-        """Per example, the first present input in declaration order. Each row is written
-        once, by the first input present for it; an input that covers every row alone is
-        passed through without a copy."""
+        """Per example, the first present input in declaration order. An input that covers
+        every row alone is passed through without a copy. Otherwise the inputs are written
+        last one first, each over its own rows, so that earlier inputs overwrite later
+        ones: with nested sets (the exits of a cascade) no input needs gathering and no set
+        differences are computed. The node runs only where some input is present, so the
+        inputs written cover `rows` and the output needs no initial fill."""
         r = self.router
-        remaining, out = rows, None
+        takes: list[tuple[DataEdge, Rows]] = []
         for edge in node.inputs:
-            take = r.intersect([remaining, self.present(edge)])
+            take = r.intersect2(rows, self.present(edge))
             if take.n == 0:
                 continue
             if take is rows:
-                return self.gather(edge, rows)
+                if not takes:
+                    return self.gather(edge, rows)
+                takes.append((edge, take))
+                break  # inputs after one present everywhere are never taken
+            takes.append((edge, take))
+        assert takes, "a select node runs only where an input is present"
+        out = None
+        for edge, take in reversed(takes):
             part = self.gather(edge, take)
             if out is None:
-                out = torch.zeros((rows.n, *part.shape[1:]), dtype=part.dtype, device=self.device)
+                if take is rows:
+                    out = part.clone()  # written over next: never the source's own tensor
+                    continue
+                out = part.new_empty((rows.n, *part.shape[1:]))
             out.index_copy_(0, r.positions(take, rows), part)
-            remaining = r.minus(remaining, take)
-            if remaining.n == 0:
-                break
-        assert out is not None, "a select node runs only where an input is present"
         return out
 
-    def decide(self, node: Node, rows: Rows, scores: Tensor) -> tuple[Tensor, np.ndarray | int | None]:
-        """The actions of a control node on its rows: (on the device, on the host). The host
-        copy is the one synchronisation a control node may cost; `None` in `all` mode, an
-        int when one action is forced for everybody."""
+    def decide(self, node: Node, rows: Rows,
+               scores: Tensor) -> tuple[Tensor | np.ndarray | int, np.ndarray | int | None]:
+        """The actions of a control node on its rows: (for `Result.actions`, on the host). The
+        host copy is the one synchronisation a control node may cost; `None` in `all` mode, an
+        int when one action is forced for everybody. The first is a device tensor, or, where
+        the host already has it (CPU, forced ints), the host value itself: `Result` turns it
+        into a tensor only when `actions` is read."""
         k, n = len(node.actions), rows.n
         mode = self.mode
         if mode == "force" and node.name in self.forced:
             return self.forced_actions(node, rows, self.forced[node.name])
         if mode in ("argmax", "all", "force") or (mode == "explore" and self.epsilon == 0.0):
+            if self.router.cpu and scores.dtype in _NUMPY_FLOATS:
+                # On the host numpy's argmax is several times cheaper than torch's, and
+                # picks the same action (the first of equal maxima; NaN counts as the max).
+                host = (scores.detach() if scores.requires_grad else scores).numpy().argmax(axis=1)
+                return host, (None if mode == "all" else host)  # `Result` makes a tensor if asked
             chosen = scores.detach().argmax(dim=1)
         elif mode == "explore":
             greedy = scores.detach().argmax(dim=1)
@@ -625,7 +772,8 @@ class Interpreter:
             self.log_probs[node.name] = log_p.gather(1, chosen.view(-1, 1)).view(-1)
         return chosen, (None if mode == "all" else chosen.cpu().numpy())
 
-    def forced_actions(self, node: Node, rows: Rows, spec: int | Tensor) -> tuple[Tensor, np.ndarray | int]:
+    def forced_actions(self, node: Node, rows: Rows, spec: int | Tensor) -> tuple[Tensor | np.ndarray | int,
+                                                                                 np.ndarray | int]:
         k = len(node.actions)
         if isinstance(spec, Tensor) and spec.dim() == 0 and not spec.is_floating_point():
             spec = int(spec)
@@ -633,18 +781,28 @@ class Interpreter:
             spec = operator.index(spec)
             if not 0 <= spec < k:
                 raise ValueError(f"{node.name!r} has {k} actions (0..{k - 1}); cannot force action {spec}")
-            return torch.full((rows.n,), spec, dtype=torch.long, device=self.device), spec
+            return spec, spec
         if not isinstance(spec, Tensor) or spec.shape != (self.batch,) or spec.is_floating_point():
             raise ValueError(f"the action forced on {node.name!r} must be an int or an integer tensor "
                              f"of shape [{self.batch}] (one per example)")
-        host = spec.cpu().long().numpy()  # the one synchronisation, if the tensor is on the device
+        if spec.device.type == "cpu" and spec.dtype == torch.long:
+            host = spec.numpy()
+        else:
+            host = spec.cpu().long().numpy()  # the one synchronisation, if the tensor is on the device
         if rows.index is not None:
             host = host[rows.index]
-        low, high = int(host.min()), int(host.max())
-        if low < 0 or high >= k:
+        try:  # one pass: bincount refuses negative actions and grows past k for too large ones
+            counts = np.bincount(host, minlength=k)
+        except ValueError:
+            counts = None
+        if counts is None or len(counts) != k:
+            low, high = int(host.min()), int(host.max())
             raise ValueError(f"{node.name!r} has {k} actions (0..{k - 1}); the forced actions include "
                              f"{low if low < 0 else high}")
-        if spec.device == self.device:
+        self._counts = counts  # `split` needs them too
+        if self.router.cpu:
+            on_device = host
+        elif spec.device == self.device:
             on_device = spec.long() if rows.full else spec.long().index_select(0, self.router.on_device(rows))
         else:
             on_device = self.router.upload(host)
@@ -658,33 +816,36 @@ class Interpreter:
     # --- the result ---
 
     def result(self) -> Result:
-        g, r = self.graph, self.router
-        outputs = {n.name: self.env[n.name].tensor for n in g.outputs}
+        r, env = self.router, self.env
+        outputs = {name: env[name].tensor for name in self.executor._output_names}
         decisions = {}
-        for node in g.control_nodes:
-            rows = self.rows[node.name]
-            decisions[node.name] = _Decision(rows, len(node.actions), self.scores.get(node.name),
-                                             self.actions.get(node.name), self.log_probs.get(node.name))
+        for node in self.executor._control_nodes:
+            name = node.name
+            decisions[name] = _Decision(self.rows[name], len(node.actions), self.scores.get(name),
+                                        self.actions.get(name), self.log_probs.get(name))
         values = {}
         for name in self.keep:
-            value = self.env[name]
+            value = env[name]
             if value is None:
-                empty = torch.empty((0, *g[name].out_shape), dtype=self.dtype, device=self.device)
+                empty = torch.empty((0, *self.executor._shapes[name]), dtype=self.dtype, device=self.device)
                 values[name] = (r.on_device(r.none), empty)
             else:
                 values[name] = (r.on_device(value.rows), value.tensor)
-        cost = self.cost()
-        full = g.full_cost
-        fraction = cost.to(torch.float64) / full if full else torch.zeros_like(cost, dtype=torch.float64)
-        return Result(outputs, cost, fraction, values, self.mode, dict(self.rows), decisions, r, self.dtype,
-                      torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        ex = self.executor
+        return Result(outputs, values, self.mode, dict(self.rows), decisions, r, self.dtype, self.cost_by_rows,
+                      ex._integer_costs, ex._full_cost, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
 
     def cost(self) -> Tensor:
-        """Per-example cost, summed on the host with plain integers, then sent over once."""
-        dtype = np.int64 if self.executor._integer_costs else np.float64
-        base = sum(c for rows, c in self.cost_by_rows.items() if rows.full)
-        cost = np.full(self.batch, base, dtype=dtype)
-        for rows, c in self.cost_by_rows.items():
-            if not rows.full:
-                cost[rows.index] += c  # the indices of a set are distinct
-        return self.router.upload(cost)
+        """Per-example cost [B] on the device: the sum of the costs of the nodes that ran."""
+        return self.router.upload(_per_example_cost(self.batch, self.cost_by_rows, self.executor._integer_costs))
+
+
+def _per_example_cost(batch: int, cost_by_rows: Mapping[Rows, int | float], integer: bool) -> np.ndarray:
+    """[B] the cost of each example, summed on the host with plain integers (float64 when a
+    node declares a fractional cost) from the cost of the nodes run on each set of examples."""
+    base = sum(c for rows, c in cost_by_rows.items() if rows.full)
+    cost = np.full(batch, base, dtype=np.int64 if integer else np.float64)
+    for rows, c in cost_by_rows.items():
+        if not rows.full:
+            cost[rows.index] += c  # the indices of a set are distinct
+    return cost

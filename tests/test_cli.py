@@ -98,3 +98,9 @@ def test_internal_errors_are_reported_without_traceback(monkeypatch, capsys):
     assert "internal error" in err and "Traceback" not in err
     assert main(["--debug", "check", str(EXAMPLES[0])]) == 70
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_bench_prints_a_row_per_static_path(capsys):
+    assert main(["bench", str(ROOT / "examples" / "high_low.d2"), "--batch", "4", "--rounds", "1"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert len(rows) == 1 + 3  # header, dynamic, two static paths
