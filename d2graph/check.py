@@ -87,9 +87,9 @@ class _Checker:
         self.allow_imports = allow_imports
         self.diags: list[Diagnostic] = []
         self.lets: dict[str, Any] = {}
-        self.let_spans: dict[str, Span] = {}
         self.blocks: dict[str, ast.BlockDef] = {}
         self.decls: dict[str, _Decl] = {}
+        self.names: dict[str, Span] = {}  # every constant, block and node name: one namespace
         self.data_edges: list[DataEdge] = []
         self.control_lists: dict[str, list[ast.ControlEdges]] = {}
         self.control_edges: list[ControlEdge] = []
@@ -153,17 +153,15 @@ class _Checker:
     # --- names: lets, blocks, nodes -------------------------------------------------------
 
     def collect_scope(self, items) -> None:
-        seen: dict[str, Span] = {}
         for item in items:
             if isinstance(item, ast.Let):
                 name = item.name.text
-                if self._duplicate(name, item.name.span, seen, "constant"):
+                if self._duplicate(name, item.name.span):
                     continue
                 self.lets[name] = self.value(item.value, self.lets)
-                self.let_spans[name] = item.name.span
             elif isinstance(item, ast.BlockDef):
                 name = item.name.text
-                if self._duplicate(name, item.name.span, seen, "block"):
+                if self._duplicate(name, item.name.span):
                     continue
                 if name in LAYERS:
                     self.error("E801", f"block `{name}` has the name of a built-in layer", item.name.span,
@@ -177,7 +175,9 @@ class _Checker:
                         break
                 self.blocks[name] = item
 
-    def _duplicate(self, name: str, span: Span, seen: dict[str, Span], what: str) -> bool:
+    def _duplicate(self, name: str, span: Span) -> bool:
+        """E801 if the name of a constant, block or node is taken; else claim it."""
+        seen = self.names
         if name in seen:
             self.error("E801", f"`{name}` is defined twice", span, f"second definition of `{name}`",
                        help="rename one of them; names of nodes, constants and blocks are unique",
@@ -187,7 +187,6 @@ class _Checker:
         return False
 
     def collect_decls(self, body) -> None:
-        others = {**self.let_spans, **{b: d.name.span for b, d in self.blocks.items()}}
         for stmt in body:
             if isinstance(stmt, ast.InputDecl):
                 kind = "input"
@@ -198,11 +197,7 @@ class _Checker:
             else:
                 continue
             name = stmt.name.text
-            first = self.decls[name].name_span if name in self.decls else others.get(name)
-            if first is not None:
-                self.error("E801", f"`{name}` is defined twice", stmt.name.span, f"second definition of `{name}`",
-                           help="rename one of them; names of nodes, constants and blocks are unique",
-                           notes=[Note(first, "first defined here")])
+            if self._duplicate(name, stmt.name.span):
                 continue
             decl = _Decl(name, kind, stmt.span, stmt.name.span, stmt)
             schema = _NODE_ATTRS.get(kind)
@@ -475,7 +470,11 @@ class _Checker:
         return g
 
     def check_cycles(self) -> bool:
-        g = self.nx_graph()
+        # The edges are final from here on: build the graph views every later step reads.
+        self.dag = g = self.nx_graph()
+        self.inputs_of: dict[str, list[DataEdge]] = {}
+        for e in self.data_edges:
+            self.inputs_of.setdefault(e.target, []).append(e)
         self.cyclic: set[str] = set()
         for comp in nx.strongly_connected_components(g):
             if len(comp) == 1 and not g.has_edge(*(list(comp) * 2)):
@@ -490,7 +489,7 @@ class _Checker:
         return not self.cyclic
 
     def check_reachability(self) -> None:
-        g = self.nx_graph()
+        g = self.dag
         inputs = [d.name for d in self.decls.values() if d.kind == "input"]
         reached = set(inputs)
         for i in inputs:
@@ -519,11 +518,7 @@ class _Checker:
     # --- shapes and costs: R6, R4 (widths) -----------------------------------------------------
 
     def infer_shapes(self) -> None:
-        g = self.nx_graph()
-        inputs_of: dict[str, list[DataEdge]] = {}
-        for e in self.data_edges:
-            inputs_of.setdefault(e.target, []).append(e)
-        for name in nx.topological_sort(g):
+        for name in nx.topological_sort(self.dag):
             d = self.decls[name]
             if d.kind == "input":
                 shape = self.value(d.decl.shape, self.lets)
@@ -542,7 +537,7 @@ class _Checker:
                 else:  # already reported (E814); a shape here would only echo it
                     self.shapes[name] = None
                 continue
-            edges = inputs_of.get(name, [])
+            edges = self.inputs_of.get(name, [])
             in_shapes = [self.shapes.get(e.source) for e in edges]
             if not edges or any(s is None for s in in_shapes):
                 self.shapes[name] = None
@@ -624,10 +619,8 @@ class _Checker:
     # --- totality: R7 ------------------------------------------------------------------
 
     def check_totality(self) -> None:
-        order = list(nx.topological_sort(self.nx_graph()))
-        inputs_of: dict[str, list[DataEdge]] = {}
-        for e in self.data_edges:
-            inputs_of.setdefault(e.target, []).append(e)
+        order = list(nx.topological_sort(self.dag))
+        inputs_of = self.inputs_of
         controllers: dict[str, list[ControlEdge]] = {}
         for c in self.control_edges:
             if c.target is not None:
@@ -772,7 +765,8 @@ class _Checker:
     # --- IR ----------------------------------------------------------------------------
 
     def build(self, g: ast.GraphDecl, train: TrainConfig | None) -> Graph:
-        order = list(nx.lexicographical_topological_sort(self.nx_graph(), key=self._decl_order))
+        position = {name: i for i, name in enumerate(self.decls)}  # ties keep the file's order
+        order = list(nx.lexicographical_topological_sort(self.dag, key=position.__getitem__))
         nodes = []
         for name in order:
             d = self.decls[name]
@@ -793,9 +787,6 @@ class _Checker:
         warnings = tuple(d for d in self.diags if not d.is_error)
         return Graph(g.name.text, tuple(nodes), tuple(self.data_edges), tuple(self.control_edges), train,
                      warnings, g.span)
-
-    def _decl_order(self, name: str) -> int:
-        return list(self.decls).index(name)
 
 
 @dataclass(frozen=True)
