@@ -13,6 +13,8 @@ Public API:
     format(text)          text → canonical text
     compile(graph)        Graph → Executor (nn.Module); executor(x, mode=...) → Result
     render(graph, out)    Graph → .svg / .png / .dot
+    train(graph, ...)     run the graph's train block → Trained (executor, policy, reports)
+    evaluate(executor, dataset, policy, classes=...) → Report (accuracy, cost, paths, exits)
 
 Example:
     >>> import d2graph
@@ -26,6 +28,8 @@ from __future__ import annotations
 # names (`check`, `render`), and defining them last makes `d2graph.check` the function.
 from . import check as _check_module, executor as _executor_module, render as _render_module  # noqa: F401
 from . import data as _data  # noqa: F401  (registers the built-in data sets the checker accepts)
+from . import trainers as _trainers  # noqa: F401  (registers the trainers, plugins included)
+from . import evaluate as _evaluate_module, runs as _runs_module
 from .diagnostics import D2GraphError, Diagnostic, Span
 from .executor import Executor, Result
 from .ir import Graph, Node
@@ -64,5 +68,24 @@ def render(graph: Graph, out, stats=None):
     return _render_module.render(graph, out, stats)
 
 
+def train(graph: Graph, overrides=(), *, out=None, quiet: bool = True, source=None):
+    """Run the train block of `graph` (with `--set`-style `overrides`); with `out`, in a
+    run folder there (the source copied from `source`, a path). Returns `runs.Trained`."""
+    from pathlib import Path
+
+    config = _runs_module.resolve(graph, list(overrides))
+    run = None
+    if out is not None:
+        text = Path(source).read_text() if source is not None else ""
+        run = _runs_module.Run.create(graph, text, config, out)
+    root = Path(source).resolve().parent if source is not None else None
+    return _runs_module.train(graph, config, run, root=root, quiet=quiet, echo=None if quiet else print)
+
+
+def evaluate(executor, dataset, policy=None, *, classes: int, batch: int = 256, generator=None):
+    """Accuracy, mean cost, node rates, paths and exits of `executor` on a TensorDataset."""
+    return _evaluate_module.evaluate(executor, dataset, policy, classes=classes, batch=batch, generator=generator)
+
+
 __all__ = ["D2GraphError", "Diagnostic", "Executor", "Graph", "Node", "Result", "Span", "check", "compile",
-           "format", "load", "parse", "render"]
+           "evaluate", "format", "load", "parse", "render", "train"]

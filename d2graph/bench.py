@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .executor import Executor, Interpreter, compile
+from .executor import Executor, compile, route
 from .ir import Graph, format_cost
 
 MAX_PATHS = 32  # distinct static paths reported
@@ -54,7 +54,7 @@ def static_paths(graph: Graph, executor: Executor | None = None,
     with torch.inference_mode():
         for combination in itertools.islice(combinations, MAX_COMBINATIONS):
             actions = dict(zip((q.name for q in controls), combination))
-            r = _Routing(executor, x, "force", actions, 0.0, (), None).run()
+            r = route(executor, actions, x)
             ran = tuple(n.name for n in graph.nodes if r.rows[n.name].n and n.kind not in ("input", "output"))
             key = frozenset(ran)
             if key not in seen:
@@ -65,13 +65,6 @@ def static_paths(graph: Graph, executor: Executor | None = None,
         keep = sorted({round(i * (len(paths) - 1) / (max_paths - 1)) for i in range(max_paths)})
         paths = [paths[i] for i in keep]
     return paths
-
-
-class _Routing(Interpreter):
-    """A forward pass that routes without computing: each node yields zeros of its shape."""
-
-    def call(self, node, x):
-        return torch.zeros((x.shape[0], *node.out_shape), dtype=self.dtype, device=self.device)
 
 
 def bench(graph: Graph | Executor, batch: int = 256, rounds: int = 20, *, seed: int = 0,

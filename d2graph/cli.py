@@ -1,6 +1,6 @@
 """argv → library calls → exit code. The only module that prints.
 
-Commands: `check`, `fmt`, `render`, `bench` (more arrive with the trainers).
+Commands: `check`, `fmt`, `render`, `bench`, `train`, `eval`, `sweep`.
 Exit codes: 0 success · 1 `check` found errors, or `fmt --check` found a file to
 reformat · 2 usage errors and malformed input to any other command · 3 a required
 external tool is missing (Graphviz's `dot`) · 130 interrupted · 70 internal error.
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OUT.svg, OUT.png or OUT.dot; with several files, a folder (one drawing each)")
     r.add_argument("--format", choices=("svg", "png", "dot"), default="svg",
                    help="the drawing format when OUT is a folder (default svg)")
+    r.add_argument("--stats", metavar="RUN",
+                   help="a run folder: draw each node's execution rate and the traffic on each edge")
     r.add_argument("--allow-imports", action="store_true", help="allow module(\"pkg.mod:Class\") layers")
 
     b = sub.add_parser("bench", help="cost and latency of the dynamic executor and of each static path")
@@ -61,7 +63,51 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=_positive_int, default=256, help="examples per batch (default 256)")
     b.add_argument("--rounds", type=_positive_int, default=20, help="timed rounds per row (default 20)")
     b.add_argument("--allow-imports", action="store_true", help="allow module(\"pkg.mod:Class\") layers")
+
+    t = sub.add_parser("train", help="run the train block of a .d2 file: stages, checkpoints, report")
+    t.add_argument("file", nargs="?", metavar="FILE", help="the .d2 file (not needed with --resume)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override the train block: seed=1, data.n=2000, stage.policy.budget=0.3 (repeatable)")
+    t.add_argument("--out", metavar="DIR", help="the run folder (default runs/<graph>/<timestamp>)")
+    t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last.pt")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and stop")
+    t.add_argument("--quiet", action="store_true", help="print only the final summary")
+    t.add_argument("--allow-imports", action="store_true", help="allow module(\"pkg.mod:Class\") layers")
+
+    e = sub.add_parser("eval", help="evaluate a run (or a .d2 file with a checkpoint): accuracy, cost, paths")
+    e.add_argument("target", metavar="RUN|FILE", help="a run folder, or a .d2 file given with --checkpoint")
+    e.add_argument("--checkpoint", metavar="NAME|PATH", default="last",
+                   help="last, best, or a path to a .pt file (default last)")
+    e.add_argument("--split", choices=("train", "val", "test"), default="test", help="the split (default test)")
+    e.add_argument("--format", choices=("text", "json"), default="text", help="a table or JSON")
+
+    s = sub.add_parser("sweep", help="accuracy-cost curve: each budget, each baseline, each static path")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("--budgets", type=_budgets, default=[0.2, 0.3, 0.5, 0.7],
+                   help="comma-separated cost fractions (default 0.2,0.3,0.5,0.7)")
+    s.add_argument("--methods", type=_names, default=None,
+                   help="comma-separated policy trainers to compare (default: the file's own policy stages, "
+                        "threshold, uniform, oracle)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override the train block (repeatable)")
+    s.add_argument("--out", metavar="DIR", help="the sweep folder (default runs/<graph>/sweep-<timestamp>)")
+    s.add_argument("--quiet", action="store_true", help="print only the final table")
+    s.add_argument("--allow-imports", action="store_true", help="allow module(\"pkg.mod:Class\") layers")
     return p
+
+
+def _budgets(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.2,0.5, not {text!r}") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"budgets are fractions of the full cost, in (0, 1]: {text!r}")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def _positive_int(text: str) -> int:
@@ -172,10 +218,11 @@ def cmd_render(args) -> int:
     if to_folder:
         out.mkdir(parents=True, exist_ok=True)
     graphs = [load(f, allow_imports=args.allow_imports) for f in args.files]  # all checked before drawing
+    stats = _run_stats(args.stats, graphs) if args.stats else None
     for path, graph in zip(args.files, graphs):
         _print_diagnostics(graph.warnings)
         target = out / f"{Path(path).stem}.{args.format}" if to_folder else out
-        print(f"wrote {render(graph, target)}")
+        print(f"wrote {render(graph, target, stats)}")
     return EXIT_OK
 
 
@@ -188,7 +235,131 @@ def cmd_bench(args) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"check": cmd_check, "fmt": cmd_fmt, "render": cmd_render, "bench": cmd_bench}
+def cmd_train(args) -> int:
+    from .check import load
+    from .runs import Interrupted, Run, resolve, train
+    from .syntax import read_source
+
+    if args.resume:
+        if args.file or args.overrides or args.out:
+            raise _usage("--resume continues a run as it was configured",
+                         "give only the run folder: `d2graph train --resume RUN`")
+        run = Run.open(args.resume)
+        source = run.source
+        graph = load(source, allow_imports=args.allow_imports)
+        config = run.config
+    else:
+        if not args.file:
+            raise _usage("train needs a .d2 file (or --resume RUN)", "e.g. `d2graph train examples/early_exit.d2`")
+        graph = load(args.file, allow_imports=args.allow_imports)
+        source = Path(args.file)
+        config = resolve(graph, args.overrides)
+        if args.print_config:
+            print(config.text(), end="")
+            return EXIT_OK
+        run = Run.create(graph, read_source(args.file), config, args.out)
+    _print_diagnostics(graph.warnings)
+    echo = (lambda text: print(text, file=sys.stderr)) if not args.quiet else None
+    if echo:
+        echo(f"run folder: {run.folder}")
+    try:
+        trained = train(graph, config, run, resume=bool(args.resume), root=Path(source).resolve().parent,
+                        quiet=args.quiet, echo=echo)
+    except Interrupted:
+        print(f"interrupted: the last checkpoint is in {run.folder / 'last.pt'}; continue with "
+              f"`d2graph train --resume {run.folder}`", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(_summary(graph, trained.reports["test"], trained.policy.describe()))
+    print(f"run folder: {run.folder}")
+    return EXIT_OK
+
+
+def _summary(graph, report, policy: str) -> str:
+    from .ir import format_cost
+
+    f1 = f", F1 {report.f1:.3f}" if report.f1 is not None else ""
+    return (f"{graph.name}: test accuracy {report.accuracy:.2%}{f1}, mean cost {format_cost(report.mean_cost)} "
+            f"per example ({report.cost_fraction:.1%} of the full graph), policy: {policy}")
+
+
+def cmd_eval(args) -> int:
+    from .check import load
+    from .evaluate import evaluate
+    from .executor import compile
+    from .runs import Run, load_checkpoint, load_data, resolve
+    from .trainers import load_policy
+
+    target = Path(args.target)
+    if not target.exists():
+        raise D2GraphError([Diagnostic("E922", f"no run folder or .d2 file {target}", None, "",
+                                       help="give a folder that `d2graph train` created, or a .d2 file "
+                                            "with --checkpoint PATH")])
+    if target.is_dir():
+        run = Run.open(target)
+        graph, config = load(run.source), run.config
+        root = run.source.resolve().parent
+        checkpoint = run.folder / f"{args.checkpoint}.pt" if args.checkpoint in ("last", "best") \
+            else Path(args.checkpoint)
+    else:
+        if args.checkpoint in ("last", "best"):
+            raise _usage("evaluating a .d2 file needs --checkpoint PATH (a .pt file of a run)",
+                         "or give the run folder: `d2graph eval runs/<graph>/<timestamp>`")
+        graph = load(target)
+        config, root, checkpoint = resolve(graph), target.resolve().parent, Path(args.checkpoint)
+    state = load_checkpoint(checkpoint)
+    executor = compile(graph)
+    try:
+        executor.load_state_dict(state["weights"])
+        policy = load_policy(graph, state["policy"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise D2GraphError([Diagnostic("E922", f"{checkpoint} does not fit graph `{graph.name}` ({str(e)[:200]})",
+                                       None, "", help="evaluate it with the .d2 file it was trained from")]) from None
+    splits = load_data(config, graph, root)
+    import torch
+
+    report = evaluate(executor, splits[args.split], policy, classes=splits.classes,
+                      generator=torch.Generator().manual_seed(int(config.settings["seed"])), split=args.split)
+    if args.format == "json":
+        print(json.dumps({"policy": policy.describe(), **report.to_json()}, indent=2))
+    else:
+        print(f"policy: {policy.describe()}\n{report.table()}")
+    return EXIT_OK
+
+
+def cmd_sweep(args) -> int:
+    from .check import load
+    from .sweep import sweep
+
+    graph = load(args.file, allow_imports=args.allow_imports)
+    _print_diagnostics(graph.warnings)
+    echo = (lambda text: print(text, file=sys.stderr)) if not args.quiet else None
+    result = sweep(graph, Path(args.file), budgets=args.budgets, methods=args.methods, overrides=args.overrides,
+                   out=args.out, echo=echo)
+    print(result.table())
+    print(f"sweep folder: {result.folder}")
+    return EXIT_OK
+
+
+def _run_stats(folder: str, graphs) -> dict:
+    """The test report of a run folder, for `render --stats`."""
+    from .runs import Run
+
+    run = Run.open(folder)
+    path = run.folder / "report.json"
+    if not path.is_file():
+        raise _usage(f"{folder} has no report.json (the run did not finish)",
+                     f"finish it with `d2graph train --resume {folder}`")
+    if any(g.name != run.config.graph for g in graphs):
+        raise _usage(f"{folder} is a run of graph `{run.config.graph}`", "draw that graph with these statistics")
+    return json.loads(path.read_text())["test"]
+
+
+def _usage(message: str, help: str) -> D2GraphError:
+    return D2GraphError([Diagnostic("E920", message, None, "", help=help)])
+
+
+_COMMANDS = {"check": cmd_check, "fmt": cmd_fmt, "render": cmd_render, "bench": cmd_bench, "train": cmd_train,
+             "eval": cmd_eval, "sweep": cmd_sweep}
 
 
 # --- helpers ---------------------------------------------------------------------------------

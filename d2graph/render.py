@@ -1,7 +1,8 @@
 """IR (+ optional run statistics) → DOT text → SVG / PNG, drawn as in the D²NN paper.
 
-In:  a checked `ir.Graph`; optionally `stats`, a mapping from node name to the fraction
-     of examples (in [0, 1]) on which that node ran, e.g. from an evaluation.
+In:  a checked `ir.Graph`; optionally `stats`, the run statistics of an evaluation: a
+     `d2graph.evaluate.Report`, its `to_json()` dict (what `d2graph evaluate` saves), or
+     just a mapping from node name to the fraction of examples (in [0, 1]) it ran for.
 Out: `to_dot(graph, stats)` returns DOT text; `render(graph, path, stats)` writes it
      to `PATH.dot` (or to `path` itself when it ends in `.dot`) and, for `.svg` / `.png`,
      runs Graphviz's `dot` on it.
@@ -22,8 +23,10 @@ Drawing conventions:
   data edge          solid; a small open circle at the head when it has a default, which
                      is written next to it (`default=0`); edges into a `select` or
                      `concat` merge are numbered 1st, 2nd, ... in the order that counts
-With stats, each node says how often it ran and an edge is as wide as its traffic
-(from 0.5 at 0% to 6 at 100%).
+With stats, each function and control node says how often it ran, an edge is as wide
+as its traffic (from 0.5 at 0% to 6 at 100%) and each control edge says how often its
+action was taken ("2 · 37%"). A report's `edge_traffic` gives exact traffic; from node
+rates alone an edge's traffic is estimated (see `_width`) and control edges get no share.
 
 Errors (all `D2GraphError`): E030 `RenderError`, the `dot` program is missing (the CLI
 exits 3 on it); E031, an output extension other than .svg, .png, .dot; E032, `dot` failed.
@@ -42,7 +45,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import graphviz
 
@@ -52,6 +55,10 @@ from .ir import DataEdge, Graph, Node, format_cost
 from .schema import format_value
 
 FORMATS = (".svg", ".png", ".dot")
+
+# Run statistics: a d2graph.evaluate.Report, its to_json() dict, node name → rate, or
+# None for none. `Any` because the renderer, an earlier stage, does not import Report.
+Stats = Any
 
 # Layer summaries wrap at layer boundaries near this width: wide boxes push the rest of
 # the drawing apart, and one layer per line would make tall ones. A diamond is about
@@ -97,16 +104,17 @@ class RenderError(D2GraphError):
 # --- DOT text -----------------------------------------------------------------------------
 
 
-def to_dot(graph: Graph, stats: Mapping[str, float] | None = None) -> str:
+def to_dot(graph: Graph, stats: Stats = None) -> str:
     """The graph as DOT text, deterministic for golden tests.
 
-    `stats` maps node names to execution rates in [0, 1]; names not in the graph are
-    ignored (a stats file from an older version of the graph still draws).
+    `stats` is a `Report`, its `to_json()` dict, or a mapping from node names to execution
+    rates in [0, 1]; names not in the graph are ignored (a stats file from an older
+    version of the graph still draws).
 
     >>> print(to_dot(d2graph.load("examples/high_low.d2")).splitlines()[0])   # doctest: +SKIP
     digraph high_low {
     """
-    rates = _rates(graph, stats)
+    rates, traffic, taken = _read_stats(graph, stats)
     dot = graphviz.Digraph(name=graph.name)
     dot.attr(
         rankdir="TB",
@@ -135,7 +143,7 @@ def to_dot(graph: Graph, stats: Mapping[str, float] | None = None) -> str:
         ordered = node.merge in ("select", "concat") and len(node.inputs) > 1
         for i, edge in enumerate(node.inputs):
             dot.edge(edge.source, edge.target,
-                     **_data_edge_style(edge, i if ordered else None, rates))
+                     **_data_edge_style(edge, i if ordered else None, rates, traffic))
 
     for node in graph.control_nodes:
         skip_id = f"{node.name}.skip"  # a '.' cannot occur in a .d2 name: no clash
@@ -149,7 +157,14 @@ def to_dot(graph: Graph, stats: Mapping[str, float] | None = None) -> str:
                 "fontcolor": CONTROL_INK,
                 "label": str(action + 1),  # drawings number actions from 1, as messages do
             }
-            if target is None:
+            share = taken.get(node.name, {}).get(action)
+            if share is not None:
+                # A report counts the actions themselves: exact traffic, skip included.
+                attrs["label"] = f"{action + 1} · {share:.0%}"
+                attrs.update(_pen(share))
+                dot.edge(node.name, target or skip_id, **({"arrowhead": "empty"} if target is None else {}),
+                         **attrs)
+            elif target is None:
                 # Node rates cannot tell how often `skip` was chosen (the targets of the
                 # other actions may also be switched on by other control nodes), so the
                 # skip edge keeps the plain width rather than show a made-up traffic.
@@ -160,16 +175,36 @@ def to_dot(graph: Graph, stats: Mapping[str, float] | None = None) -> str:
     return dot.source
 
 
-def _rates(graph: Graph, stats: Mapping[str, float] | None) -> dict[str, float]:
-    if not stats:
-        return {}
-    rates = {}
-    for node in graph.nodes:
-        rate = stats.get(node.name)
-        if rate is None or not math.isfinite(float(rate)):
+def _read_stats(graph: Graph, stats: Stats) -> tuple[dict[str, float], dict[str, float],
+                                                      dict[str, dict[int, float]]]:
+    """(node → rate, "SRC->DST" → data edge traffic, control → {action: share}), each
+    clamped to [0, 1] and limited to what is in the graph."""
+    if stats is None:
+        return {}, {}, {}
+    if hasattr(stats, "to_json"):  # a Report (not imported: evaluation is a later stage)
+        stats = stats.to_json()
+    if "node_rates" not in stats:  # node rates alone
+        return _clamped(stats, (n.name for n in graph.nodes)), {}, {}
+    rates = _clamped(stats.get("node_rates") or {}, (n.name for n in graph.nodes))
+    # Exact traffic, also on the edges of inputs and outputs, which have no node rate.
+    traffic = _clamped(stats.get("edge_traffic") or {}, (f"{e.source}->{e.target}" for e in graph.data_edges))
+    taken: dict[str, dict[int, float]] = {}
+    for q in graph.control_nodes:
+        shares = (stats.get("action_rates") or {}).get(q.name)
+        if shares is None or len(shares) < len(q.actions):  # from another version of the graph
             continue
-        rates[node.name] = min(1.0, max(0.0, float(rate)))
-    return rates
+        taken[q.name] = _clamped(dict(enumerate(shares[:len(q.actions)])), range(len(q.actions)))
+    return rates, traffic, taken
+
+
+def _clamped(values: Mapping, keys) -> dict:
+    out = {}
+    for key in keys:
+        value = values.get(key)
+        if value is None or not math.isfinite(float(value)):
+            continue
+        out[key] = min(1.0, max(0.0, float(value)))
+    return out
 
 
 def _title(graph: Graph) -> str:
@@ -241,7 +276,8 @@ def _wrap(node: Node) -> list[str]:
     return lines
 
 
-def _data_edge_style(edge: DataEdge, order: int | None, rates: Mapping[str, float]) -> dict[str, str]:
+def _data_edge_style(edge: DataEdge, order: int | None, rates: Mapping[str, float],
+                     traffic: Mapping[str, float]) -> dict[str, str]:
     attrs: dict[str, str] = {}
     notes = []
     if order is not None:
@@ -255,7 +291,8 @@ def _data_edge_style(edge: DataEdge, order: int | None, rates: Mapping[str, floa
         attrs["label"] = " ".join(notes)
         attrs["fontsize"] = "9"
         attrs["fontcolor"] = NOTE_INK
-    attrs.update(_width(rates, edge.source, edge.target))
+    exact = traffic.get(f"{edge.source}->{edge.target}")
+    attrs.update(_width(rates, edge.source, edge.target) if exact is None else _pen(exact))
     return attrs
 
 
@@ -265,7 +302,11 @@ def _width(rates: Mapping[str, float], source: str, target: str) -> dict[str, st
     # (the usual case: a target runs only if its source ran or its controller chose it).
     if source not in rates or target not in rates:
         return {}
-    traffic = min(rates[source], rates[target])
+    return _pen(min(rates[source], rates[target]))
+
+
+def _pen(traffic: float) -> dict[str, str]:
+    """The pen of an edge that carries `traffic` (a share of the examples, in [0, 1])."""
     pen = PEN_MIN + (PEN_MAX - PEN_MIN) * traffic
     # dot grows arrowheads with the pen width; shrink them back so that a busy edge keeps
     # a readable head (an open circle for a default stays visibly open).
@@ -286,7 +327,7 @@ def _esc(text: str) -> str:
 # --- files ----------------------------------------------------------------------------------
 
 
-def render(graph: Graph, out_path: str | os.PathLike, stats: Mapping[str, float] | None = None) -> Path:
+def render(graph: Graph, out_path: str | os.PathLike, stats: Stats = None) -> Path:
     """Write the drawing of `graph` to `out_path` (.svg, .png or .dot) and return its path.
 
     The DOT text always goes to `out_path` with a `.dot` suffix first; `dot` then turns

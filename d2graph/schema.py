@@ -47,6 +47,7 @@ _KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "shape": ("a list of positive integers like [3, 32, 32]",
               lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)),
     "ints": ("a list of integers", lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)),
+    "numbers": ("a list of numbers", lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)),
     "any": ("any value", lambda v: True),
 }
 
@@ -103,7 +104,8 @@ class Schema:
     def signature(self) -> str:
         parts = []
         for p in self.params:
-            parts.append(p.name if p.required else f"{p.name}={p.shown or format_value(p.default)}")
+            default = Symbol(p.default) if p.kind == "choice" and isinstance(p.default, str) else p.default
+            parts.append(p.name if p.required else f"{p.name}={p.shown or format_value(default)}")
         if self.open:
             parts.append("...")
         return f"{self.name}({', '.join(parts)})" if parts else self.name

@@ -150,6 +150,15 @@ def test_keywords_are_listed():
     assert set(re.search(r"`([^`]*)`", row).group(1).split()) == _KEYWORDS
 
 
+def test_trainers_are_documented_with_their_signatures():
+    from d2graph.schema import TRAINERS
+
+    text = _text(LANGUAGE)
+    for name in TRAINERS.names():
+        assert f"| `{TRAINERS.get(name).schema.signature()}` |" in text, name
+        assert f"`{name}`" in (ROOT / "docs" / "trainers.md").read_text(encoding="utf-8"), name
+
+
 def test_train_settings_are_documented():
     text = _text(LANGUAGE)
     for p in TRAIN_SETTINGS.params:
@@ -187,6 +196,17 @@ def test_option_is_documented(option):
                                   cli.EXIT_INTERNAL, cli.EXIT_INTERRUPTED])
 def test_exit_code_is_documented(code):
     assert re.search(rf"^\| {code} \|", _text(CLI), re.M)
+
+
+def test_trainer_guide_example_runs(monkeypatch):
+    """The "add your own trainer" example of docs/trainers.md trains and routes as written."""
+    page = (ROOT / "docs" / "trainers.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    monkeypatch.chdir(ROOT)
+    namespace: dict = {}
+    exec(compile(block, "docs/trainers.md", "exec"), namespace)
+    trained = namespace["trained"]
+    assert trained.policy.kind == "static" and trained.reports["test"].accuracy > 0.5
 
 
 def test_api_page_runs_as_written(monkeypatch):

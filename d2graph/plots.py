@@ -1,0 +1,158 @@
+"""Plots: accuracy against cost for the routing methods of a sweep, and training curves.
+
+In:  plain rows of numbers — sweep points ({method, cost_fraction, accuracy, budget, ...})
+     or metrics rows ({stage, epoch, val_accuracy, val_cost_fraction, ...}).
+Out: `tradeoff_plot(points, out_stem, title=...)` and `training_plot(rows, out_stem)` write
+     `OUT_STEM.png` and `OUT_STEM.svg` and return their paths.
+Guarantees: files are written atomically (`d2graph.files.atomic_path`); the same rows give
+byte-identical SVG files (fixed hash salt, no date in the metadata, text drawn as paths)
+and identical PNG files; no pyplot state is touched (a `Figure` rendered by Agg), so
+plotting is safe in threads and leaves a user's own pyplot figures alone. matplotlib is
+imported on first use; without it the functions raise an ImportError that says what to
+install.
+
+Example:
+    >>> tradeoff_plot([{"method": "learned", "cost_fraction": 0.3, "accuracy": 0.9, "budget": 0.3},
+    ...                {"method": "static", "cost_fraction": 1.0, "accuracy": 0.92, "budget": None,
+    ...                 "path": "Q1=1"}], "runs/cascade/tradeoff", title="cascade")  # doctest: +SKIP
+    [PosixPath('runs/cascade/tradeoff.png'), PosixPath('runs/cascade/tradeoff.svg')]
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .files import atomic_path
+
+__all__ = ["tradeoff_plot", "training_plot"]
+
+STATIC = "static"  # the method whose points are single static paths, drawn unconnected
+FORMATS = ("png", "svg")
+DPI = 150
+SIZE = (6.4, 4.4)  # inches
+
+
+def _matplotlib():
+    try:
+        import matplotlib
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("drawing plots needs matplotlib: `pip install matplotlib`") from None
+    return matplotlib, Figure
+
+
+@contextlib.contextmanager
+def _style():
+    matplotlib, _ = _matplotlib()
+    # A fixed salt makes the SVG's element ids the same from run to run; glyphs as paths
+    # keep the file independent of the fonts installed where it is opened.
+    with matplotlib.rc_context({"svg.hashsalt": "d2graph", "svg.fonttype": "path", "font.size": 9}):
+        yield
+
+
+def _save(fig, out_stem: str | Path) -> list[Path]:
+    stem = Path(out_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in FORMATS:
+        path = stem.with_name(stem.name + "." + fmt)
+        # No date (SVG) and no software version (both) in the files: same rows, same bytes.
+        metadata = {"Date": None, "Creator": None} if fmt == "svg" else {"Software": None}
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=DPI, metadata=metadata)
+        written.append(path)
+    return written
+
+
+def _new_figure(nrows: int = 1):
+    _, Figure = _matplotlib()
+    fig = Figure(figsize=(SIZE[0], SIZE[1] * (1 if nrows == 1 else 0.75 * nrows)), layout="constrained")
+    return fig, fig.subplots(nrows, 1, squeeze=False)[:, 0]
+
+
+def tradeoff_plot(points: Iterable[Mapping[str, Any]], out_stem: str | Path, *, title: str,
+                  metric: str = "accuracy") -> list[Path]:
+    """Draw `metric` against mean cost, one line per method (points sorted by cost).
+
+    Each point is a dict with `method`, `cost_fraction` and `metric` (default "accuracy");
+    `budget` is optional. Points of the method "static" are single static paths: drawn as
+    unconnected points, each labelled with its `path` (or `label`). Points missing the
+    metric are left out. The drawing does not depend on the order of the points.
+    Writes OUT_STEM.png and OUT_STEM.svg; returns their paths.
+
+    Example:
+        >>> tradeoff_plot(points, "runs/g/tradeoff", title="g: accuracy vs cost")  # doctest: +SKIP
+    """
+    points = [p for p in points if p.get(metric) is not None and p.get("cost_fraction") is not None]
+    methods: dict[str, list[Mapping[str, Any]]] = {}
+    for p in points:
+        methods.setdefault(str(p["method"]), []).append(p)
+
+    with _style():
+        fig, (ax,) = _new_figure()
+        palette = [c["color"] for c in _matplotlib()[0].rcParams["axes.prop_cycle"]]
+        colour = 0
+        # Methods in name order: a method keeps its colour from plot to plot, whatever
+        # order a sweep produced its points in.
+        for method, group in sorted(methods.items(), key=lambda m: (m[0] == STATIC, m[0])):
+            group = sorted(group, key=lambda p: (float(p["cost_fraction"]), float(p[metric])))
+            xs = [float(p["cost_fraction"]) for p in group]
+            ys = [float(p[metric]) for p in group]
+            if method == STATIC:
+                ax.scatter(xs, ys, marker="s", s=22, color="0.35", label="static paths", zorder=3)
+                for p, x, y in zip(group, xs, ys):
+                    text = p.get("path") or p.get("label")
+                    if text:
+                        ax.annotate(str(text), (x, y), xytext=(4, 3), textcoords="offset points",
+                                    fontsize=7, color="0.35")
+                continue
+            ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.4, label=method,
+                    color=palette[colour % len(palette)], zorder=4)
+            colour += 1
+        ax.set_xlabel("mean cost (fraction of the full graph)")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_title(title)
+        # Room right of the full graph (1.0) for the labels of the dearest static paths.
+        ax.set_xlim(0, 1.1 * max([1.0, *(float(p["cost_fraction"]) for p in points)]))
+        ax.grid(True, linewidth=0.4, alpha=0.5)
+        if methods:
+            ax.legend(loc="lower right", frameon=False)
+        return _save(fig, out_stem)
+
+
+def training_plot(rows: Iterable[Mapping[str, Any]], out_stem: str | Path) -> list[Path]:
+    """Validation accuracy and cost per epoch from metrics rows (those having `stage`,
+    `epoch`, `val_accuracy` and `val_cost_fraction`). Stages follow one another on the
+    x axis, in the order they first appear. Writes OUT_STEM.png and .svg; [] when no row
+    has those keys (nothing to draw).
+
+    Example:
+        >>> training_plot(metrics_rows, "runs/g/training")                  # doctest: +SKIP
+    """
+    keys = ("stage", "epoch", "val_accuracy", "val_cost_fraction")
+    rows = [r for r in rows if all(r.get(k) is not None for k in keys)]
+    if not rows:
+        return []
+    stages: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        stages.setdefault(str(r["stage"]), []).append(r)
+
+    with _style():
+        fig, (acc, cost) = _new_figure(2)
+        offset = 0.0
+        for stage, group in stages.items():
+            group = sorted(group, key=lambda r: float(r["epoch"]))
+            # Each stage counts its epochs from the start; shift it past the previous one.
+            xs = [offset + float(r["epoch"]) for r in group]
+            acc.plot(xs, [float(r["val_accuracy"]) for r in group], marker="o", markersize=3, label=stage)
+            cost.plot(xs, [float(r["val_cost_fraction"]) for r in group], marker="o", markersize=3, label=stage)
+            offset = max(xs)
+        acc.set_ylabel("validation accuracy")
+        cost.set_ylabel("validation mean cost\n(fraction of the full graph)")
+        cost.set_xlabel("epoch (stages one after another)")
+        for ax in (acc, cost):
+            ax.grid(True, linewidth=0.4, alpha=0.5)
+        acc.legend(loc="best", frameon=False)
+        return _save(fig, out_stem)

@@ -1,0 +1,647 @@
+"""Training runs: the resolved config, the run folder, checkpoints, metrics, resume.
+
+In:  a checked `Graph` with a `train { }` block, `--set` overrides, an output folder.
+Out: `train(...)` runs the block's stages in order on one compiled executor and returns a
+     `Trained` (executor, policy, data, validation and test reports). A run folder
+     (`runs/<graph>/<timestamp>/`, or `--out`) holds:
+        <graph>.d2        a copy of the source (`d2graph train` on it reproduces the run)
+        config.json       the resolved config: data set, settings, stages, every default filled
+        metrics.jsonl     one JSON object per logged row (and metrics.csv, the same rows)
+        last.pt, best.pt  checkpoints: state dicts and plain data, loaded with weights_only=True
+        report.json/.txt  the final evaluation on validation and test
+        graph.svg         the graph drawn with each node's execution rate (if `dot` is installed)
+Guarantees:
+  - Every file is written atomically; a crash or Ctrl-C never leaves half a file. Ctrl-C
+    stops at the next step boundary, writes `last.pt` there and raises `Interrupted`;
+    `train(..., resume=True)` continues from it exactly (same steps, same random numbers).
+  - Determinism: the initial weights, each epoch's order of examples and each step's random
+    numbers (dropout, exploration) derive from (seed, stage, epoch, step) alone, so the same
+    seed on the same machine gives the same metrics, resumed or not.
+  - Mistakes in overrides (E920), a trainer that does not suit the graph (E921), a missing or
+    corrupt run folder or checkpoint (E922) and a file without a train block (E923) are
+    `D2GraphError`s with a message and a hint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from . import data as data_module
+from .diagnostics import D2GraphError, Diagnostic, did_you_mean
+from .executor import Executor, compile
+from .files import atomic_path, write_atomic
+from .ir import Graph
+from .schema import DATASETS, TRAIN_SETTINGS, TRAINERS, Symbol
+from .trainers import LearnedPolicy, Policy, load_policy, save_policy
+
+__all__ = ["Config", "Interrupted", "Run", "Stage", "Trained", "resolve", "train"]
+
+CHECKPOINT_FORMAT = 1
+
+
+def _error(code: str, message: str, help: str = "") -> D2GraphError:
+    return D2GraphError([Diagnostic(code, message, None, "", help=help)])
+
+
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C after saving `last.pt`; `run` is the folder to resume."""
+
+    def __init__(self, run: Run | None):
+        super().__init__("interrupted")
+        self.run = run
+
+
+# --- the resolved config --------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """IR values → JSON values (tuples → lists, symbols → strings)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Symbol):
+        return str(value)
+    return value
+
+
+@dataclass
+class Config:
+    """A train block with every default filled in, plus the overrides: what a run did."""
+
+    graph: str
+    data: dict[str, Any]  # {"name": ..., "args": {...}}
+    settings: dict[str, Any]
+    stages: list[dict[str, Any]]  # [{"name", "trainer", "params": {...}}]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"graph": self.graph, "data": self.data, "settings": self.settings, "stages": self.stages}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Config:
+        return cls(d["graph"], d["data"], d["settings"], d["stages"])
+
+    def text(self) -> str:
+        return json.dumps(self.to_json(), indent=2) + "\n"
+
+    def stage(self, name: str) -> dict[str, Any]:
+        for s in self.stages:
+            if s["name"] == name:
+                return s
+        raise KeyError(name)
+
+
+def resolve(graph: Graph, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The train block of `graph` as a Config, with `overrides` ("key=value") applied."""
+    block = graph.train
+    if block is None:
+        raise _error("E923", f"graph `{graph.name}` has no `train` block, so there is nothing to run",
+                     help="add one inside the graph, e.g.\n  train {\n    data = cluttered_digits(size=32)\n"
+                          "    stage backbone = supervised(epochs=5)\n    stage policy = threshold(budget=0.5)\n  }")
+    if block.data is None:
+        raise _error("E923", f"the train block of `{graph.name}` names no data set",
+                     help="add `data = digits`, `data = cluttered_digits(size=32)` or `data = npz(path=\"...\")`")
+    settings = {p.name: _plain(p.default) for p in TRAIN_SETTINGS.params}
+    settings.update({k: _plain(v) for k, v in block.settings})
+    config = Config(graph.name, {"name": block.data[0], "args": {k: _plain(v) for k, v in block.data[1]}},
+                    settings, [{"name": s.name, "trainer": s.trainer, "params": {k: _plain(v) for k, v in s.args}}
+                               for s in block.stages])
+    for text in overrides:
+        apply_override(config, text)
+    return config
+
+
+def parse_value(text: str) -> Any:
+    """A value as written on the command line: 3, 0.5, true, "text", word, [1, 2]."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        inner = text[1:-1].strip()
+        return [parse_value(part) for part in inner.split(",")] if inner else []
+    if text in ("true", "false"):
+        return text == "true"
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return text[1:-1]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _bind(schema, args: dict[str, Any], what: str, key: str) -> dict[str, Any]:
+    bound, diags = schema.bind([], [(k, v, None, None) for k, v in args.items()], None, what)
+    errors = [d for d in diags if d.severity == "error"]
+    if errors:
+        raise D2GraphError([Diagnostic("E920", f"--set {key}: {errors[0].message}", None, "", help=errors[0].help)])
+    return {k: _plain(v) for k, v in bound.items()}
+
+
+def apply_override(config: Config, text: str) -> None:
+    """Apply one `--set key=value`: `seed=3`, `data.n=2000`, `data=digits`,
+    `stage.policy.budget=0.3` (or `policy.budget=0.3`). Raises E920 on a mistake."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise _error("E920", f"--set {text!r} is not `key=value`",
+                     help="e.g. `--set seed=3`, `--set data.n=2000`, `--set stage.policy.budget=0.3`")
+    value = parse_value(raw)
+    parts = key.split(".")
+    if parts[0] == "stage":
+        parts = parts[1:]
+    stage_names = [s["name"] for s in config.stages]
+    if len(parts) == 1 and parts[0] in settings_names():
+        param = TRAIN_SETTINGS.params[settings_names().index(parts[0])]
+        if not param.accepts(value):
+            raise _error("E920", f"--set {key}: `{key}` must be {param.describe()}", help=param.doc)
+        config.settings[key] = _plain(param.coerce(value))
+    elif parts == ["data"]:
+        if not isinstance(value, str) or value not in DATASETS:
+            raise _error("E920", f"--set data: unknown data set {value!r}{did_you_mean(str(value), DATASETS.names())}",
+                         help="data sets: " + ", ".join(DATASETS.names()))
+        config.data = {"name": value, "args": _bind(DATASETS.get(value).schema, {}, "data set", key)}
+    elif len(parts) == 2 and parts[0] == "data":
+        spec = DATASETS.get(config.data["name"])
+        config.data["args"] = _bind(spec.schema, {**config.data["args"], parts[1]: value}, "data set", key)
+    elif len(parts) == 2 and parts[0] in stage_names:
+        stage = config.stage(parts[0])
+        trainer = TRAINERS.get(stage["trainer"])
+        stage["params"] = _bind(trainer.schema, {**stage["params"], parts[1]: value}, "trainer", key)
+    else:
+        known = settings_names() + ["data"] + [f"data.{k}" for k in config.data["args"]] + \
+            [f"stage.{s['name']}.{p}" for s in config.stages for p in s["params"]]
+        raise _error("E920", f"--set: no setting `{key}`{did_you_mean(key, known)}",
+                     help="settable: " + ", ".join(f"`{k}`" for k in known))
+
+
+def settings_names() -> list[str]:
+    return [p.name for p in TRAIN_SETTINGS.params]
+
+
+# --- the run folder -------------------------------------------------------------------------
+
+
+class Run:
+    """A run folder. `Run.create` makes a new one; `Run.open` reads an existing one."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._rows: list[dict[str, Any]] | None = None
+
+    @classmethod
+    def create(cls, graph: Graph, source: str, config: Config, out: str | Path | None = None) -> Run:
+        if out is None:
+            base = Path("runs") / graph.name / time.strftime("%Y%m%d-%H%M%S")
+            folder, i = base, 1
+            while folder.exists():
+                i += 1
+                folder = base.with_name(f"{base.name}-{i}")
+        else:
+            folder = Path(out)
+            if (folder / "config.json").exists():
+                raise _error("E922", f"{folder} already holds a run",
+                             help=f"continue it with `d2graph train --resume {folder}`, or choose another --out")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _error("E922", f"cannot create the run folder {folder}: {e.strerror}",
+                         help="choose another folder with --out") from None
+        run = cls(folder)
+        write_atomic(folder / f"{graph.name}.d2", source)
+        write_atomic(folder / "config.json", config.text())
+        run._rows = []
+        return run
+
+    @classmethod
+    def open(cls, folder: str | Path) -> Run:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise _error("E922", f"no run folder {folder}", help="give a folder that `d2graph train` created")
+        if not (folder / "config.json").is_file():
+            raise _error("E922", f"{folder} is not a run folder (it has no config.json)",
+                         help="give a folder that `d2graph train` created, e.g. runs/<graph>/<timestamp>")
+        return cls(folder)
+
+    # --- contents ---
+
+    @property
+    def config(self) -> Config:
+        try:
+            return Config.from_json(json.loads((self.folder / "config.json").read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise _error("E922", f"{self.folder / 'config.json'} is unreadable or damaged ({e})",
+                         help="the run cannot be resumed; start a new one") from None
+
+    @property
+    def source(self) -> Path:
+        name = self.config.graph
+        path = self.folder / f"{name}.d2"
+        if not path.is_file():
+            raise _error("E922", f"{self.folder} has no copy of the source ({path.name})",
+                         help="the run cannot be resumed; start a new one")
+        return path
+
+    def rows(self) -> list[dict[str, Any]]:
+        if self._rows is None:
+            path = self.folder / "metrics.jsonl"
+            self._rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
+                if path.exists() else []
+        return self._rows
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Append a metrics row (JSONL and CSV are rewritten whole, atomically: they are small)."""
+        rows = self.rows()
+        rows.append(row)
+        self._write_rows()
+
+    def truncate(self, n: int) -> None:
+        """Forget the rows after the first `n` (those logged after the checkpoint resumed from)."""
+        if len(self.rows()) > n:
+            del self.rows()[n:]
+            self._write_rows()
+
+    def _write_rows(self) -> None:
+        rows = self.rows()
+        write_atomic(self.folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        columns: list[str] = []
+        for r in rows:
+            columns += [k for k in r if k not in columns]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(self.folder / "metrics.csv", buf.getvalue())
+
+    def save(self, name: str, state: dict[str, Any]) -> None:
+        with atomic_path(self.folder / f"{name}.pt") as tmp:
+            torch.save(state, tmp)
+
+    def load(self, name: str = "last") -> dict[str, Any]:
+        path = self.folder / f"{name}.pt"
+        return load_checkpoint(path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by `Run.save`, loaded with `weights_only=True`; E922 if it is
+    missing, corrupt or not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise _error("E922", f"no checkpoint {path}",
+                     help="a run writes last.pt after its first epoch or stage; best.pt when a stage validates")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _error("E922", f"checkpoint {path} is damaged or not a d2graph checkpoint ({first[:160]})",
+                     help="resume from the other checkpoint (last.pt / best.pt) or start a new run") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "weights" not in state:
+        raise _error("E922", f"{path} is not a d2graph checkpoint (format {CHECKPOINT_FORMAT})",
+                     help="d2graph writes its checkpoints as last.pt and best.pt in a run folder")
+    return state
+
+
+# --- a stage of a run -----------------------------------------------------------------------
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across runs and machines (no Python hash())."""
+    h = 1469598103934665603
+    for p in parts:
+        for byte in int(p).to_bytes(8, "little", signed=True):
+            h = ((h ^ byte) * 1099511628211) % (1 << 64)
+    return h % (1 << 63)
+
+
+def _key(part: Any) -> int:
+    if isinstance(part, int):
+        return part
+    return _seed(*str(part).encode())
+
+
+class _StopFlag:
+    """Ctrl-C sets it; training stops at the next step boundary. A second Ctrl-C interrupts
+    at once (Python's default handler is back)."""
+
+    def __init__(self):
+        self.set = False
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        try:
+            previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: Ctrl-C is not ours to handle
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.set = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+class _Stop(Exception):
+    pass
+
+
+class Stage:
+    """What a trainer gets to run one stage: settings, an optimiser, epochs and batches that
+    resume where an interrupted run stopped, deterministic random numbers, the metrics log.
+
+    Attributes: name, index, trainer, seed, batch, device, policy (the policy before this
+    stage), extra (a dict a trainer may fill with plain data or tensors to checkpoint)."""
+
+    def __init__(self, session: _Session, index: int, name: str, trainer: str, resume: dict[str, Any] | None):
+        self.session = session
+        self.index, self.name, self.trainer = index, name, trainer
+        s = session.config.settings
+        self.seed, self.batch = int(s["seed"]), int(s["batch"])
+        self.device = session.device
+        self.policy = session.policy
+        self.epoch, self.steps_done = 0, 0
+        self._resume = resume  # the checkpoint this stage continues from, if any
+        self.extra: dict[str, Any] = dict(resume.get("extra", {})) if resume else {}
+        self._loss = list(resume.get("train_loss", [0.0, 0])) if resume else [0.0, 0]
+        self.best = resume.get("best_score") if resume else None
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    # --- for trainers ---
+
+    def optimizer(self, params) -> torch.optim.Optimizer:
+        """The train block's optimiser over `params` (its state restored on resume)."""
+        s = self.session.config.settings
+        params = list(params)
+        kind, lr, wd = s["optimizer"], float(s["lr"]), float(s["weight_decay"])
+        if kind == "sgd":
+            opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+        elif kind == "adamw":
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        else:
+            opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        if self._resume is not None and self._resume.get("optimizer") is not None:
+            opt.load_state_dict(self._resume["optimizer"])
+        self._optimizer = opt
+        return opt
+
+    def epochs(self, n: int) -> Iterator[int]:
+        """Epoch numbers 0..n-1, starting where a resumed run stopped."""
+        start = int(self._resume.get("epoch", 0)) if self._resume else 0
+        for epoch in range(start, n):
+            self.epoch = epoch
+            yield epoch
+        self.epoch = n
+
+    def batches(self, dataset, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Shuffled batches of `dataset` for `epoch`, on the stage's device; resumes mid-epoch.
+        Before each step the global torch seed is set from (seed, stage, epoch, step)."""
+        x_all, y_all = dataset.tensors
+        n = len(y_all)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(self.seed, self.index, epoch)))
+        steps = math.ceil(n / self.batch)
+        start = 0
+        if self._resume is not None and int(self._resume.get("epoch", 0)) == epoch:
+            start = int(self._resume.get("step", 0))
+            self._resume = {**self._resume, "step": 0}  # only the first resumed epoch skips steps
+        if start == 0:
+            self._loss = [0.0, 0]
+        self.steps_done = start
+        bar = self.session.progress(steps, start, f"{self.name} epoch {epoch + 1}")
+        try:
+            for step in range(start, steps):
+                if self.session.stop.set:
+                    raise _Stop
+                torch.manual_seed(_seed(self.seed, self.index, epoch, step))
+                idx = order[step * self.batch:(step + 1) * self.batch]
+                yield x_all[idx].to(self.device), y_all[idx].to(self.device)
+                self.steps_done = step + 1
+                if bar is not None:
+                    bar.update(1)
+                    if self._loss[1]:
+                        bar.set_postfix(loss=f"{self._loss[0] / self._loss[1]:.4f}", refresh=False)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def step(self, loss: float, n: int) -> None:
+        """Record a training step's mean loss over its `n` examples (for the epoch's log line)."""
+        self._loss[0] += loss * n
+        self._loss[1] += n
+
+    def generator(self, *key: Any) -> torch.Generator:
+        """A generator seeded from (seed, stage, epoch, step, *key): the same numbers on a rerun."""
+        return torch.Generator(device=self.device).manual_seed(
+            _seed(self.seed, self.index, self.epoch, self.steps_done, *(_key(k) for k in key)))
+
+    def log(self, **metrics: Any) -> None:
+        """Record a row of metrics for this stage."""
+        self.session.log({"stage": self.name, "trainer": self.trainer, **metrics})
+
+    def end_epoch(self, score: float, **metrics: Any) -> None:
+        """Log the epoch, save `last.pt`, and `best.pt` when `score` (higher is better) improved."""
+        loss = self._loss[0] / self._loss[1] if self._loss[1] else None
+        row = {"epoch": self.epoch + 1, "train_loss": None if loss is None else round(loss, 6),
+               "val_score": round(score, 6), **metrics}
+        self.log(**row)
+        self.session.echo(f"{self.name} epoch {self.epoch + 1}: " + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+            if k != "epoch" and v is not None))
+        improved = self.best is None or score > self.best
+        if improved:
+            self.best = score
+        self.steps_done = 0
+        self.session.checkpoint(self, epoch=self.epoch + 1, step=0, best=improved)
+
+    def state(self, epoch: int, step: int) -> dict[str, Any]:
+        return {"stage_index": self.index, "epoch": epoch, "step": step, "extra": self.extra,
+                "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
+                "train_loss": list(self._loss), "best_score": self.best}
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+@dataclass
+class Trained:
+    """What `train` produced."""
+
+    executor: Executor
+    policy: Policy
+    data: Any  # d2graph.data.Splits
+    config: Config
+    run: Run | None
+    reports: dict[str, Any] = field(default_factory=dict)  # split → d2graph.evaluate.Report
+
+
+class _Session:
+    def __init__(self, config: Config, run: Run | None, device: torch.device, quiet: bool, echo):
+        self.config, self.run, self.device, self.quiet = config, run, device, quiet
+        self._echo = echo
+        self.stop = _StopFlag()
+        self.policy: Policy = LearnedPolicy()
+        self.executor: Executor | None = None
+        self._in_memory_rows: list[dict[str, Any]] = []
+
+    def echo(self, text: str) -> None:
+        if not self.quiet and self._echo is not None:
+            self._echo(text)
+
+    def progress(self, total: int, initial: int, desc: str):
+        """A tqdm bar when stderr is a terminal (and not quiet); None otherwise."""
+        if self.quiet or not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log(row)
+        else:
+            self._in_memory_rows.append(row)
+
+    def rows_logged(self) -> int:
+        return len(self.run.rows()) if self.run is not None else len(self._in_memory_rows)
+
+    def checkpoint(self, stage: Stage | None, epoch: int = 0, step: int = 0, best: bool = False,
+                   stage_index: int | None = None, complete: bool = False) -> None:
+        if self.run is None:
+            return
+        state = {"format": CHECKPOINT_FORMAT, "graph": self.config.graph,
+                 "weights": self.executor.state_dict(), "policy": save_policy(self.policy),
+                 "metrics_rows": self.rows_logged(), "complete": complete}
+        if stage is not None:
+            state.update(stage.state(epoch, step))
+        else:
+            state.update({"stage_index": stage_index, "epoch": 0, "step": 0, "extra": {}, "optimizer": None,
+                          "train_loss": [0.0, 0], "best_score": None})
+        self.run.save("last", state)
+        if best:
+            self.run.save("best", state)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise _error("E920", "the train block asks for device = cuda, but torch sees no CUDA device",
+                     help="use `device = auto` (CUDA when there is one, else the CPU) or `--set device=cpu`")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_data(config: Config, graph: Graph, root: str | Path | None):
+    """The config's data set, checked against the graph's input and output shapes."""
+    splits = data_module.load(config.data["name"], seed=int(config.settings["seed"]), root=root,
+                              **config.data["args"])
+    data_module.check_compatible(splits, graph)
+    return splits
+
+
+def make_trainers(config: Config, graph: Graph) -> list:
+    trainers = []
+    for s in config.stages:
+        cls = TRAINERS.get(s["trainer"])
+        if cls is None:
+            raise _error("E921", f"unknown trainer `{s['trainer']}`{did_you_mean(s['trainer'], TRAINERS.names())}",
+                         help="trainers: " + ", ".join(TRAINERS.names()))
+        trainer = cls(**s["params"])
+        trainer.check_graph(graph)
+        trainers.append(trainer)
+    return trainers
+
+
+def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool = False, root=None,
+          quiet: bool = False, echo=print, evaluate: bool = True, stages: slice | None = None,
+          start: Trained | None = None) -> Trained:
+    """Run the stages of `config` on `graph` (a fresh executor, or `start`'s), logging to
+    `run`. `resume=True` continues from `run/last.pt`. `stages` limits the stages run (the
+    sweep trains the backbone once, then each policy stage). Raises `Interrupted` on Ctrl-C
+    (after saving `last.pt`) and D2GraphError on mistakes in the config, data or run."""
+    device = pick_device(config.settings["device"])
+    seed = int(config.settings["seed"])
+    trainers = make_trainers(config, graph)
+    splits = start.data if start is not None else load_data(config, graph, root)
+    session = _Session(config, run, device, quiet, echo)
+    if start is not None:
+        executor, session.policy = start.executor, start.policy
+    else:
+        torch.manual_seed(_seed(seed, -1))  # initial weights: a function of the seed only
+        executor = compile(graph)
+    executor.to(device)
+    session.executor = executor
+    resume_state = None
+    first = 0
+    if resume:
+        resume_state = run.load("last")
+        if resume_state.get("graph") != graph.name:
+            raise _error("E922", f"{run.folder}/last.pt belongs to graph `{resume_state.get('graph')}`, "
+                         f"not `{graph.name}`", help="resume a run of this graph")
+        try:
+            executor.load_state_dict(resume_state["weights"])
+            session.policy = load_policy(graph, resume_state["policy"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise _error("E922", f"{run.folder}/last.pt does not fit graph `{graph.name}` ({str(e)[:200]})",
+                         help="the source or the checkpoint was changed after the run; start a new run") from None
+        run.truncate(int(resume_state.get("metrics_rows", len(run.rows()))))
+        first = int(resume_state.get("stage_index", 0))
+    indices = range(len(config.stages))[stages] if stages is not None else range(len(config.stages))
+    with session.stop.installed():
+        for i in indices:
+            if i < first:
+                continue
+            spec = config.stages[i]
+            stage = Stage(session, i, spec["name"], spec["trainer"], resume_state if i == first else None)
+            session.echo(f"stage {spec['name']} = {spec['trainer']}(" + ", ".join(
+                f"{k}={v}" for k, v in spec["params"].items()) + ")")
+            try:
+                policy = trainers[i].fit(executor, splits, stage)
+            except _Stop:
+                session.checkpoint(stage, epoch=stage.epoch, step=stage.steps_done)
+                raise Interrupted(run) from None
+            if policy is not None:
+                session.policy = policy
+                session.echo(f"  policy: {policy.describe()}")
+            session.checkpoint(None, stage_index=i + 1, complete=i + 1 == len(config.stages))
+            if session.stop.set:
+                raise Interrupted(run)
+    trained = Trained(executor, session.policy, splits, config, run)
+    if evaluate:
+        finish(trained, quiet=quiet, echo=echo)
+    return trained
+
+
+def finish(trained: Trained, *, quiet: bool = False, echo=print) -> None:
+    """Evaluate on validation and test; write report.json / report.txt and graph.svg."""
+    from .evaluate import evaluate
+
+    seed = int(trained.config.settings["seed"])
+    batch = max(int(trained.config.settings["batch"]), 256)
+    for split in ("val", "test"):
+        generator = torch.Generator().manual_seed(_seed(seed, -2))  # random policies: reproducible
+        trained.reports[split] = evaluate(trained.executor, trained.data[split], trained.policy,
+                                          classes=trained.data.classes, batch=batch, generator=generator,
+                                          split=split)
+    run = trained.run
+    if run is None:
+        return
+    report = {"policy": trained.policy.describe(), **{s: r.to_json() for s, r in trained.reports.items()}}
+    write_atomic(run.folder / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(run.folder / "report.txt", f"policy: {trained.policy.describe()}\n\n"
+                 + "\n\n".join(r.table() for r in trained.reports.values()) + "\n")
+    try:
+        from .render import render
+
+        render(trained.executor.graph, run.folder / "graph.svg", trained.reports["test"])
+    except D2GraphError:
+        pass  # no `dot`: graph.dot is still written; the report says the rest

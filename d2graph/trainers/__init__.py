@@ -1,0 +1,42 @@
+"""Trainers: how the weights and the routing of a compiled graph are learned.
+
+In:  a `stage NAME = trainer(args)` of a train block, resolved by d2graph.runs.
+Out: the trainer classes, registered by name in `d2graph.schema.TRAINERS` (which the checker
+     reads), and the policies they return (`POLICIES`, by kind).
+Guarantees: the built-in trainers are registered when d2graph is imported; trainers of
+other packages, declared under the entry-point group "d2graph.trainers" (each entry point
+names a `Trainer` subclass), are registered then too. A plugin that fails to load is
+reported as a warning and left out; it never breaks d2graph itself.
+One module per trainer family: supervised.py (function nodes), baselines.py (threshold,
+uniform, oracle, static). The protocol is in base.py and docs/trainers.md.
+"""
+
+from __future__ import annotations
+
+import warnings
+from importlib.metadata import entry_points
+
+from . import baselines, supervised  # noqa: F401  (register the built-in trainers)
+from .base import POLICIES, LearnedPolicy, Policy, StaticPolicy, Trainer, load_policy, register, run_policy, \
+    save_policy
+
+__all__ = ["POLICIES", "LearnedPolicy", "Policy", "StaticPolicy", "Trainer", "load_plugins", "load_policy",
+           "register", "run_policy", "save_policy"]
+
+ENTRY_POINT_GROUP = "d2graph.trainers"
+
+
+def load_plugins() -> list[str]:
+    """Register the trainers other packages declare; returns their names."""
+    names = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            trainer = ep.load()
+            register(trainer)
+            names.append(trainer.name)
+        except Exception as e:  # a broken plugin must not break d2graph
+            warnings.warn(f"d2graph: trainer plugin {ep.name!r} ({ep.value}) failed to load: {e}", stacklevel=2)
+    return names
+
+
+load_plugins()

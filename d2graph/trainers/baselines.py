@@ -1,0 +1,632 @@
+"""Calibrated baseline policies: confidence thresholds, random routing, the label oracle, static paths.
+
+In:  a compiled `Executor` whose function nodes are already trained (the backbone stage), the
+     data (`d2graph.data.Splits`; only `data.val` is used, for calibration) and a stage context
+     (`batch`, `device`, `seed`, `log(**metrics)`, `generator(*key)`).
+Out: four policy trainers, registered by name (`role = "policy"`): each `fit` calibrates one
+     number on the validation split, logs it once with the validation cost and accuracy it
+     gives, and returns a `Policy` that routes every example with mode="force":
+       threshold(measure, budget, drop)  BranchyNet / SDN / MSDNet: stop at a control node when
+                                         its current head is confident enough (one τ for all)
+       uniform(budget)                   the ANN paper's random baseline: one parameter p moves
+                                         every control node's random choice from cheapest to dearest
+       oracle(budget)                    reads the labels: the cheapest static path that answers
+                                         right (an upper bound, not a deployable policy)
+       static(budget)                    the most accurate single static path that fits the budget
+     and `static_path_results(executor, dataset, batch)`, every static path's actions, nodes,
+     cost and accuracy on a data set (the sweep plots them next to the policies).
+Guarantees:
+  - Budgets are caps: the calibrated policy's mean cost on the validation split, as a fraction
+    of the full graph's cost, is at most `budget` (the closest below it that the calibrated
+    parameter can reach). A budget below the cheapest path's cost gives the cheapest routing.
+    `budget` must be above 0 (E921 otherwise).
+  - Calibration never changes the executor's weights; it runs in eval mode and puts back the
+    mode the executor was in. Everything is deterministic: the same weights, data and
+    stage seed give the same calibrated numbers.
+  - `decide` returns an int64 CPU tensor [B] for every control node of the graph (a node that
+    an example does not reach gets an action too: mode="force" needs all), and `state()`
+    is plain data (numbers, strings, lists, dicts), so checkpoints load with
+    `weights_only=True`.
+  - Accuracy is the argmax of the graph's output against the label, routed with mode="force".
+    Costs are priced with `route` (no layer is called); the accuracy of a routing is read from
+    a table of what every static path predicts for every validation example (examples are
+    independent in eval mode, so an example routed along a path predicts what that path does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..diagnostics import D2GraphError
+from ..executor import Executor, Result, route
+from ..ir import Graph
+from ..schema import Param, Schema
+from .base import (
+    Policy, StaticPolicy, Trainer, _policy, action_order, budget_param, calibrate, current_head, drop_param,
+    path_costs, register, trainer_error,
+)
+
+__all__ = ["MEASURES", "OraclePolicy", "OracleTrainer", "StaticTrainer", "ThresholdPolicy", "ThresholdTrainer",
+           "UniformPolicy", "UniformTrainer", "confidence", "static_path_results"]
+
+MEASURES = ("maxprob", "entropy", "margin")
+
+# A threshold no confidence reaches (they all lie in [0, 1]): every control node continues.
+NEVER_STOP = 1.0 + 1e-9
+
+# (threshold, example) rows scored at once while scanning thresholds (bounds the memory).
+_ROWS_PER_SCAN = 1 << 20
+
+# The drop search tries at most this many thresholds (evenly spread over the sorted
+# confidences); below it every distinct confidence is tried, which is exact.
+_MAX_THRESHOLDS = 4096
+
+
+# --- shared machinery -----------------------------------------------------------------------
+
+
+def _bind(trainer: type[Trainer], params: Mapping[str, Any]) -> dict[str, Any]:
+    """The trainer's parameters with defaults filled in; a wrong one raises the checker's
+    diagnostic (a trainer built from Python skips the checker)."""
+    bound, diags = trainer.schema.bind([], [(k, v, None, None) for k, v in params.items()], what="trainer")
+    if any(d.is_error for d in diags):
+        raise D2GraphError(diags)
+    if "budget" in bound and not bound["budget"] > 0:
+        raise trainer_error(trainer.name, f"budget={bound['budget']} leaves nothing to spend",
+                            help="`budget` is the mean cost on validation as a fraction of the full graph's "
+                                 "cost: give a number above 0, e.g. budget=0.5")
+    return bound
+
+
+@contextlib.contextmanager
+def _evaluating(executor: Executor) -> Iterator[None]:
+    """Eval mode (batchnorm uses its running statistics, so each example is routed and
+    predicted on its own) and no autograd; the executor's own mode is put back afterwards."""
+    was_training = executor.training
+    executor.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        executor.train(was_training)
+
+
+def _batches(dataset, batch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    x, y = dataset.tensors[0], dataset.tensors[1]
+    for start in range(0, len(y), batch):
+        yield x[start:start + batch], y[start:start + batch]
+
+
+def _graph_facts(graph: Graph):
+    """The static paths and action orders. base's helpers compile a fresh executor to find
+    the paths, which draws initial weights from torch's global generator; forking it keeps
+    the caller's random stream (and so the rest of a run) the same with or without us."""
+    with torch.random.fork_rng(devices=[]):
+        return path_costs(graph), action_order(graph)
+
+
+def _current_heads(graph: Graph, classes: int | None) -> dict[str, str | None]:
+    with torch.random.fork_rng(devices=[]):
+        return {q.name: current_head(graph, q.name, classes) for q in graph.control_nodes}
+
+
+def _output_classes(graph: Graph) -> int | None:
+    """The number of class scores, read from the graph's single output (check_graph has no data)."""
+    outputs = graph.outputs
+    return outputs[0].out_shape[0] if len(outputs) == 1 and len(outputs[0].out_shape) == 1 else None
+
+
+def _every_control(graph: Graph, actions: Mapping[str, int | Tensor], n: int) -> dict[str, Tensor]:
+    """int64 CPU [n] per control node; controls the path does not reach take action 0."""
+    out = {}
+    for q in graph.control_nodes:
+        a = actions.get(q.name, 0)
+        out[q.name] = a if isinstance(a, Tensor) else torch.full((n,), int(a), dtype=torch.long)
+    return out
+
+
+def _price(executor: Executor, actions: Mapping[str, Tensor], n: int) -> Result:
+    """`route` on n examples. Its input is a zero batch expanded from one example (route reads
+    only its size), on the CPU: no layer runs, and host index sets need no device. route still
+    makes zero outputs of every node's shape for every row, so callers keep n small."""
+    x = {node.name: torch.zeros((1, *node.out_shape)).expand(n, *node.out_shape)
+         for node in executor.graph.inputs}
+    return route(executor, actions, x)
+
+
+def _predictions(result: Result) -> Tensor:
+    return result.output.argmax(1)
+
+
+def confidence(scores: Tensor, measure: str) -> Tensor:
+    """How sure a head is, in [0, 1], from its class scores [B, C] (float64 [B]).
+
+    maxprob  the largest softmax probability
+    entropy  1 − entropy / log C (1: all mass on one class, 0: uniform)
+    margin   the largest probability minus the second largest
+
+    Example:
+        >>> confidence(torch.tensor([[0.0, 0.0], [10.0, 0.0]]), "maxprob").tolist()
+        [0.5, 0.9999546021312976]
+    """
+    # float64: trained heads put many examples within 1e-7 of probability 1, where float32
+    # would make ties that no threshold can split.
+    p = scores.double().softmax(1)
+    if measure == "maxprob":
+        return p.max(1).values
+    if measure == "entropy":
+        return 1.0 - torch.special.entr(p).sum(1) / math.log(p.shape[1])
+    if measure == "margin":
+        top = p.topk(2, dim=1).values
+        return top[:, 0] - top[:, 1]
+    raise ValueError(f"unknown confidence measure {measure!r}; the measures are {', '.join(MEASURES)}")
+
+
+class _PathTable:
+    """What every static path predicts for every example of a data set, and where a routing sends each example.
+
+    `correct[p, i]` says whether path p answers example i right, `fraction[p]` is its cost as
+    a fraction of the full graph's. `outcome(actions, examples)` gives the cost and the
+    correctness of each row of a forced routing. An example's route depends only on its own
+    forced actions, so each distinct combination of actions is priced once, with `route` on
+    one row per combination, however many rows take it; a combination whose nodes are not a
+    known path (base's list stops at bench.MAX_PATHS) adds its path to the table: its actions,
+    forced on every example, run exactly those nodes."""
+
+    def __init__(self, executor: Executor, dataset, batch: int, device: torch.device,
+                 paths: list[tuple[dict[str, int], tuple[str, ...], float]]):
+        self.executor, self.graph = executor, executor.graph
+        self.dataset, self.y = dataset, dataset.tensors[1]
+        self.batch, self.device = batch, device
+        self.controls = [q.name for q in self.graph.control_nodes]
+        # Mixed-radix code of a combination of actions (one int64 per row), when it fits.
+        widths = [len(q.actions) for q in self.graph.control_nodes]
+        self._radix = (np.cumprod([1] + widths[:-1]).astype(np.int64)
+                       if math.prod(widths) < 2**62 else None)
+        self.units = [n.name for n in self.graph.nodes if n.kind not in ("input", "output")]
+        self.actions: list[dict[str, int]] = []
+        self.nodes: list[tuple[str, ...]] = []
+        self.costs: list[float] = []
+        self.fraction: list[float] = []
+        self.correct = np.zeros((0, len(self.y)), dtype=bool)
+        self._by_nodes: dict[frozenset[str], int] = {}
+        self._by_combination: dict[tuple[int, ...], int] = {}
+        for actions, nodes, cost in paths:
+            self._add(actions, nodes, cost)
+
+    def _add(self, actions: Mapping[str, int], nodes: tuple[str, ...], cost: float) -> int:
+        key = frozenset(nodes)
+        if key in self._by_nodes:
+            return self._by_nodes[key]
+        graph, executor = self.graph, self.executor
+        right = []
+        with _evaluating(executor):
+            for x, y in _batches(self.dataset, self.batch):
+                result = executor(x.to(self.device), mode="force", actions=_every_control(graph, actions, len(y)))
+                right.append((_predictions(result).cpu() == y).numpy())
+        self.correct = np.vstack([self.correct, np.concatenate(right)[None]])
+        self.actions.append({q: int(a) for q, a in actions.items()})
+        self.nodes.append(tuple(nodes))
+        self.costs.append(float(cost))
+        probe = _price(executor, _every_control(graph, actions, 1), 1)
+        self.fraction.append(float(probe.cost_fraction[0]))
+        self._by_nodes[key] = len(self.actions) - 1
+        return self._by_nodes[key]
+
+    def _paths_of(self, combinations: np.ndarray) -> np.ndarray:
+        """The path index of each row of [C, controls] actions, routing the new ones in one call."""
+        new = [c for c in map(tuple, combinations.tolist()) if c not in self._by_combination]
+        if new:
+            forced = {q: torch.tensor([c[j] for c in new], dtype=torch.long) for j, q in enumerate(self.controls)}
+            routed = _price(self.executor, forced, len(new))
+            for r, c in enumerate(new):
+                ran = tuple(name for name in self.units if _contains(routed.rows[name], r))
+                taken = {q: a for q, a in zip(self.controls, c) if q in ran}
+                self._by_combination[c] = self._add(taken, ran, float(routed.cost[r]))
+        return np.array([self._by_combination[c] for c in map(tuple, combinations.tolist())], dtype=np.int64)
+
+    def outcome(self, actions: Mapping[str, Tensor], examples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cost fraction (float64) and correctness (bool) of each row of a forced routing; row r
+        is example `examples[r]` of the data set under `actions[q][r]`."""
+        if not self.controls:
+            return np.full(len(examples), self.fraction[0]), self.correct[0, examples]
+        matrix = np.stack([actions[q].numpy() for q in self.controls], axis=1)
+        if self._radix is not None:  # sorting one int64 per row is much faster than rows
+            _, first, inverse = np.unique(matrix @ self._radix, return_index=True, return_inverse=True)
+            combinations = matrix[first]
+        else:
+            combinations, inverse = np.unique(matrix, axis=0, return_inverse=True)
+        path = self._paths_of(combinations)[inverse.ravel()]
+        return np.asarray(self.fraction, dtype=np.float64)[path], self.correct[path, examples]
+
+    def mean_cost(self, actions: Mapping[str, Tensor]) -> float:
+        return float(self.outcome(actions, np.arange(len(self.y)))[0].mean())
+
+
+def _contains(rows, r: int) -> bool:
+    return rows.index is None or bool(np.isin(r, rows.index))
+
+
+def _table(executor: Executor, dataset, stage) -> _PathTable:
+    paths, _ = _graph_facts(executor.graph)
+    return _PathTable(executor, dataset, stage.batch, stage.device, paths)
+
+
+# --- threshold ------------------------------------------------------------------------------
+
+
+@_policy
+class ThresholdPolicy(Policy):
+    """Stop at a control node (its cheapest action) when its current head's confidence is at
+    least `tau`, else continue (its next cheapest action).
+
+    The heads' scores come from one mode="all" pass (every node on every example), so
+    deciding costs a full forward pass; the cost reported for the routing is that of the
+    forced pass that follows, as for a cascade that computes only what it needs."""
+
+    kind = "threshold"
+
+    def __init__(self, measure: str, tau: float, heads: Mapping[str, str], stop: Mapping[str, int],
+                 go: Mapping[str, int]):
+        if measure not in MEASURES:
+            raise ValueError(f"unknown confidence measure {measure!r}; the measures are {', '.join(MEASURES)}")
+        self.measure, self.tau = str(measure), float(tau)  # str: a checked `measure` is a Symbol
+        self.heads = dict(heads)
+        self.stop = {q: int(a) for q, a in stop.items()}
+        self.go = {q: int(a) for q, a in go.items()}
+
+    def confidences(self, executor: Executor, x: Tensor) -> dict[str, Tensor]:
+        """Each control node's confidence, float64 CPU [B]."""
+        wanted = sorted(set(self.heads.values()))
+        with torch.no_grad():
+            result = executor(x, mode="all", keep=wanted)
+            by_head = {}
+            for head in wanted:
+                index, scores = result.values[head]
+                conf = torch.zeros(result.batch_size, dtype=torch.float64)
+                conf[index.cpu()] = confidence(scores, self.measure).cpu()
+                by_head[head] = conf
+        return {q: by_head[h] for q, h in self.heads.items()}
+
+    def actions_at(self, tau: float | Tensor, conf: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The actions at threshold `tau` (a number, or one per example) given the confidences."""
+        return {q: torch.where(c >= tau, self.stop[q], self.go[q]) for q, c in conf.items()}
+
+    def decide(self, executor, x, y=None, generator=None):
+        return self.actions_at(self.tau, self.confidences(executor, x))
+
+    def state(self) -> dict[str, Any]:
+        return {"measure": str(self.measure), "tau": self.tau, "heads": dict(self.heads),
+                "stop": dict(self.stop), "go": dict(self.go)}
+
+    def describe(self) -> str:
+        return f"threshold: stop where the head's {self.measure} ≥ {self.tau:.6g}"
+
+
+@register
+class ThresholdTrainer(Trainer):
+    """One confidence threshold τ for every control node, calibrated on validation."""
+
+    name, role = "threshold", "policy"
+    schema = Schema("threshold", (
+        Param("measure", "choice", "maxprob", choices=MEASURES,
+              doc="confidence of the control node's current head: max probability, 1 − normalised "
+                  "entropy, or the margin between the two likeliest classes"),
+        budget_param(0.5),
+        drop_param(),
+    ), doc="stop at a control node when its current head is confident (BranchyNet, SDN, MSDNet)")
+
+    def __init__(self, **params: Any):
+        super().__init__(**_bind(type(self), params))
+
+    def check_graph(self, graph: Graph, classes: int | None = None) -> None:
+        heads = _current_heads(graph, classes if classes is not None else _output_classes(graph))
+        missing = [q for q, h in heads.items() if h is None]
+        if missing:
+            q = missing[0]
+            raise trainer_error(
+                self.name, f"control node `{q}` has no classifier to read: no head's class scores are "
+                           f"known when `{q}` decides",
+                help=f"a threshold rule needs, for each control node, a head (a node that feeds an output) "
+                     f"that runs before it on the same examples: feed one into `{q}` (e.g. `H1 -> {q}`) or "
+                     f"run a classifier before it; otherwise use `uniform`, `static` or a learned policy")
+        if not graph.control_nodes:
+            raise trainer_error(self.name, "the graph has no control node to set a threshold for",
+                                help="use `static` (or no policy stage) for a graph without control nodes")
+
+    def fit(self, executor: Executor, data, stage) -> ThresholdPolicy:
+        graph = executor.graph
+        self.check_graph(graph, data.classes)
+        heads = _current_heads(graph, data.classes)
+        _, order = _graph_facts(graph)
+        measure = str(self.params["measure"])
+        policy = ThresholdPolicy(measure, NEVER_STOP, heads,
+                                 stop={q: o[0] for q, o in order.items()},
+                                 go={q: o[min(1, len(o) - 1)] for q, o in order.items()})
+        executor.to(stage.device)
+        with _evaluating(executor):
+            parts = [policy.confidences(executor, x.to(stage.device)) for x, _ in _batches(data.val, stage.batch)]
+            conf = {q: torch.cat([p[q] for p in parts]) for q in heads}
+            n = len(data.val)
+            table = _table(executor, data.val, stage)
+            examples = np.arange(n)
+
+            def outcome(tau: float) -> tuple[float, float]:
+                cost, right = table.outcome(policy.actions_at(tau, conf), examples)
+                return float(cost.mean()), float(right.mean())
+
+            full_accuracy = outcome(NEVER_STOP)[1]
+            if self.params["drop"] >= 0:
+                tau = self._cheapest_within(table, policy, conf, n, full_accuracy - self.params["drop"])
+            else:
+                # Confidences lie in [0, 1]: τ = 0 stops everyone at the first control node,
+                # NEVER_STOP runs everyone to the end; a higher τ never makes an example cheaper.
+                tau, _ = calibrate(lambda t: table.mean_cost(policy.actions_at(t, conf)),
+                                   self.params["budget"], 0.0, NEVER_STOP)
+            cost, accuracy = outcome(tau)
+        policy.tau = float(tau)
+        stage.log(tau=policy.tau, val_cost_fraction=cost, val_accuracy=accuracy,
+                  val_full_accuracy=full_accuracy)
+        return policy
+
+    @staticmethod
+    def _cheapest_within(table: _PathTable, policy: ThresholdPolicy, conf: Mapping[str, Tensor], n: int,
+                         target: float) -> float:
+        """The τ of least validation cost whose validation accuracy is at least `target`.
+
+        Accuracy does not move monotonically with τ, so this is a scan, not a bisection: every
+        distinct confidence (each one a place where some example changes its route), priced
+        and scored many at a time. The τ returned lies halfway between the chosen confidence
+        and the next lower one: it routes the validation split the same, and a confidence
+        recomputed in another batch (different rounding) does not fall on the other side."""
+        every = torch.unique(torch.cat(list(conf.values())))  # sorted
+        values = every
+        if len(values) > _MAX_THRESHOLDS:
+            values = values[torch.linspace(0, len(values) - 1, _MAX_THRESHOLDS).round().long()]
+        candidates = values.tolist() + [NEVER_STOP]
+        per_call = max(1, _ROWS_PER_SCAN // n)
+        best: tuple[float, float, float] | None = None  # (cost, -accuracy, τ)
+        for start in range(0, len(candidates), per_call):
+            taus = torch.tensor(candidates[start:start + per_call], dtype=torch.float64)
+            actions = policy.actions_at(taus.repeat_interleave(n), {q: c.repeat(len(taus)) for q, c in conf.items()})
+            cost, right = table.outcome(actions, np.tile(np.arange(n), len(taus)))
+            cost = cost.reshape(len(taus), n).mean(1)
+            accuracy = right.reshape(len(taus), n).mean(1)
+            for t, c, a in zip(taus.tolist(), cost.tolist(), accuracy.tolist()):
+                if a >= target - 1e-12 and (best is None or (c, -a, t) < best):
+                    best = (c, -a, t)
+        assert best is not None  # NEVER_STOP scores the full accuracy itself
+        tau = best[2]
+        below = every[every < tau]
+        return (float(below[-1]) + tau) / 2 if len(below) else 0.0
+
+
+# --- uniform --------------------------------------------------------------------------------
+
+
+def _seed(stage, name: str) -> int:
+    """A seed for a random policy, from the stage's deterministic generators."""
+    g = stage.generator(name, "seed")
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=g.device))
+
+
+def _uniform_actions(p: float, orders: Mapping[str, list[int]], u: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Position t = p·(k−1) in a control node's action order: order[⌊t⌋] with probability
+    1 − frac(t), order[⌈t⌉] with frac(t). The same u for every p makes each example's cost
+    grow with p (common random numbers), so p can be bisected."""
+    out = {}
+    for q, order in orders.items():
+        k = len(order)
+        t = min(max(p, 0.0), 1.0) * (k - 1)
+        low = min(int(math.floor(t)), k - 1)
+        high = min(low + 1, k - 1)
+        out[q] = torch.where(u[q] < t - low, order[high], order[low])
+    return out
+
+
+def _draw(graph: Graph, n: int, generator: torch.Generator) -> dict[str, Tensor]:
+    # One [controls, n] draw, in the graph's order of control nodes, on the generator's device.
+    u = torch.rand((len(graph.control_nodes), n), generator=generator, device=generator.device,
+                   dtype=torch.float64).cpu()
+    return {q.name: u[i] for i, q in enumerate(graph.control_nodes)}
+
+
+@_policy
+class UniformPolicy(Policy):
+    """Every control node picks at random, cheapest action at p = 0, dearest at p = 1."""
+
+    kind = "uniform"
+
+    def __init__(self, p: float, orders: Mapping[str, list[int]], seed: int):
+        self.p = float(p)
+        self.orders = {q: [int(a) for a in o] for q, o in orders.items()}
+        self.seed = int(seed)
+
+    def decide(self, executor, x, y=None, generator=None):
+        n = next(iter(x.values())).shape[0] if isinstance(x, Mapping) else x.shape[0]
+        g = generator if generator is not None else torch.Generator().manual_seed(self.seed)
+        return _uniform_actions(self.p, self.orders, _draw(executor.graph, n, g))
+
+    def state(self) -> dict[str, Any]:
+        return {"p": self.p, "orders": {q: list(o) for q, o in self.orders.items()}, "seed": self.seed}
+
+    def describe(self) -> str:
+        return f"uniform random routing, p = {self.p:.6g}"
+
+
+@register
+class UniformTrainer(Trainer):
+    """Random routing whose one parameter p is calibrated to the budget on validation."""
+
+    name, role = "uniform", "policy"
+    schema = Schema("uniform", (budget_param(0.5),),
+                    doc="random routing at the budget (the ANN paper's baseline)")
+
+    def __init__(self, **params: Any):
+        super().__init__(**_bind(type(self), params))
+
+    def fit(self, executor: Executor, data, stage) -> UniformPolicy:
+        graph = executor.graph
+        _, order = _graph_facts(graph)
+        # The policy's own seed also draws the calibration's numbers: evaluating the validation
+        # split in one batch with `decide(generator=None)` reproduces the calibrated cost.
+        seed = _seed(stage, "uniform")
+        n = len(data.val)
+        u = _draw(graph, n, torch.Generator().manual_seed(seed))
+        executor.to(stage.device)
+        with _evaluating(executor):
+            table = _table(executor, data.val, stage)
+            p, _ = calibrate(lambda p: table.mean_cost(_uniform_actions(p, order, u)), self.params["budget"], 0.0, 1.0)
+            cost_rows, right = table.outcome(_uniform_actions(p, order, u), np.arange(n))
+        stage.log(p=float(p), val_cost_fraction=float(cost_rows.mean()), val_accuracy=float(right.mean()))
+        return UniformPolicy(p, order, seed)
+
+
+# --- oracle ---------------------------------------------------------------------------------
+
+# Examples whose upgrades cost the same (one path's price) would all be upgraded or none, and
+# the oracle's cost would jump from one path's price to the next: a budget between them would
+# buy nothing. Each upgrade's price is raised by TIE · u (u uniform per example) so that the
+# cap c* takes a share of the equal-priced upgrades; TIE is far below any difference in
+# path costs worth telling apart.
+_TIE = 1e-6
+
+
+def _oracle_choice(correct: np.ndarray, fraction: np.ndarray, max_extra: float, u: np.ndarray) -> np.ndarray:
+    """Each example's path: the cheapest correct one when it costs at most `max_extra` more
+    than the cheapest path (ties split by u), else the cheapest path. correct [P, N], u [N]
+    → path index [N]."""
+    cheapest = int(np.argmin(fraction))  # first of equals
+    by_cost = np.argsort(fraction, kind="stable")
+    ordered = correct[by_cost]  # [P, N], cheapest path first
+    any_right = ordered.any(0)
+    first_right = by_cost[ordered.argmax(0)]  # argmax: the first True
+    extra = fraction[first_right] - fraction[cheapest]
+    upgrade = any_right & ((extra == 0) | (extra + _TIE * u <= max_extra))
+    return np.where(upgrade, first_right, cheapest)
+
+
+@_policy
+class OraclePolicy(Policy):
+    """Looks at the label: each example takes the cheapest static path that classifies it
+    right, when that costs at most `max_extra` (a fraction of the full cost) more than the
+    cheapest path; otherwise, or when no path is right, the cheapest path. Equal-priced
+    upgrades are split at random (the generator, else one seeded with `seed`)."""
+
+    kind = "oracle"
+    needs_labels = True
+
+    def __init__(self, paths: list[Mapping[str, int]], fractions: list[float], max_extra: float, seed: int):
+        self.paths = [{q: int(a) for q, a in p.items()} for p in paths]
+        self.fractions = [float(f) for f in fractions]
+        self.max_extra = float(max_extra)
+        self.seed = int(seed)
+
+    def decide(self, executor, x, y=None, generator=None):
+        if y is None:
+            raise ValueError("the oracle policy reads the labels: pass y to decide() / run_policy()")
+        graph = executor.graph
+        n = y.shape[0]
+        with torch.no_grad():
+            correct = np.stack([
+                (_predictions(executor(x, mode="force", actions=_every_control(graph, p, n))).cpu()
+                 == y.cpu()).numpy() for p in self.paths])
+        g = generator if generator is not None else torch.Generator().manual_seed(self.seed)
+        u = torch.rand(n, generator=g, device=g.device, dtype=torch.float64).cpu().numpy()
+        choice = torch.from_numpy(_oracle_choice(correct, np.array(self.fractions), self.max_extra, u))
+        table = torch.tensor([[p.get(q.name, 0) for q in graph.control_nodes] for p in self.paths],
+                             dtype=torch.long)  # [P, controls]
+        chosen = table[choice]
+        return {q.name: chosen[:, i].contiguous() for i, q in enumerate(graph.control_nodes)}
+
+    def state(self) -> dict[str, Any]:
+        return {"paths": [dict(p) for p in self.paths], "fractions": list(self.fractions),
+                "max_extra": self.max_extra, "seed": self.seed}
+
+    def describe(self) -> str:
+        return f"oracle (reads the labels), upgrades costing at most {self.max_extra:.6g} of the full cost"
+
+
+@register
+class OracleTrainer(Trainer):
+    """The label-reading upper bound; with budget < 1 the accuracy-maximising way to spend it."""
+
+    name, role = "oracle", "policy"
+    schema = Schema("oracle", (budget_param(1.0),),
+                    doc="the cheapest correct static path per example (reads the labels; an upper bound)")
+
+    def __init__(self, **params: Any):
+        super().__init__(**_bind(type(self), params))
+
+    def fit(self, executor: Executor, data, stage) -> OraclePolicy:
+        executor.to(stage.device)
+        with _evaluating(executor):
+            table = _table(executor, data.val, stage)
+        correct, fraction = table.correct, np.array(table.fraction)
+        n = correct.shape[1]
+        # As for `uniform`, the policy's seed draws the calibration's numbers too.
+        seed = _seed(stage, "oracle")
+        u = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).numpy()
+
+        def cost_at(max_extra: float) -> float:
+            return float(fraction[_oracle_choice(correct, fraction, max_extra, u)].mean())
+
+        # Each upgrade buys one correct example; taking them cheapest first buys the most
+        # correct examples for the budget. A higher cap never makes an example cheaper.
+        max_extra, cost = calibrate(cost_at, self.params["budget"], 0.0, 1.0 + _TIE)
+        accuracy = float(correct[_oracle_choice(correct, fraction, max_extra, u), np.arange(n)].mean())
+        stage.log(max_extra=float(max_extra), val_cost_fraction=cost, val_accuracy=accuracy)
+        return OraclePolicy(table.actions, table.fraction, max_extra, seed)
+
+
+# --- static ---------------------------------------------------------------------------------
+
+
+def static_path_results(executor: Executor, dataset, batch: int) -> list[dict[str, Any]]:
+    """Every static path of the graph (dearest first) with its accuracy on `dataset`.
+
+    Each row: actions ({control: 0-based action} for the control nodes on the path), nodes
+    (those that run), cost (per example), cost_fraction (of the full graph's cost) and
+    accuracy. Runs on the executor's device, in eval mode (its mode is put back).
+
+    Example:
+        >>> rows = static_path_results(executor, splits.test, 256)            # doctest: +SKIP
+        >>> [(r["cost_fraction"], r["accuracy"]) for r in rows]               # doctest: +SKIP
+    """
+    device = next((t.device for t in [*executor.parameters(), *executor.buffers()]), torch.device("cpu"))
+    paths, _ = _graph_facts(executor.graph)
+    with _evaluating(executor):
+        table = _PathTable(executor, dataset, batch, device, paths)
+    return [{"actions": dict(table.actions[p]), "nodes": list(table.nodes[p]), "cost": table.costs[p],
+             "cost_fraction": table.fraction[p], "accuracy": float(table.correct[p].mean())}
+            for p in range(len(table.actions))]
+
+
+@register
+class StaticTrainer(Trainer):
+    """The most accurate static path on validation among those within the budget."""
+
+    name, role = "static", "policy"
+    schema = Schema("static", (budget_param(1.0),),
+                    doc="the same path for every example: the most accurate one within the budget")
+
+    def __init__(self, **params: Any):
+        super().__init__(**_bind(type(self), params))
+
+    def fit(self, executor: Executor, data, stage) -> StaticPolicy:
+        executor.to(stage.device)
+        rows = static_path_results(executor, data.val, stage.batch)
+        fits = [r for r in rows if r["cost_fraction"] <= self.params["budget"] + 1e-12]
+        if fits:  # most accurate; among equals the cheaper
+            best = max(fits, key=lambda r: (r["accuracy"], -r["cost_fraction"]))
+        else:
+            best = min(rows, key=lambda r: r["cost_fraction"])
+        stage.log(val_cost_fraction=best["cost_fraction"], val_accuracy=best["accuracy"],
+                  path=" ".join(best["nodes"]))
+        return StaticPolicy(best["actions"])

@@ -1,0 +1,174 @@
+"""Training runs end to end: config resolution and its errors, run folders, checkpoints,
+deterministic reruns, interruption and resume (in-process and with a real Ctrl-C)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import d2graph
+from d2graph.diagnostics import D2GraphError
+from d2graph.runs import Interrupted, Run, Stage, load_checkpoint, resolve, train
+
+from .conftest import ROOT
+
+EXAMPLES = ROOT / "examples"
+
+SMALL = ["data.n=500", "batch=32", "stage.backbone.epochs=2"]
+
+
+def _codes(excinfo) -> list[str]:
+    return [d.code for d in excinfo.value.diagnostics]
+
+
+@pytest.fixture(scope="module")
+def early_exit():
+    return d2graph.load(EXAMPLES / "early_exit.d2")
+
+
+def test_every_example_has_a_train_block_that_resolves():
+    for path in sorted(EXAMPLES.glob("*.d2")):
+        config = resolve(d2graph.load(path))
+        assert config.data["name"] == "cluttered_digits"
+        assert [s["name"] for s in config.stages] == ["backbone", "policy"]
+        assert config.settings["seed"] == 0 and config.settings["batch"] == 64  # defaults filled in
+
+
+def test_overrides_apply_to_settings_data_and_stages(early_exit):
+    config = resolve(early_exit, ["seed=3", "data.n=900", "stage.policy.budget=0.3", "backbone.epochs=1",
+                                  "optimizer=sgd", "policy.measure=entropy"])
+    assert config.settings["seed"] == 3 and config.settings["optimizer"] == "sgd"
+    assert config.data["args"]["n"] == 900
+    assert config.stage("policy")["params"]["budget"] == 0.3
+    assert config.stage("policy")["params"]["measure"] == "entropy"
+    assert config.stage("backbone")["params"]["epochs"] == 1
+    assert json.loads(config.text()) == config.to_json()
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("sed=3", "did you mean `seed`"),
+    ("seed=three", "must be an integer"),
+    ("stage.policy.budgt=0.3", "did you mean `budget`"),
+    ("stage.policy.budget=2", "between 0 and 1"),
+    ("stage.polcy.budget=0.3", "did you mean `stage.policy.budget`"),
+    ("data.size=-1", "positive integer"),
+    ("data=mnist", "unknown data set"),
+    ("seed", "is not `key=value`"),
+])
+def test_bad_overrides_are_E920_with_a_hint(early_exit, override, fragment):
+    with pytest.raises(D2GraphError) as e:
+        resolve(early_exit, [override])
+    assert _codes(e) == ["E920"]
+    assert fragment in e.value.diagnostics[0].message
+
+
+def test_a_graph_without_train_block_is_E923():
+    graph, diags = d2graph.check("graph g {\n input x [4]\n output y\n node A = fc(2)\n x -> A -> y\n}\n")
+    with pytest.raises(D2GraphError) as e:
+        resolve(graph)
+    assert _codes(e) == ["E923"]
+
+
+def test_a_trainer_that_does_not_suit_the_graph_fails_before_training(tmp_path):
+    graph = d2graph.load(EXAMPLES / "high_low.d2")
+    config = resolve(graph, SMALL)
+    config.stages[1] = {"name": "policy", "trainer": "threshold",
+                        "params": {"measure": "maxprob", "budget": 0.5, "drop": -1}}
+    t = time.perf_counter()
+    with pytest.raises(D2GraphError) as e:
+        train(graph, config, None, quiet=True, echo=None)
+    assert _codes(e) == ["E921"] and time.perf_counter() - t < 5
+
+
+def _run(graph, tmp_path, name, overrides=SMALL):
+    config = resolve(graph, overrides)
+    run = Run.create(graph, (EXAMPLES / f"{graph.name}.d2").read_text(), config, tmp_path / name)
+    return run, config
+
+
+def test_a_run_folder_holds_everything_and_reruns_are_identical(early_exit, tmp_path):
+    reports = []
+    for name in ("a", "b"):
+        run, config = _run(early_exit, tmp_path, name)
+        trained = train(early_exit, config, run, quiet=True, echo=None)
+        reports.append(trained.reports["test"].to_json())
+        for f in ("early_exit.d2", "config.json", "metrics.jsonl", "metrics.csv", "last.pt", "best.pt",
+                  "report.json", "report.txt"):
+            assert (run.folder / f).is_file(), f
+    assert reports[0] == reports[1]
+    a, b = ((tmp_path / n / "metrics.jsonl").read_text() for n in ("a", "b"))
+    assert a == b and len(a.splitlines()) == 3  # two epochs and the calibration
+    state = load_checkpoint(tmp_path / "a" / "last.pt")
+    assert state["complete"] and state["policy"]["kind"] == "threshold"
+    # the copied source reproduces the run
+    assert d2graph.load(tmp_path / "a" / "early_exit.d2") == early_exit
+    # the report is honest: the cost is within the budget the policy was calibrated to, on validation
+    assert trained.reports["val"].cost_fraction <= 0.5 + 0.02
+
+
+def test_interrupted_run_resumes_to_the_same_result(early_exit, tmp_path, monkeypatch):
+    run, config = _run(early_exit, tmp_path, "whole")
+    whole = train(early_exit, config, run, quiet=True, echo=None).reports["test"].to_json()
+
+    run, config = _run(early_exit, tmp_path, "cut")
+    real_step = Stage.step
+
+    def step(self, loss, n):  # Ctrl-C during the 6th step of the first epoch
+        real_step(self, loss, n)
+        if self.epoch == 0 and self.steps_done == 5:
+            self.session.stop.set = True
+
+    monkeypatch.setattr(Stage, "step", step)
+    with pytest.raises(Interrupted):
+        train(early_exit, config, run, quiet=True, echo=None)
+    monkeypatch.undo()
+    state = load_checkpoint(run.folder / "last.pt")
+    assert (state["stage_index"], state["epoch"], state["step"]) == (0, 0, 6)
+    resumed = train(early_exit, config, Run.open(run.folder), resume=True, quiet=True, echo=None)
+    assert resumed.reports["test"].to_json() == whole
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (run.folder / "metrics.jsonl").read_text()
+
+
+def test_corrupt_and_foreign_checkpoints_are_E922(early_exit, tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(D2GraphError) as e:
+        load_checkpoint(tmp_path / "junk.pt")
+    assert _codes(e) == ["E922"]
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    with pytest.raises(D2GraphError) as e:
+        load_checkpoint(tmp_path / "other.pt")
+    assert _codes(e) == ["E922"]
+    with pytest.raises(D2GraphError) as e:
+        Run.open(tmp_path / "nowhere")
+    assert _codes(e) == ["E922"]
+
+
+def _cli(*args, cwd, **kw):
+    return subprocess.Popen([sys.executable, "-m", "d2graph", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kw)
+
+
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes(tmp_path):
+    sets = [a for o in SMALL + ["stage.backbone.epochs=8"] for a in ("--set", o)]
+    p = _cli("train", str(EXAMPLES / "early_exit.d2"), *sets, "--out", str(tmp_path / "run"), cwd=tmp_path)
+    for line in p.stderr:  # wait until training has begun
+        if "epoch 1:" in line:
+            break
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["stage_index"] == 0 and not state["complete"]
+    p = _cli("train", "--resume", str(tmp_path / "run"), "--quiet", cwd=tmp_path)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert "test accuracy" in out and str(tmp_path / "run") in out
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["complete"]
