@@ -101,11 +101,14 @@ def test_calibration_meets_the_budget(name, trainer, budget, splits, early_exit,
     executor = executor_for(name, early_exit, untrained)
     policy, logged = fit(trainer(budget=budget), executor, splits)
     assert budget - 0.02 <= logged["val_cost_fraction"] <= budget + 1e-9  # a cap, reached closely
-    # The policy does what was calibrated: run on the validation split (one batch, so the
-    # uniform policy draws the very numbers its calibration drew), cost and accuracy agree.
+    # The policy does what was calibrated: run on the validation split, cost and accuracy
+    # agree — exactly for the threshold; for random routing up to the luck of one draw
+    # (it was calibrated on the expected cost over many draws).
     cost, accuracy = routed(executor, policy, splits.val)
-    assert cost == pytest.approx(logged["val_cost_fraction"], abs=1e-9)
-    assert accuracy == pytest.approx(logged["val_accuracy"], abs=1e-9)
+    # Per-example costs lie in [0, 1] (sd ≤ 0.5), so one draw's mean is within 4 sd/√n.
+    tolerance = 1e-9 if trainer is ThresholdTrainer else 4 * 0.5 / len(splits.val) ** 0.5
+    assert cost == pytest.approx(logged["val_cost_fraction"], abs=tolerance)
+    assert accuracy == pytest.approx(logged["val_accuracy"], abs=max(tolerance, 0.05))
 
 
 @pytest.mark.parametrize("measure", ["maxprob", "entropy", "margin"])

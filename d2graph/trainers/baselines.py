@@ -416,6 +416,9 @@ def _seed(stage, name: str) -> int:
     return int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=g.device))
 
 
+UNIFORM_REPLICAS = 32  # random draws per validation example when calibrating `uniform`
+
+
 def _uniform_actions(p: float, orders: Mapping[str, list[int]], u: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Position t = p·(k−1) in a control node's action order: order[⌊t⌋] with probability
     1 − frac(t), order[⌈t⌉] with frac(t). The same u for every p makes each example's cost
@@ -474,16 +477,22 @@ class UniformTrainer(Trainer):
     def fit(self, executor: Executor, data, stage) -> UniformPolicy:
         graph = executor.graph
         _, order = _graph_facts(graph)
-        # The policy's own seed also draws the calibration's numbers: evaluating the validation
-        # split in one batch with `decide(generator=None)` reproduces the calibrated cost.
+        # A random policy meets its budget in expectation: p is calibrated on REPLICAS draws
+        # per validation example (common random numbers, so cost still grows with p), which
+        # prices the expected cost rather than the luck of one draw.
         seed = _seed(stage, "uniform")
         n = len(data.val)
-        u = _draw(graph, n, torch.Generator().manual_seed(seed))
+        examples = np.tile(np.arange(n), UNIFORM_REPLICAS)
+        u = _draw(graph, len(examples), torch.Generator().manual_seed(seed))
         executor.to(stage.device)
         with _evaluating(executor):
             table = _table(executor, data.val, stage)
-            p, _ = calibrate(lambda p: table.mean_cost(_uniform_actions(p, order, u)), self.params["budget"], 0.0, 1.0)
-            cost_rows, right = table.outcome(_uniform_actions(p, order, u), np.arange(n))
+
+            def outcome(p: float) -> tuple[np.ndarray, np.ndarray]:
+                return table.outcome(_uniform_actions(p, order, u), examples)
+
+            p, _ = calibrate(lambda p: float(outcome(p)[0].mean()), self.params["budget"], 0.0, 1.0)
+            cost_rows, right = outcome(p)
         stage.log(p=float(p), val_cost_fraction=float(cost_rows.mean()), val_accuracy=float(right.mean()))
         return UniformPolicy(p, order, seed)
 
