@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--methods", type=_names, default=None,
                    help="comma-separated policy trainers to compare (default: the file's own policy stages, "
                         "threshold, uniform, oracle)")
+    s.add_argument("--param", metavar="stage.NAME.KEY=V1,V2,...",
+                   help="sweep a parameter of one of the file's policy stages (e.g. a λ) instead of budgets; "
+                        "the other methods are calibrated to the costs it reaches")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override the train block (repeatable)")
     s.add_argument("--out", metavar="DIR", help="the sweep folder (default runs/<graph>/sweep-<timestamp>)")
@@ -333,8 +336,8 @@ def cmd_sweep(args) -> int:
     graph = load(args.file, allow_imports=args.allow_imports)
     _print_diagnostics(graph.warnings)
     echo = (lambda text: print(text, file=sys.stderr)) if not args.quiet else None
-    result = sweep(graph, Path(args.file), budgets=args.budgets, methods=args.methods, overrides=args.overrides,
-                   out=args.out, echo=echo)
+    result = sweep(graph, Path(args.file), budgets=args.budgets, methods=args.methods, param=args.param,
+                   overrides=args.overrides, out=args.out, echo=echo)
     print(result.table())
     print(f"sweep folder: {result.folder}")
     return EXIT_OK

@@ -31,7 +31,7 @@ from .schema import TRAINERS
 __all__ = ["DEFAULT_METHODS", "Sweep", "sweep"]
 
 DEFAULT_METHODS = ("threshold", "uniform", "oracle")
-COLUMNS = ("method", "budget", "cost_fraction", "accuracy", "f1", "mean_cost", "val_cost_fraction", "val_accuracy",
+COLUMNS = ("method", "budget", "param", "cost_fraction", "accuracy", "f1", "mean_cost", "val_cost_fraction", "val_accuracy",
            "policy")
 
 
@@ -54,7 +54,13 @@ class Sweep:
 
 
 def sweep(graph: Graph, source: Path, *, budgets: list[float], methods: list[str] | None = None,
-          overrides: list[str] = (), out: str | Path | None = None, echo=print) -> Sweep:
+          param: str | None = None, overrides: list[str] = (), out: str | Path | None = None,
+          echo=print) -> Sweep:
+    """Train the backbone once, then fit each method at each budget (see the module doc).
+
+    `param` ("stage.NAME.KEY=v1,v2,...") sweeps a parameter of one of the file's policy
+    stages instead (e.g. a λ); the other methods are then calibrated to the validation
+    costs that stage reached, so every curve covers the same costs."""
     from .evaluate import evaluate
     from .plots import tradeoff_plot
     from .runs import Run, _seed, resolve, train
@@ -63,6 +69,7 @@ def sweep(graph: Graph, source: Path, *, budgets: list[float], methods: list[str
     import torch
 
     config = resolve(graph, overrides)
+    param = _parse_param(config, param) if param is not None else None
     roles = [TRAINERS.get(s["trainer"]).role for s in config.stages]
     own = [s for s, role in zip(config.stages, roles) if role == "policy"]
     methods = list(methods) if methods is not None else \
@@ -95,36 +102,52 @@ def sweep(graph: Graph, source: Path, *, budgets: list[float], methods: list[str
         return evaluate(base.executor, base.data[split], policy, classes=classes, batch=batch,
                         generator=generator, split=split)
 
+    def fit_point(method: str, name: str, params: dict[str, Any], budget: float | None,
+                  value: Any = None) -> bool:
+        """Fit one policy from the backbone's weights and record its row; False if the
+        method cannot handle the graph (E921)."""
+        point_config = copy.deepcopy(config)
+        point_config.stages = [{"name": name, "trainer": method, "params": params}]
+        base.executor.load_state_dict(weights)
+        try:
+            fitted = train(graph, point_config, None, quiet=True, echo=None, evaluate=False, start=base)
+        except D2GraphError as e:
+            if any(d.code == "E921" for d in e.diagnostics):
+                result.notes.append(f"{method}: {e.diagnostics[0].message}")
+                say(f"skipped {method}: {e.diagnostics[0].message}")
+                return False
+            raise
+        test, val = report(fitted.policy, "test"), report(fitted.policy, "val")
+        row = {"method": method, "budget": budget, "param": value, "cost_fraction": test.cost_fraction,
+               "accuracy": test.accuracy, "f1": test.f1, "mean_cost": test.mean_cost,
+               "val_cost_fraction": val.cost_fraction, "val_accuracy": val.accuracy,
+               "policy": fitted.policy.describe()}
+        result.rows.append(row)
+        run.log({"stage": "sweep", **row})
+        say(f"{method} {'budget ' + str(budget) if value is None else value}: test accuracy {test.accuracy:.4f}, "
+            f"cost {test.cost_fraction:.3f}")
+        return True
+
+    if param is not None:
+        # The swept stage at each value; the other methods at the validation costs it reached.
+        name, key, values = param
+        spec = config.stage(name)
+        for v in values:
+            fit_point(spec["trainer"], name, {**spec["params"], key: v}, None, f"{name}.{key}={v}")
+        budgets = sorted({round(r["val_cost_fraction"], 4) for r in result.rows if r["val_cost_fraction"] > 0})
+        methods = [m for m in methods if m != spec["trainer"]]
     for method in methods:
         stage_spec = next((s for s in own if s["trainer"] == method), None)
-        params = dict(stage_spec["params"]) if stage_spec else {}
+        params = {**_defaults(method), **(stage_spec["params"] if stage_spec else {})}
         has_budget = any(p.name == "budget" for p in TRAINERS.get(method).schema.params)
         for budget in (budgets if has_budget else [None]):
-            spec = {"name": stage_spec["name"] if stage_spec else method, "trainer": method,
-                    "params": {**_defaults(method), **params, **({"budget": budget} if budget is not None else {})}}
-            point_config = copy.deepcopy(config)
-            point_config.stages = [spec]
-            base.executor.load_state_dict(weights)
-            try:
-                fitted = train(graph, point_config, None, quiet=True, echo=None, evaluate=False, start=base)
-            except D2GraphError as e:
-                if any(d.code == "E921" for d in e.diagnostics):
-                    result.notes.append(f"{method}: {e.diagnostics[0].message}")
-                    say(f"skipped {method}: {e.diagnostics[0].message}")
-                    break
-                raise
-            test, val = report(fitted.policy, "test"), report(fitted.policy, "val")
-            row = {"method": method, "budget": budget, "cost_fraction": test.cost_fraction,
-                   "accuracy": test.accuracy, "f1": test.f1, "mean_cost": test.mean_cost,
-                   "val_cost_fraction": val.cost_fraction, "val_accuracy": val.accuracy,
-                   "policy": fitted.policy.describe()}
-            result.rows.append(row)
-            run.log({"stage": "sweep", **row})
-            say(f"{method} budget {budget}: test accuracy {test.accuracy:.4f}, cost {test.cost_fraction:.3f}")
+            if not fit_point(method, stage_spec["name"] if stage_spec else method,
+                             {**params, **({"budget": budget} if budget is not None else {})}, budget):
+                break
     base.executor.load_state_dict(weights)
     for path in static_path_results(base.executor, base.data.test, batch):
         label = ", ".join(f"{q}={a + 1}" for q, a in path["actions"].items()) or "(no control)"
-        result.rows.append({"method": "static", "budget": None, "cost_fraction": path["cost_fraction"],
+        result.rows.append({"method": "static", "budget": None, "param": None, "cost_fraction": path["cost_fraction"],
                             "accuracy": path["accuracy"], "f1": None, "mean_cost": path["cost"],
                             "val_cost_fraction": None, "val_accuracy": None, "policy": f"static path {label}"})
     _write(result, run.folder)
@@ -132,6 +155,25 @@ def sweep(graph: Graph, source: Path, *, budgets: list[float], methods: list[str
                "budget": r["budget"], "label": r["policy"]} for r in result.rows]
     tradeoff_plot(points, run.folder / "tradeoff", title=f"{graph.name}: accuracy vs cost (test)")
     return result
+
+
+def _parse_param(config, text: str) -> tuple[str, str, list[Any]]:
+    """"stage.policy.lambda=0.1,0.3" → ("policy", "lambda", [0.1, 0.3]), each value checked."""
+    from .runs import _error, apply_override, parse_value
+
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    parts = parts[1:] if parts[:1] == ["stage"] else parts
+    values = [parse_value(v) for v in raw.split(",") if v.strip()]
+    if not sep or len(parts) != 2 or not values:
+        raise _error("E920", f"--param {text!r} is not `stage.NAME.PARAMETER=v1,v2,...`",
+                     help="e.g. `--param stage.policy.lambda=0.1,0.3,1`")
+    for v in values:  # the same checks as --set, on a scratch copy
+        apply_override(copy.deepcopy(config), f"stage.{parts[0]}.{parts[1]}={v}")
+    if TRAINERS.get(config.stage(parts[0])["trainer"]).role != "policy":
+        raise _error("E920", f"--param: stage `{parts[0]}` is not a policy stage",
+                     help="sweep a parameter of a stage that decides the routing")
+    return parts[0], parts[1], values
 
 
 def _defaults(method: str) -> dict[str, Any]:

@@ -98,3 +98,16 @@ def test_sweep_writes_the_curve_and_the_plot(tmp_path, capsys):
     assert {float(r["cost_fraction"]) for r in rows if r["method"] == "static"} >= {1.0}
     assert (out / "tradeoff.png").stat().st_size > 1000 and (out / "tradeoff.svg").is_file()
     assert "threshold" in capsys.readouterr().out
+
+
+def test_sweep_over_a_policy_parameter_matches_the_other_methods_to_its_costs(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", EARLY, *SMALL, "--param", "stage.policy.budget=0.3,0.6", "--methods", "uniform",
+                 "--out", str(out), "--quiet"]) == 0
+    rows = list(csv.DictReader((out / "curve.csv").open()))
+    swept = [r for r in rows if r["method"] == "threshold"]
+    assert [r["param"] for r in swept] == ["policy.budget=0.3", "policy.budget=0.6"]
+    reached = sorted(round(float(r["val_cost_fraction"]), 4) for r in swept)
+    assert sorted(float(r["budget"]) for r in rows if r["method"] == "uniform") == reached
+    assert main(["sweep", EARLY, "--param", "stage.policy.budgt=0.3"]) == 2
+    assert "did you mean `budget`" in capsys.readouterr().err
