@@ -10,6 +10,7 @@ Out: `train(...)` runs the block's stages in order on one compiled executor and 
         last.pt, best.pt  checkpoints: state dicts and plain data, loaded with weights_only=True
         report.json/.txt  the final evaluation on validation and test
         graph.svg         the graph drawn with each node's execution rate (if `dot` is installed)
+        training.png/.svg validation accuracy and cost per epoch (for stages that log both)
 Guarantees:
   - Every file is written atomically; a crash or Ctrl-C never leaves half a file. Ctrl-C
     stops at the next step boundary, writes `last.pt` there and raises `Interrupted`;
@@ -639,6 +640,9 @@ def finish(trained: Trained, *, quiet: bool = False, echo=print) -> None:
     write_atomic(run.folder / "report.json", json.dumps(report, indent=2) + "\n")
     write_atomic(run.folder / "report.txt", f"policy: {trained.policy.describe()}\n\n"
                  + "\n\n".join(r.table() for r in trained.reports.values()) + "\n")
+    from .plots import training_plot
+
+    training_plot(run.rows(), run.folder / "training")  # stages that log validation accuracy and cost
     try:
         from .render import render
 

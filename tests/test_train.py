@@ -16,6 +16,7 @@ import torch
 import d2graph
 from d2graph.diagnostics import D2GraphError
 from d2graph.runs import Interrupted, Run, Stage, load_checkpoint, resolve, train
+from d2graph.trainers.baselines import StaticTrainer
 
 from .conftest import ROOT
 
@@ -172,3 +173,30 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes(tmp_path):
     assert p.returncode == 0, err
     assert "test accuracy" in out and str(tmp_path / "run") in out
     assert load_checkpoint(tmp_path / "run" / "last.pt")["complete"]
+
+
+class PluggedTrainer(StaticTrainer):
+    """A trainer as another package would ship it (see the entry-point test)."""
+
+    name = "plugged"
+
+
+def test_trainer_plugins_register_from_entry_points(monkeypatch):
+    """A package's trainer, declared under the entry-point group, becomes usable by name in
+    a .d2 file; a broken plugin only warns."""
+    from importlib.metadata import EntryPoint
+
+    import d2graph.trainers as trainers
+    from d2graph.schema import TRAINERS
+
+    good = EntryPoint("plugged", f"{__name__}:PluggedTrainer", trainers.ENTRY_POINT_GROUP)
+    broken = EntryPoint("broken", "no_such_package.trainers:Nope", trainers.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(trainers, "entry_points", lambda group: [good, broken])
+    monkeypatch.setattr(TRAINERS, "entries", dict(TRAINERS.entries))  # forget the plugin afterwards
+    text = (EXAMPLES / "early_exit.d2").read_text().replace("threshold(measure=maxprob, budget=0.5)",
+                                                             "plugged(budget=0.6)")
+    assert d2graph.check(text)[0] is None  # unknown before the plugin loads
+    with pytest.warns(UserWarning, match="broken"):
+        assert trainers.load_plugins() == ["plugged"]
+    graph, diagnostics = d2graph.check(text)
+    assert graph is not None and graph.train.stages[1].trainer == "plugged"
