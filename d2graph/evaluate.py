@@ -200,7 +200,8 @@ class Report:
     action_rates   control node → [share taking action 1, action 2, ..., share it did not run]
     paths          [{path, count, fraction, accuracy, mean_cost}], most frequent first
     exits          exit label → {count, accuracy}
-    edge_traffic   "SRC->DST" (data edge) → share of examples on which both ends ran;
+    edge_traffic   "SRC->DST" (data edge) → share of examples whose value flowed on it: both
+                   ends ran (and, into a `merge=select` node, no earlier input served them);
                    "Q=>TARGET" (control edge; TARGET "skip" for skip) → share taking it
     policy         how the examples were routed (`Policy.describe()`)
     cost_unit      "MACs", or "" when a node declares `cost=` (the user's own unit)
@@ -349,8 +350,13 @@ def summarise(graph: Graph, rows: Mapping[str, np.ndarray], *, classes: int, spl
                                  "accuracy": int(np.count_nonzero(correct & mask)) / int(counts[i])}
 
     traffic: dict[str, float] = {}
-    for edge in graph.data_edges:
-        traffic[f"{edge.source}->{edge.target}"] = rate(rows[f"ran.{edge.source}"] & rows[f"ran.{edge.target}"])
+    for node in graph.nodes:
+        taken = np.zeros(n, dtype=bool)  # select: the examples an earlier input already served
+        for edge in node.inputs:
+            flows = rows[f"ran.{edge.source}"] & rows[f"ran.{node.name}"]
+            if node.merge == "select":  # only the first present input's value flows on
+                flows, taken = flows & ~taken, taken | flows
+            traffic[f"{edge.source}->{node.name}"] = rate(flows)
     for c in graph.control_edges:
         key = f"{c.source}=>{c.target or 'skip'}"
         # Two actions of one control node into the same target (or two skips) share a key.

@@ -107,9 +107,17 @@ def test_report_matches_an_independent_run(name):
         assert p["accuracy"] == correct[mask].sum().item() / p["count"]
         assert p["mean_cost"] == int(ref.cost[mask].sum()) / p["count"]
 
-    for e in graph.data_edges:
-        both = ref.ran_mask(e.source) & ref.ran_mask(e.target)
-        assert report.edge_traffic[f"{e.source}->{e.target}"] == both.sum().item() / N
+    for node in graph.nodes:
+        served = torch.zeros(N, dtype=torch.bool)  # into a select node: the first present input only
+        for e in node.inputs:
+            flows = ref.ran_mask(e.source) & ref.ran_mask(e.target)
+            if node.merge == "select":
+                flows, served = flows & ~served, served | flows
+            assert report.edge_traffic[f"{e.source}->{e.target}"] == flows.sum().item() / N
+    # in a select output, the traffic on its edges is the exits' shares
+    if graph["y"].merge == "select":
+        for head, exit_ in report.exits.items():
+            assert report.edge_traffic[f"{head}->y"] == exit_["count"] / N
     for c in graph.control_edges:
         assert report.edge_traffic[f"{c.source}=>{c.target or 'skip'}"] == report.action_rates[c.source][c.action]
     assert sum(e["count"] for e in report.exits.values()) == N
