@@ -96,6 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="DIR", help="the sweep folder (default runs/<graph>/sweep-<timestamp>)")
     s.add_argument("--quiet", action="store_true", help="print only the final table")
     s.add_argument("--allow-imports", action="store_true", help="allow module(\"pkg.mod:Class\") layers")
+
+    pol = sub.add_parser("policy", help="policies on per-exit predictions: export them from a run, fit on them")
+    psub = pol.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=_Parser)
+    psub.required = True
+    pe = psub.add_parser("export", help="write a run's per-exit predictions in the MSDNet/EENet layout")
+    pe.add_argument("run", metavar="RUN", help="a run folder of a multi-exit chain")
+    pe.add_argument("--out", required=True, metavar="DIR", help="the predictions folder to write")
+    pe.add_argument("--checkpoint", metavar="NAME|PATH", default="last", help="last, best, or a .pt file")
+    pf = psub.add_parser("fit", help="fit policies on per-exit predictions and compare them per budget")
+    pf.add_argument("--predictions", required=True, metavar="DIR",
+                    help="a folder with logits_single.pth and flops.pth / costs.json / seconds.csv")
+    pf.add_argument("--trainer", type=_names, default=["eenet", "threshold"],
+                    help="comma-separated: eenet, threshold, entropy, margin (default eenet,threshold)")
+    pf.add_argument("--budget", type=_budgets, required=True, metavar="B[,B...]",
+                    help="comma-separated fractions of the full (last exit's) cost")
+    pf.add_argument("--seed", type=int, default=0, help="seed of the learned rules (default 0)")
+    pf.add_argument("--format", choices=("text", "json"), default="text", help="a table or JSON")
     return p
 
 
@@ -288,9 +305,7 @@ def _summary(graph, report, policy: str) -> str:
 def cmd_eval(args) -> int:
     from .check import load
     from .evaluate import evaluate
-    from .executor import compile
-    from .runs import Run, load_checkpoint, load_data, resolve
-    from .trainers import load_policy
+    from .runs import resolve
 
     target = Path(args.target)
     if not target.exists():
@@ -298,30 +313,18 @@ def cmd_eval(args) -> int:
                                        help="give a folder that `d2graph train` created, or a .d2 file "
                                             "with --checkpoint PATH")])
     if target.is_dir():
-        run = Run.open(target)
-        graph, config = load(run.source), run.config
-        root = run.source.resolve().parent
-        checkpoint = run.folder / f"{args.checkpoint}.pt" if args.checkpoint in ("last", "best") \
-            else Path(args.checkpoint)
+        trained = _load_run(target, args.checkpoint)
     else:
         if args.checkpoint in ("last", "best"):
             raise _usage("evaluating a .d2 file needs --checkpoint PATH (a .pt file of a run)",
                          "or give the run folder: `d2graph eval runs/<graph>/<timestamp>`")
         graph = load(target)
-        config, root, checkpoint = resolve(graph), target.resolve().parent, Path(args.checkpoint)
-    state = load_checkpoint(checkpoint)
-    executor = compile(graph)
-    try:
-        executor.load_state_dict(state["weights"])
-        policy = load_policy(graph, state["policy"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise D2GraphError([Diagnostic("E922", f"{checkpoint} does not fit graph `{graph.name}` ({str(e)[:200]})",
-                                       None, "", help="evaluate it with the .d2 file it was trained from")]) from None
-    splits = load_data(config, graph, root)
+        trained = _restore(graph, resolve(graph), target.resolve().parent, Path(args.checkpoint))
     import torch
 
-    report = evaluate(executor, splits[args.split], policy, classes=splits.classes,
-                      generator=torch.Generator().manual_seed(int(config.settings["seed"])), split=args.split)
+    splits, policy = trained["splits"], trained["policy"]
+    report = evaluate(trained["executor"], splits[args.split], policy, classes=splits.classes, split=args.split,
+                      generator=torch.Generator().manual_seed(int(trained["config"].settings["seed"])))
     if args.format == "json":
         print(json.dumps({"policy": policy.describe(), **report.to_json()}, indent=2))
     else:
@@ -343,6 +346,75 @@ def cmd_sweep(args) -> int:
     return EXIT_OK
 
 
+def cmd_policy(args) -> int:
+    from . import predictions
+
+    if args.policy_command == "export":
+        trained = _load_run(args.run, args.checkpoint)
+        pred = predictions.from_executor(trained["executor"], trained["splits"])
+        print(f"wrote {predictions.save(pred, args.out)} ({pred.exits} exits: {', '.join(pred.exit_names)})")
+        return EXIT_OK
+    from .trainers.eenet import fit_on_predictions, threshold_on_predictions
+
+    rules = {"eenet": None, "threshold": "maxprob", "maxprob": "maxprob", "entropy": "entropy", "margin": "margin"}
+    unknown = [t for t in args.trainer if t not in rules]
+    if unknown:
+        raise _usage(f"--trainer: no policy `{unknown[0]}` works on predictions",
+                     "choose from " + ", ".join(f"`{r}`" for r in rules))
+    pred = predictions.load(args.predictions)
+    for note in pred.notes:
+        print(f"note: {note}", file=sys.stderr)
+    rows = []
+    for budget in args.budget:
+        for trainer in args.trainer:
+            if trainer == "eenet":
+                _, report = fit_on_predictions(pred, budget, args.seed)
+            else:
+                _, report = threshold_on_predictions(pred, budget, rules[trainer])
+                report["method"] = f"threshold ({rules[trainer]})"
+            rows.append({"budget": budget, "method": report["method"],
+                         **{f"{s}_{k}": (report[s] or {}).get(k) for s in ("val", "test")
+                            for k in ("accuracy", "cost_fraction")}})
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    print(f"{args.predictions}: {pred.exits} exits, {pred.val_probs.shape[1]:,} validation and "
+          f"{pred.test_probs.shape[1]:,} test examples")
+    print("| budget | method | val accuracy | val cost | test accuracy | test cost |\n|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        cells = [f"{r[k]:.4f}" if r[k] is not None else "—" for k in
+                 ("val_accuracy", "val_cost_fraction", "test_accuracy", "test_cost_fraction")]
+        print(f"| {r['budget']:.2f} | {r['method']} | " + " | ".join(cells) + " |")
+    return EXIT_OK
+
+
+def _load_run(folder, checkpoint: str) -> dict:
+    """A run folder's graph, config, executor (with the checkpoint's weights), policy, data."""
+    from .check import load
+    from .runs import Run
+
+    run = Run.open(folder)
+    path = run.folder / f"{checkpoint}.pt" if checkpoint in ("last", "best") else Path(checkpoint)
+    return _restore(load(run.source), run.config, run.source.resolve().parent, path)
+
+
+def _restore(graph, config, root: Path, path: Path) -> dict:
+    from .executor import compile
+    from .runs import load_checkpoint, load_data
+    from .trainers import load_policy
+
+    state = load_checkpoint(path)
+    executor = compile(graph)
+    try:
+        executor.load_state_dict(state["weights"])
+        policy = load_policy(graph, state["policy"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise D2GraphError([Diagnostic("E922", f"{path} does not fit graph `{graph.name}` ({str(e)[:200]})",
+                                       None, "", help="evaluate it with the .d2 file it was trained from")]) from None
+    return {"graph": graph, "config": config, "executor": executor, "policy": policy,
+            "splits": load_data(config, graph, root)}
+
+
 def _run_stats(folder: str, graphs) -> dict:
     """The test report of a run folder, for `render --stats`."""
     from .runs import Run
@@ -362,7 +434,7 @@ def _usage(message: str, help: str) -> D2GraphError:
 
 
 _COMMANDS = {"check": cmd_check, "fmt": cmd_fmt, "render": cmd_render, "bench": cmd_bench, "train": cmd_train,
-             "eval": cmd_eval, "sweep": cmd_sweep}
+             "eval": cmd_eval, "sweep": cmd_sweep, "policy": cmd_policy}
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -111,3 +111,19 @@ def test_sweep_over_a_policy_parameter_matches_the_other_methods_to_its_costs(tm
     assert sorted(float(r["budget"]) for r in rows if r["method"] == "uniform") == reached
     assert main(["sweep", EARLY, "--param", "stage.policy.budgt=0.3"]) == 2
     assert "did you mean `budget`" in capsys.readouterr().err
+
+
+def test_policy_export_and_fit_on_predictions(run, tmp_path, capsys):
+    preds = tmp_path / "preds"
+    assert main(["policy", "export", str(run), "--out", str(preds)]) == 0
+    assert (preds / "logits_single.pth").is_file()
+    assert "3 exits" in capsys.readouterr().out
+    assert main(["policy", "fit", "--predictions", str(preds), "--budget", "0.3,0.6", "--trainer",
+                 "eenet,threshold,entropy", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["budget"], r["method"]) for r in rows][:3] == [(0.3, "eenet"), (0.3, "threshold (maxprob)"),
+                                                              (0.3, "threshold (entropy)")]
+    assert all(r["val_cost_fraction"] <= r["budget"] + 1e-9 for r in rows)
+    assert main(["policy", "fit", "--predictions", str(tmp_path / "none"), "--budget", "0.5"]) == 2
+    assert "[E924]" in capsys.readouterr().err
+    assert main(["policy", "fit", "--predictions", str(preds), "--budget", "0.5", "--trainer", "oracle"]) == 2

@@ -16,7 +16,7 @@ from __future__ import annotations
 import warnings
 from importlib.metadata import entry_points
 
-from . import baselines, supervised  # noqa: F401  (register the built-in trainers)
+from . import baselines, eenet, qlearning, reinforce, supervised  # noqa: F401  (register the built-in trainers)
 from .base import POLICIES, LearnedPolicy, Policy, StaticPolicy, Trainer, load_policy, register, run_policy, \
     save_policy
 

@@ -1,0 +1,240 @@
+"""The `qlearning` trainer: D²NN (Liu & Deng, AAAI 2018) — control nodes learn by Q-learning on mini-bags.
+
+In:  an executor (ideally warm-started by a `supervised` stage before this one), the data
+     (`d2graph.data.Splits`), a stage context (d2graph.runs.Stage).
+Out: the control nodes' weights (and, with `mix > 0`, the function nodes') trained in place;
+     returns `LearnedPolicy()`: from then on each control node takes the argmax of its scores.
+Guarantees:
+  - Each control node's scores are the Q-values of its actions. Training routes with
+    ε-greedy exploration (executor mode `explore`); ε falls linearly, step by step, from
+    `epsilon_start` to `epsilon_end` over `epsilon_decay` epochs and then stays there:
+        ε(t) = epsilon_end + (epsilon_start − epsilon_end) · max(0, 1 − t / (epsilon_decay · S))
+    with t = epoch · S + step the stage's global step and S the steps of one epoch. t is
+    derived from (epoch, step) alone, so an interrupted run resumes with the same ε, and
+    the exploration draws come from `stage.generator`, so reruns are identical.
+  - The reward is observed on a **mini-bag** of m = `minibag` consecutive examples of a
+    (shuffled) batch, not on the batch: r = λ·A + (1 − λ)·E, with A the accuracy of the
+    graph's output over the bag — or F1 of class 1 for a binary task (`metric=auto` picks
+    it when data.classes == 2; a bag without positives predicted or present, hence without
+    errors, scores 1) — and E = 1 − the bag's mean executed cost fraction
+    (`Result.cost_fraction`). A batch holding B examples gives ⌊B/m⌋ bags; the few left
+    over (B mod m) still count for the cross-entropy but give no reward (a shorter bag
+    would have to predict the same r with fewer summands). `minibag` above the train
+    block's `batch` is refused (E921). A graph with several outputs is judged on its first.
+  - Our reading of the paper (notes: "Mini-Bags for Set-Based Metrics", "Joint Training"):
+      * the joint action value of a bag is the plain, **unnormalised** sum of the per-example
+        values, Q(s, a) = Σᵢ Q(sᵢ, aᵢ), and the loss is L = (r − Σᵢ Q(sᵢ, aᵢ))², so
+        ∂L/∂xᵢ = 2(r − Q(s, a)) ∂Q(sᵢ, aᵢ)/∂xᵢ: each example's value is about r/m, and the
+        argmax of the bag's Q is the argmax of each summand (actions are per example);
+      * several control nodes observe **one** reward for the whole network and each gets
+        its own loss (r − Σ_{i: it ran} Q_j(sᵢ, aᵢ))², summed over the control nodes; a
+        control node's sum only has the examples it ran on (actions != −1), and a bag in
+        which it ran on none gives it no loss;
+      * the loss of a batch is the mean over its bags ("a mini-batch of mini-bags").
+    The paper's E is "the inverse of the number of multiplications"; we use 1 − the cost
+    fraction, which lies in [0, 1] like A, so λ weighs two quantities of one scale.
+    A consequence of the plain sum: a control node's scores settle at about r/m (0.02 for
+    m = 32) and its actions' values differ by less, so the control nodes' learning rate
+    (`lr_scale`) and the number of steps matter more than the loss's size suggests.
+    `bag=mean` divides the sum by m, so each value estimates r itself: on high_low with a
+    weak backbone it found the best routing within 6 epochs where the sum had not.
+  - Function nodes learn jointly on the executed paths: cross-entropy of the graph's
+    output on the same explored run. loss = q_loss + mix · ce_loss. With `mix = 0` the
+    function nodes are frozen (left out of the optimiser; no gradient is computed for
+    them during the stage). The Q-loss's gradient also
+    reaches the function nodes that a control node reads (high_low's N1), as in the paper,
+    when they are being trained. `lr_scale` multiplies the learning rate of the control
+    nodes only.
+  - After each epoch the graph is evaluated on validation in argmax mode (the policy it
+    will be used with) and the epoch's score is the validation reward, computed on the
+    whole split: λ·A_val + (1 − λ)·(1 − cost fraction) with A_val the accuracy (F1 when
+    the metric is F1); `best.pt` keeps the best epoch, and the last weights are returned.
+    The epoch's mean training reward is kept in `stage.extra` (checkpointed), so a resumed
+    epoch logs what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..evaluate import evaluate
+from ..schema import Param, Schema
+from .base import LearnedPolicy, Trainer, register, trainer_error
+from .supervised import function_parameters
+
+__all__ = ["QLearning", "bag_reward", "control_parameters", "epsilon_at"]
+
+
+def control_parameters(executor) -> list[torch.nn.Parameter]:
+    """The parameters of the control nodes."""
+    graph = executor.graph
+    return [p for name, module in executor.nodes.items() if graph[name].kind == "control" for p in module.parameters()]
+
+
+def epsilon_at(step: int, steps_per_epoch: int, start: float, end: float, decay_epochs: float) -> float:
+    """ε at global step `step`: linear from `start` to `end` over `decay_epochs` epochs, then `end`.
+
+    Example:
+        >>> epsilon_at(5, 10, 1.0, 0.0, 1)   # half-way through the first of one decay epoch
+        0.5
+    """
+    span = decay_epochs * steps_per_epoch
+    if span <= 0:
+        return end
+    return end + (start - end) * max(0.0, 1.0 - step / span)
+
+
+def bag_reward(prediction: Tensor, label: Tensor, cost_fraction: Tensor, m: int, lam: float,
+               metric: str) -> Tensor:
+    """The reward r = λ·A + (1 − λ)·E of each complete mini-bag of m consecutive examples:
+    float32 [⌊B/m⌋]. `metric` is "accuracy" or "f1" (of class 1; a bag without errors and
+    without positives scores 1).
+
+    Example:
+        >>> bag_reward(torch.tensor([1, 0, 1, 1]), torch.tensor([1, 0, 0, 1]),
+        ...            torch.tensor([0.5, 0.5, 1.0, 1.0], dtype=torch.float64), 2, 0.5, "accuracy")
+        tensor([0.7500, 0.2500])
+    """
+    bags = len(label) // m
+    n = bags * m
+    correct = (prediction[:n] == label[:n]).view(bags, m)
+    if metric == "f1":
+        pred, true = (prediction[:n] == 1).view(bags, m), (label[:n] == 1).view(bags, m)
+        tp = (pred & true).sum(1).float()
+        wrong = (~correct).sum(1).float()  # false positives + false negatives
+        denominator = 2 * tp + wrong
+        a = torch.where(denominator > 0, 2 * tp / denominator.clamp(min=1), torch.ones_like(tp))
+    else:
+        a = correct.float().mean(1)
+    e = 1.0 - cost_fraction[:n].view(bags, m).float().mean(1)
+    return lam * a + (1.0 - lam) * e
+
+
+@register
+class QLearning(Trainer):
+    name = "qlearning"
+    role = "policy"
+    schema = Schema("qlearning", (
+        Param("epochs", "posint", 10, doc="passes over the training split"),
+        Param("lambda", "fraction", 0.5, doc="reward weight λ: r = λ·accuracy + (1 − λ)·efficiency"),
+        Param("minibag", "posint", 32, doc="examples per mini-bag, the set the reward is measured on"),
+        Param("epsilon_start", "fraction", 1.0, doc="exploration rate ε at the first step"),
+        Param("epsilon_end", "fraction", 0.05, doc="ε once the decay is over"),
+        Param("epsilon_decay", "number", 5, doc="epochs over which ε falls linearly, step by step"),
+        Param("metric", "choice", "auto", choices=("auto", "accuracy", "f1"),
+              doc="the set metric A of the reward; `auto`: F1 for two classes, else accuracy"),
+        Param("mix", "number", 1.0, doc="weight of the function nodes' cross-entropy: "
+                                        "loss = q_loss + mix·ce_loss; 0 freezes them"),
+        Param("lr_scale", "number", 1.0, doc="the control nodes' learning rate, times the block's `lr`"),
+        Param("bag", "choice", "sum", choices=("sum", "mean"),
+              doc="the bag's action value: `sum` of the examples' Q (the paper) or their `mean`"),
+    ), doc="D²NN: control nodes learn Q-values of their actions from a mini-bag reward λ·A + (1 − λ)·E")
+
+    def check_graph(self, graph) -> None:
+        if not graph.control_nodes:
+            raise trainer_error(self.name, f"graph `{graph.name}` has no control node, so there is no routing to learn",
+                                help="add a `control` node, or use `supervised` alone")
+        for key in ("epsilon_decay", "mix"):
+            if self.params[key] < 0:
+                raise trainer_error(self.name, f"`{key}` must not be negative, not {self.params[key]}",
+                                    help=f"e.g. `{key}={'5' if key == 'epsilon_decay' else '1'}`")
+        if self.params["lr_scale"] <= 0:
+            raise trainer_error(self.name, f"`lr_scale` must be positive, not {self.params['lr_scale']}",
+                                help="e.g. `lr_scale=1` (the block's learning rate) or `lr_scale=10`")
+
+    def fit(self, executor, data, stage):
+        p = self.params
+        m, mix = int(p["minibag"]), float(p["mix"])
+        metric = p["metric"]
+        if metric == "auto":
+            metric = "f1" if data.classes == 2 else "accuracy"
+        if metric == "f1" and data.classes != 2:
+            raise trainer_error(self.name, f"`metric=f1` needs a binary task, but the data has {data.classes} classes",
+                                help="use `metric=accuracy` (or `auto`)")
+        if m > stage.batch:
+            raise trainer_error(self.name, f"a mini-bag of {m} examples does not fit in a batch of {stage.batch}",
+                                help=f"lower `minibag` to at most {stage.batch}, or raise the block's `batch`")
+
+        groups = [{"params": control_parameters(executor)}]
+        if mix > 0:
+            groups.append({"params": function_parameters(executor)})
+        optimizer = stage.optimizer(groups)
+        # Assigned, not multiplied: on resume the optimiser's saved groups come back already scaled.
+        optimizer.param_groups[0]["lr"] = optimizer.defaults["lr"] * float(p["lr_scale"])
+        # Frozen function nodes need no gradient: the Q-loss's backward then stops at the
+        # control nodes instead of filling .grad of weights no optimiser will step.
+        frozen = [w for w in function_parameters(executor) if w.requires_grad] if mix == 0 else []
+        for w in frozen:
+            w.requires_grad_(False)
+        try:
+            self._train(executor, data, stage, optimizer, metric)
+        finally:
+            for w in frozen:
+                w.requires_grad_(True)
+        return LearnedPolicy()
+
+    def _train(self, executor, data, stage, optimizer, metric: str) -> None:
+        p = self.params
+        lam, m, mix = float(p["lambda"]), int(p["minibag"]), float(p["mix"])
+        output = executor.graph.outputs[0].name
+        controls = [q.name for q in executor.graph.control_nodes]
+        steps_per_epoch = math.ceil(len(data.train) / stage.batch)
+        epsilon = p["epsilon_start"]
+        for epoch in stage.epochs(p["epochs"]):
+            executor.train()
+            for x, y in stage.batches(data.train, epoch):
+                if stage.steps_done == 0:  # a fresh epoch (a resumed one keeps its running sums)
+                    stage.extra["reward"] = [0.0, 0]
+                epsilon = epsilon_at(epoch * steps_per_epoch + stage.steps_done, steps_per_epoch,
+                                     p["epsilon_start"], p["epsilon_end"], p["epsilon_decay"])
+                r = executor(x, mode="explore", epsilon=epsilon, generator=stage.generator("explore"))
+                scores = r.outputs[output]
+                with torch.no_grad():
+                    reward = bag_reward(scores.argmax(dim=1), y, r.cost_fraction, m, lam, metric)
+                loss = self._q_loss(r, controls, reward, m, self.params["bag"] == "mean")
+                if mix > 0:
+                    loss = loss + mix * F.cross_entropy(scores, y)
+                if loss.requires_grad:  # not when a short last batch holds no bag and mix = 0
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                stage.step(loss=float(loss.detach()), n=len(y))
+                stage.extra["reward"] = [stage.extra["reward"][0] + float(reward.sum()),
+                                         stage.extra["reward"][1] + len(reward)]
+            report = evaluate(executor, data.val, None, classes=data.classes, batch=max(stage.batch, 256),
+                              split="val")
+            accuracy = report.f1 if metric == "f1" else report.accuracy
+            val_reward = lam * accuracy + (1 - lam) * (1 - report.cost_fraction)
+            total, bags = stage.extra.get("reward", [0.0, 0])
+            stage.end_epoch(score=val_reward, val_reward=round(val_reward, 6),
+                            val_accuracy=round(report.accuracy, 6),
+                            **({"val_f1": round(report.f1, 6)} if report.f1 is not None else {}),
+                            val_cost_fraction=round(report.cost_fraction, 6),
+                            train_reward=round(total / bags, 6) if bags else None,
+                            epsilon=round(epsilon, 6))
+
+    @staticmethod
+    def _q_loss(r, controls: list[str], reward: Tensor, m: int, mean: bool = False) -> Tensor:
+        """Σ over control nodes of the mean over bags of (r − Σᵢ Q(sᵢ, aᵢ))² (with `mean`,
+        Σᵢ / m), examples where the node ran only; bags where it never ran are left out."""
+        bags = len(reward)
+        n = bags * m
+        loss = reward.new_zeros(())
+        if bags == 0:
+            return loss
+        for q in controls:
+            actions = r.actions[q][:n]
+            ran = actions >= 0
+            # Scores are zero rows where the node did not run; the mask makes that explicit.
+            chosen = r.scores[q][:n].gather(1, actions.clamp(min=0).unsqueeze(1)).squeeze(1) * ran
+            value = chosen.view(bags, m).sum(1)
+            if mean:  # each example's value then estimates r itself, not r / m
+                value = value / m
+            active = ran.view(bags, m).any(1)
+            if bool(active.any()):
+                loss = loss + ((reward - value.to(reward.dtype))[active] ** 2).mean()
+        return loss

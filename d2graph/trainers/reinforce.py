@@ -1,0 +1,310 @@
+"""The `reinforce` trainer: stop policies and classifiers learned together with REINFORCE (Guan et al., IJCAI 2018).
+
+In:  an executor (usually after a `supervised` stage, the warm start), the data and a stage
+     context (d2graph.runs.Stage).
+Out: the control nodes' weights (and, unless `freeze=true`, the function nodes' weights)
+     trained in place, and the policy that routes from then on: `LearnedPolicy()` (the control
+     nodes' argmax) with a fixed `alpha`, or an `OffsetPolicy` calibrated to the validation
+     budget with `budget > 0`.
+
+Each step routes a batch with executor mode "sample": every control node that runs draws its
+action from softmax(scores). An example's reward is
+
+    R = −CE(output, y) − α · cost_fraction
+
+where CE is the cross-entropy of the graph's (first) output for that example, i.e. of the head
+where it stopped, and cost_fraction is `Result.cost_fraction`: the cost of the nodes that ran
+for it, as a fraction of the full graph's cost (every node running), so α = 1 prices running
+the whole graph like one nat of loss. Guan et al. charge the classifiers run before the one
+that answers; charging all of them (the answering one too) only adds α·F_k to the path that
+stops at C_k, the same trade-off with the unit fixed for every graph.
+
+The policy gradient is the paper's: ∇ log Π(path | x) · (R − b), where log Π is the sum of
+`Result.log_probs` over the control nodes that acted (0 where a node did not run), so any graph
+works, cascades, early exits, k-way choices and trees alike. Baselines b (`baseline=`):
+  moving   one moving average of the batch's mean reward (b ← decay·b + (1 − decay)·mean R,
+           updated after the step that used it); kept in `stage.extra`, so a resumed run is exact.
+  learned  one learned scalar per control node, b_q, fitted by the stage's optimiser to the
+           squared error against the rewards of the examples q acted on, and subtracted from
+           q's own term: Σ_q ∇ log π_q(a_q) · (R − b_q). Whether q runs is settled before q
+           acts, so b_q adds no bias; it is the expected reward of the examples that reach q
+           (the hard ones, for a late stop node). Started at the first batch's mean reward.
+  none     b = 0.
+The classifiers learn at the same time from the cross-entropy of the routed output (each
+example trains the head that answered it), the paper's joint training; `freeze=true` trains
+only the control nodes (the ANN setting Guan et al. compare against): the function nodes are
+left out of the optimiser and kept in eval mode, so neither their weights nor their batch-norm
+statistics change. `entropy` adds a bonus for the entropy of the control nodes' softmax.
+
+α or a budget: with `budget = 0` (the default) α is `alpha`, fixed. With `budget = b > 0`, α
+starts at `alpha` and follows dual ascent after every step, α ← max(0, α + alpha_step·(mean
+batch cost − b)), so training aims at the budget; then, as with the calibrated baselines, the
+budget is made a cap on the validation split: the returned `OffsetPolicy` adds δ·(k − 1 − r)
+to the score of the action of rank r in each control node's action order (2 actions: δ on
+"stop"), and δ is bisected (`base.calibrate`) to the dearest routing whose mean validation cost
+is at most b. Deciding needs the control nodes' scores on every example: one mode "all" pass
+gives them (as for `ThresholdPolicy`, the reported cost is that of the forced pass that follows).
+
+Guarantees:
+  - Deterministic: the examples' order, the sampled actions (`stage.generator("sample")`) and
+    every update depend only on (seed, stage, epoch, step); α and the baselines live in
+    `stage.extra`, so an interrupted run resumes to the same weights.
+  - Each epoch ends with `stage.end_epoch(score = val_accuracy − α·val_cost_fraction,
+    val_accuracy, val_cost_fraction, alpha, ...)`, validated in argmax mode (d2graph.evaluate).
+  - With `freeze=true` the function nodes' state (weights and buffers) is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..diagnostics import D2GraphError
+from ..evaluate import evaluate
+from ..executor import Executor
+from ..ir import Graph
+from ..schema import Param, Schema
+from .base import LearnedPolicy, Policy, Trainer, _policy, calibrate, register, trainer_error
+# Package-private helpers of the calibrated baselines: eval mode, batching, the table of what
+# every static path costs and predicts on validation (so bisecting δ needs no forward pass).
+from .baselines import _batches, _evaluating, _graph_facts, _table
+
+__all__ = ["BASELINES", "OffsetPolicy", "ReinforceTrainer"]
+
+BASELINES = ("moving", "learned", "none")
+
+
+# --- the calibrated policy ------------------------------------------------------------------
+
+
+@_policy
+class OffsetPolicy(Policy):
+    """The control nodes' own scores, with cheaper actions favoured by `offset`: the action of
+    rank r in a node's action order (`orders[q]`, cheapest first, k actions) gets
+    offset·(k − 1 − r) added to its score, and the argmax is taken. offset = 0 is the nodes'
+    own argmax; a larger offset stops more examples, so the cost never grows with it.
+
+    Example:
+        >>> p = OffsetPolicy(1.0, {"Q": [1, 0]})          # action 1 is Q's "stop"
+        >>> p.actions_at(1.0, {"Q": torch.tensor([[0.5, 0.0], [2.0, 0.0]])})["Q"].tolist()
+        [1, 0]
+    """
+
+    kind = "reinforce"
+
+    def __init__(self, offset: float, orders: Mapping[str, list[int]]):
+        self.offset = float(offset)
+        self.orders = {q: [int(a) for a in o] for q, o in orders.items()}
+
+    def actions_at(self, offset: float, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """int64 CPU [B] per control node, from its scores [B, k] (from a mode "all" pass)."""
+        out = {}
+        for q, s in scores.items():
+            order = self.orders[q]
+            k = len(order)
+            bonus = torch.empty(k, dtype=torch.float64)
+            bonus[torch.tensor(order)] = torch.arange(k - 1, -1, -1, dtype=torch.float64)
+            out[q] = (s.detach().double().cpu() + offset * bonus).argmax(1)
+        return out
+
+    def decide(self, executor, x, y=None, generator=None):
+        with torch.no_grad():
+            scores = executor(x, mode="all").scores
+        return self.actions_at(self.offset, scores)
+
+    def state(self) -> dict[str, Any]:
+        return {"offset": self.offset, "orders": {q: list(o) for q, o in self.orders.items()}}
+
+    def describe(self) -> str:
+        return f"reinforce: the control nodes' scores, cheaper actions favoured by {self.offset:+.6g} per rank"
+
+
+# --- the trainer ----------------------------------------------------------------------------
+
+
+@register
+class ReinforceTrainer(Trainer):
+    """Guan et al.'s joint REINFORCE training of the routing and the classifiers."""
+
+    name, role = "reinforce", "policy"
+    schema = Schema("reinforce", (
+        Param("epochs", "posint", 5, doc="passes over the training split"),
+        Param("alpha", "number", 0.5,
+              doc="α, the price of computation: reward = −loss − α·cost, the cost as a fraction of the "
+                  "full graph's (with a budget: α's starting value)"),
+        Param("budget", "fraction", 0.0,
+              doc="if > 0: target mean cost on validation, as a fraction of the full graph's cost (α is "
+                  "then adapted and the policy calibrated to it); 0 = a fixed `alpha`"),
+        Param("alpha_step", "number", 0.1,
+              doc="step of α's dual ascent when budget > 0: α ← max(0, α + alpha_step·(batch cost − budget))"),
+        Param("baseline", "choice", "moving", choices=BASELINES,
+              doc="b in (R − b): a moving average of the reward, a learned value per control node, or none"),
+        Param("decay", "fraction", 0.9, doc="weight of the old value in the moving-average baseline"),
+        Param("freeze", "bool", False,
+              doc="train the control nodes only, keeping the classifiers (function nodes) as they are"),
+        Param("entropy", "number", 0.0, doc="weight of a bonus for the entropy of the control nodes' choices"),
+    ), doc="stop policies and classifiers trained jointly with REINFORCE on −loss − α·cost (Guan et al.)")
+
+    def __init__(self, **params: Any):
+        bound, diags = self.schema.bind([], [(k, v, None, None) for k, v in params.items()], what="trainer")
+        if any(d.is_error for d in diags):
+            raise D2GraphError(diags)
+        for key in ("alpha", "alpha_step", "entropy"):
+            if bound[key] < 0:
+                raise trainer_error(self.name, f"{key}={bound[key]} is negative",
+                                    help=f"`{key}` is a weight: give 0 or more")
+        super().__init__(**bound)
+
+    def check_graph(self, graph: Graph) -> None:
+        if not graph.control_nodes:
+            raise trainer_error(self.name, "the graph has no control node whose routing could be learned",
+                                help="use `supervised` alone (or `static`) for a graph without control nodes")
+        if not any(p.requires_grad for q in graph.control_nodes for p in _module_parameters(graph, q.name)):
+            raise trainer_error(self.name, "no control node has weights to learn",
+                                help="give a control node a layer with weights, e.g. `control Q = fc(2)`")
+
+    def fit(self, executor: Executor, data, stage) -> Policy:
+        graph = executor.graph
+        self.check_graph(graph)
+        p = self.params
+        controls = [q.name for q in graph.control_nodes]
+        output = graph.outputs[0].name
+        freeze, budget, mode = bool(p["freeze"]), float(p["budget"]), str(p["baseline"])
+        executor.to(stage.device)
+        control_params = [w for name, m in executor.nodes.items() if graph[name].kind == "control"
+                          for w in m.parameters()]
+        function_modules = [m for name, m in executor.nodes.items() if graph[name].kind != "control"]
+        function_params = [w for m in function_modules for w in m.parameters()]
+
+        # Trainer state that a resumed run must find again, in stage.extra.
+        extra = stage.extra
+        extra.setdefault("alpha", float(p["alpha"]))
+        extra.setdefault("baseline", None)  # moving: None until the first batch
+        values = None
+        if mode == "learned":
+            start = extra.get("values")
+            values = torch.nn.Parameter(torch.zeros(len(controls), device=stage.device) if start is None
+                                        else start.detach().clone().to(stage.device))
+            extra["values"] = values.detach()  # shares storage: a checkpoint sees the current values
+            extra.setdefault("values_started", start is not None)
+        groups = [{"params": control_params + ([] if freeze else function_params)}]
+        if values is not None:
+            groups.append({"params": [values]})
+        optimizer = stage.optimizer(groups)
+
+        frozen = [w for w in function_params if w.requires_grad] if freeze else []
+        for w in frozen:  # no gradient is needed through the classifiers' weights
+            w.requires_grad_(False)
+        try:
+            for epoch in stage.epochs(p["epochs"]):
+                executor.train()
+                if freeze:
+                    for m in function_modules:
+                        m.eval()
+                # The epoch's sums of rewards, costs and examples, in extra: an epoch resumed
+                # half-way logs what the uninterrupted epoch would have.
+                if extra.get("totals", {}).get("epoch") != epoch:
+                    extra["totals"] = {"epoch": epoch, "sums": [0.0, 0.0, 0]}
+                totals = extra["totals"]["sums"]
+                for x, y in stage.batches(data.train, epoch):
+                    reward, cost = self._step(executor, x, y, stage, optimizer, controls, output, values)
+                    totals[0] += float(reward.sum())
+                    totals[1] += float(cost.sum())
+                    totals[2] += len(y)
+                alpha = extra["alpha"]
+                report = evaluate(executor, data.val, LearnedPolicy(), classes=data.classes,
+                                  batch=max(stage.batch, 256), split="val")
+                n = max(totals[2], 1)
+                stage.end_epoch(score=report.accuracy - alpha * report.cost_fraction,
+                                val_accuracy=round(report.accuracy, 6),
+                                val_cost_fraction=round(report.cost_fraction, 6), alpha=round(alpha, 6),
+                                train_reward=round(totals[0] / n, 6), train_cost_fraction=round(totals[1] / n, 6))
+        finally:
+            for w in frozen:
+                w.requires_grad_(True)
+        if budget > 0:
+            return self._calibrate(executor, data, stage)
+        return LearnedPolicy()
+
+    def _step(self, executor: Executor, x: Tensor, y: Tensor, stage, optimizer, controls: list[str],
+              output: str, values: torch.nn.Parameter | None) -> tuple[Tensor, Tensor]:
+        """One REINFORCE step; returns the batch's rewards and cost fractions (detached)."""
+        p, extra = self.params, stage.extra
+        alpha = extra["alpha"]
+        r = executor(x, mode="sample", generator=stage.generator("sample"))
+        # Read everything the loss needs before backward (Result builds these lazily).
+        ce = F.cross_entropy(r.outputs[output].float(), y, reduction="none")
+        cost = r.cost_fraction.to(ce.dtype)
+        reward = (-ce - alpha * cost).detach()
+        log_probs = torch.stack([r.log_probs[q] for q in controls], 1)  # [B, Q], 0 where q did not act
+        acted = torch.stack([r.actions[q] >= 0 for q in controls], 1).to(ce.dtype)
+        loss = ce.new_zeros(())
+        if values is not None:
+            if not extra["values_started"]:  # start each b_q at its examples' mean reward
+                with torch.no_grad():
+                    seen = acted.sum(0)
+                    values.copy_(torch.where(seen > 0, (reward[:, None] * acted).sum(0) / seen.clamp(min=1),
+                                             reward.mean()))
+                extra["values_started"] = True
+            advantage = reward[:, None] - values.detach()[None, :]
+            loss = loss - (advantage * log_probs).sum(1).mean()
+            loss = loss + ((reward[:, None] - values[None, :]) ** 2 * acted).sum() / acted.sum().clamp(min=1)
+        else:
+            b = 0.0
+            if p["baseline"] == "moving":
+                b = extra["baseline"] if extra["baseline"] is not None else float(reward.mean())
+            loss = loss - ((reward - b) * log_probs.sum(1)).mean()
+        if p["entropy"] > 0:
+            scores = r.scores
+            entropy = sum((-(F.softmax(scores[q].float(), 1) * F.log_softmax(scores[q].float(), 1)).sum(1)
+                           * acted[:, i]) for i, q in enumerate(controls))
+            loss = loss - p["entropy"] * entropy.mean()
+        if not p["freeze"]:
+            loss = loss + ce.mean()  # the classifiers learn from the routed output (joint training)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        mean_reward, mean_cost = float(reward.mean()), float(cost.mean())
+        if p["baseline"] == "moving":  # after the step, so a batch's baseline never saw its own rewards
+            old = extra["baseline"]
+            extra["baseline"] = mean_reward if old is None else p["decay"] * old + (1 - p["decay"]) * mean_reward
+        if p["budget"] > 0:  # dual ascent on the cost constraint
+            extra["alpha"] = max(0.0, alpha + p["alpha_step"] * (mean_cost - p["budget"]))
+        stage.step(loss=-mean_reward, n=len(y))  # train_loss: the mean of CE + α·cost
+        return reward, cost
+
+    def _calibrate(self, executor: Executor, data, stage) -> OffsetPolicy:
+        """δ bisected so that the mean validation cost is at most the budget (a cap)."""
+        graph = executor.graph
+        _, order = _graph_facts(graph)
+        policy = OffsetPolicy(0.0, order)
+        with _evaluating(executor):
+            parts = [executor(x.to(stage.device), mode="all").scores for x, _ in _batches(data.val, stage.batch)]
+            scores = {q: torch.cat([s[q].double().cpu() for s in parts]) for q in order}
+            table = _table(executor, data.val, stage)
+        # Past this offset every node takes its cheapest (or, negated, its dearest) action.
+        spread = max(float((s.max(1).values - s.min(1).values).max()) for s in scores.values())
+        bound = spread + 1.0
+        # calibrate wants a cost that grows with its parameter: t = −δ.
+        t, cost = calibrate(lambda t: table.mean_cost(policy.actions_at(-t, scores)), self.params["budget"],
+                            -bound, bound)
+        policy.offset = -t
+        cost_rows, right = table.outcome(policy.actions_at(policy.offset, scores), np.arange(len(data.val)))
+        stage.log(offset=policy.offset, val_cost_fraction=float(cost_rows.mean()), val_accuracy=float(right.mean()),
+                  alpha=stage.extra["alpha"])
+        return policy
+
+
+def _module_parameters(graph: Graph, name: str) -> list[torch.nn.Parameter]:
+    """The parameters node `name` would have when compiled (its layers, built on the CPU)."""
+    from ..layers import build_layer
+
+    node = graph[name]
+    with torch.random.fork_rng(devices=[]):  # building layers draws weights: keep the caller's stream
+        return [w for layer in node.layers
+                for w in build_layer(layer.name, layer.kwargs, layer.in_shape).parameters()]

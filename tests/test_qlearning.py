@@ -1,0 +1,274 @@
+"""The `qlearning` trainer (D²NN): the mini-bag reward and the ε schedule, a known answer on a
+synthetic task, λ trading cost for accuracy, determinism and exact resume, parameter
+mistakes, and a few steps of every D²NN example."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import d2graph
+from d2graph.data import Splits
+from d2graph.diagnostics import D2GraphError
+from d2graph.evaluate import per_example
+from d2graph.executor import compile
+from d2graph.runs import Interrupted, Run, Stage, Trained, _seed, resolve, train
+from d2graph.trainers import LearnedPolicy
+from d2graph.trainers.qlearning import QLearning, bag_reward, epsilon_at
+
+from .conftest import ROOT
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The synthetic graph's layers are a few numbers wide: a second intra-op thread only
+    adds synchronisation, and on a busy 2-core machine its spinning made the file 3× slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- the reward and the schedule ------------------------------------------------------------
+
+
+def test_bag_reward_is_lambda_accuracy_plus_efficiency_per_bag():
+    prediction = torch.tensor([1, 0, 2, 2, 0, 0, 9])  # the 7th example is left over (m = 3)
+    label = torch.tensor([1, 0, 0, 2, 1, 1, 9])
+    cost = torch.tensor([0.2, 0.2, 0.8, 1.0, 0.1, 0.1, 0.5], dtype=torch.float64)
+    r = bag_reward(prediction, label, cost, 3, 0.25, "accuracy")
+    expected = [0.25 * 2 / 3 + 0.75 * (1 - 0.4), 0.25 * 1 / 3 + 0.75 * (1 - 0.4)]
+    assert r.dtype == torch.float32 and r.tolist() == pytest.approx(expected)
+
+
+def test_bag_reward_f1_is_per_bag_and_an_errorless_bag_without_positives_scores_one():
+    prediction = torch.tensor([1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0])
+    label = torch.tensor([1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1])
+    zero = torch.zeros(12, dtype=torch.float64)
+    # bag 1: tp 1, one false positive -> 2/3; bag 2: nothing to find, nothing wrong -> 1;
+    # bag 3: no true positive -> 0
+    assert bag_reward(prediction, label, zero, 4, 1.0, "f1").tolist() == pytest.approx([2 / 3, 1.0, 0.0])
+    assert bag_reward(prediction, label, zero, 4, 1.0, "accuracy").tolist() == pytest.approx([0.75, 1.0, 0.0])
+
+
+def test_epsilon_falls_linearly_per_step_then_stays():
+    assert epsilon_at(0, 10, 1.0, 0.1, 2) == 1.0
+    assert epsilon_at(10, 10, 1.0, 0.1, 2) == pytest.approx(0.55)
+    assert epsilon_at(20, 10, 1.0, 0.1, 2) == pytest.approx(0.1)
+    assert epsilon_at(500, 10, 1.0, 0.1, 2) == pytest.approx(0.1)
+    assert epsilon_at(0, 10, 1.0, 0.1, 0) == 0.1  # no decay: ε_end from the start
+
+
+# --- a synthetic task with a known answer ---------------------------------------------------
+
+# x = [flag, the one-hot class A sees (4), the true class one-hot (4), 4 distractors].
+# A, cheap, reads the first one-hot: the true class on flagged examples, a wrong one elsewhere.
+# B, three times dearer, reads the true class. Their weights are set by hand and `mix=0`
+# keeps them so, so the best routing is known exactly: with cost fractions 0.25 (A) and
+# 0.75 (B) an example's share of the reward is λ·correct + (1 − λ)·(1 − cost):
+#   λ = 0.1: A everywhere;  λ = 0.5 and 0.9: A on flagged examples, B on the others.
+SYNTHETIC = """
+graph bag {
+  input x [13]
+  output y
+  node A [cost=1] = fc(4)
+  node B [cost=3] = fc(4)
+  control Q [cost=0] = fc(2)
+  x -> A, B, Q
+  Q => A | B
+  A, B -> y [default=0]
+  train {
+    data = npz(path="bag.npz")  # not read: the tests hand the arrays in (`start`)
+    lr = 0.01
+    batch = 64
+    stage policy = qlearning(epochs=24, lambda=0.5, minibag=8, epsilon_end=0.1, epsilon_decay=12, mix=0)
+  }
+}
+"""
+
+
+def _examples(n: int, rng: np.random.Generator):
+    y = rng.integers(0, 4, n)
+    flag = rng.random(n) < 0.5
+    shown = np.where(flag, y, (y + 1 + rng.integers(0, 3, n)) % 4)  # never the true class when unflagged
+    x = np.zeros((n, 13), np.float32)
+    x[:, 0] = flag
+    x[np.arange(n), 1 + shown] = 1
+    x[np.arange(n), 5 + y] = 1
+    x[:, 9:] = rng.normal(size=(n, 4))
+    return TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), flag
+
+
+@functools.lru_cache(maxsize=1)
+def _synthetic():
+    rng = np.random.default_rng(0)
+    (train_set, _), (val_set, val_flag), (test_set, _) = (_examples(n, rng) for n in (1024, 512, 256))
+    graph, diags = d2graph.check(SYNTHETIC)
+    assert not [d for d in diags if d.severity == "error"], diags
+    return graph, Splits("synthetic", train_set, val_set, test_set, 4, (13,)), val_flag
+
+
+def _hand_set(graph, seed: int):
+    torch.manual_seed(_seed(seed, -1))  # as `train` initialises a fresh executor
+    executor = compile(graph)
+    with torch.no_grad():
+        for name, first in (("A", 1), ("B", 5)):
+            fc = executor.nodes[name][0]
+            fc.weight.zero_()
+            fc.bias.zero_()
+            fc.weight[:, first:first + 4] = torch.eye(4)
+    return executor
+
+
+def _fit(lam: float = 0.5, *, seed: int = 0, overrides=(), run: Run | None = None, resume: bool = False):
+    graph, data, _ = _synthetic()
+    config = resolve(graph, [f"seed={seed}", f"policy.lambda={lam}", *overrides])
+    start = Trained(_hand_set(graph, seed), LearnedPolicy(), data, config, None)
+    return train(graph, config, run, resume=resume, quiet=True, echo=None, start=start)
+
+
+@functools.lru_cache(maxsize=None)
+def _sweep(lam: float):
+    trained = _fit(lam)
+    rows = per_example(trained.executor, trained.data.val)
+    return trained, rows
+
+
+def test_the_policy_learns_the_known_routing():
+    trained, rows = _sweep(0.5)
+    _, _, flag = _synthetic()
+    assert isinstance(trained.policy, LearnedPolicy)
+    cheap = rows["action.Q"] == 0
+    agreement = float(np.mean(cheap == flag))
+    print(f"agreement with the known routing at λ=0.5: {agreement:.1%}")
+    assert agreement >= 0.95
+    assert trained.reports["val"].accuracy >= 0.95  # so it is right where it is cheap
+    # mix=0 froze the function nodes: still the hand-set weights
+    reference = _hand_set(_synthetic()[0], 0)
+    for name in ("A", "B"):
+        assert torch.equal(trained.executor.nodes[name][0].weight, reference.nodes[name][0].weight)
+
+
+def test_more_weight_on_accuracy_never_makes_the_policy_cheaper():
+    costs = [_sweep(lam)[0].reports["val"].cost_fraction for lam in (0.1, 0.5, 0.9)]
+    print("validation cost fraction at λ = 0.1, 0.5, 0.9:", [round(c, 4) for c in costs])
+    assert costs[0] <= costs[1] + 0.01 <= costs[2] + 0.02
+    assert costs[0] <= 0.27 and costs[2] >= 0.45  # λ = 0.1 takes A everywhere; 0.9 pays for B
+
+
+def test_the_same_seed_gives_the_same_weights_and_another_seed_does_not():
+    short = ["policy.epochs=2"]
+    a, b, c = _fit(overrides=short), _fit(overrides=short), _fit(seed=1, overrides=short)
+    sa, sb, sc = (t.executor.state_dict() for t in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["nodes.Q.0.weight"], sc["nodes.Q.0.weight"])
+    assert not torch.equal(sa["nodes.Q.0.weight"], _hand_set(_synthetic()[0], 0).state_dict()["nodes.Q.0.weight"])
+
+
+def test_an_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
+    graph = _synthetic()[0]
+    short = ["policy.epochs=3", "policy.epsilon_decay=2", "policy.mix=0.5"]  # ε changes within epochs
+
+    def run(name):
+        config = resolve(graph, ["policy.lambda=0.5", *short])
+        return Run.create(graph, SYNTHETIC, config, out=tmp_path / name)
+
+    whole = _fit(overrides=short, run=run("whole"))
+    cut = run("cut")
+    real_step = Stage.step
+
+    def step(self, loss, n):  # Ctrl-C during the 6th step of the second epoch
+        real_step(self, loss, n)
+        if self.epoch == 1 and self.steps_done == 5:
+            self.session.stop.set = True
+
+    monkeypatch.setattr(Stage, "step", step)
+    with pytest.raises(Interrupted):
+        _fit(overrides=short, run=cut)
+    monkeypatch.undo()
+    resumed = _fit(overrides=short, run=Run.open(cut.folder), resume=True)
+    sw, sr = whole.executor.state_dict(), resumed.executor.state_dict()
+    assert all(torch.equal(sw[k], sr[k]) for k in sw)
+    rows = (tmp_path / "whole" / "metrics.jsonl").read_text()
+    assert rows == (cut.folder / "metrics.jsonl").read_text()
+    logged = [r for r in Run.open(tmp_path / "whole").rows() if r.get("trainer") == "qlearning"]
+    assert [r["epsilon"] for r in logged] == pytest.approx([0.1 + 0.9 * 17 / 32, 0.1 + 0.9 / 32, 0.1])  # ε_end = 0.1 in SYNTHETIC
+    assert all(r["train_reward"] is not None for r in logged)
+
+
+# --- mistakes -------------------------------------------------------------------------------
+
+
+def _codes(excinfo) -> list[str]:
+    return [d.code for d in excinfo.value.diagnostics]
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("policy.minibag=65", "does not fit in a batch of 64"),
+    ("policy.metric=f1", "needs a binary task"),
+    ("policy.mix=-1", "`mix` must not be negative"),
+    ("policy.lr_scale=0", "`lr_scale` must be positive"),
+])
+def test_mistakes_are_E921_before_any_step(override, fragment):
+    with pytest.raises(D2GraphError) as e:
+        _fit(overrides=[override])
+    assert _codes(e) == ["E921"] and fragment in e.value.diagnostics[0].message
+
+
+def test_a_graph_without_control_nodes_is_refused():
+    graph, _ = d2graph.check("graph g {\n input x [4]\n output y\n node A = fc(2)\n x -> A -> y\n}\n")
+    with pytest.raises(D2GraphError) as e:
+        QLearning().check_graph(graph)
+    assert _codes(e) == ["E921"] and "no control node" in e.value.diagnostics[0].message
+
+
+def test_unknown_parameters_are_caught_by_the_checker():
+    text = SYNTHETIC.replace("lambda=0.5", "lamda=0.5")
+    _, diags = d2graph.check(text)
+    assert any("did you mean `lambda`" in d.message for d in diags)
+
+
+# --- the D²NN examples ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("example, data", [
+    ("high_low", []),
+    ("high_low", ["data.binary=3"]),  # two classes: the reward's A is F1
+    ("cascade", []),
+    ("chain", []),
+    ("hierarchy", []),  # several leaves may run for one example
+])
+def test_every_d2nn_example_trains_a_few_steps(example, data, tmp_path):
+    path = ROOT / "examples" / f"{example}.d2"
+    graph = d2graph.load(path)
+    config = resolve(graph, ["data.n=300", "batch=32", *data])
+    config.stages = [{"name": "policy", "trainer": "qlearning", "params": {"epochs": 1, "minibag": 16}}]
+    before = {k: v.clone() for k, v in _fresh_weights(graph, config).items()}
+    run = Run.create(graph, path.read_text(), config, out=tmp_path / "run")
+    trained = train(graph, config, run, quiet=True, echo=None)
+    (row,) = [r for r in run.rows() if r.get("trainer") == "qlearning"]
+    assert math.isfinite(row["train_loss"]) and row["train_loss"] >= 0
+    assert 0 <= row["val_cost_fraction"] <= 1 and 0 <= row["val_accuracy"] <= 1
+    assert row["epsilon"] == pytest.approx(1 - 0.95 * 6 / 35)  # step 6 of 7; the decay spans 5 epochs
+    assert ("val_f1" in row) == bool(data)
+    assert isinstance(trained.policy, LearnedPolicy)
+    report = trained.reports["val"]
+    for q in graph.control_nodes:  # the control nodes route every example they reach
+        assert sum(report.action_rates[q.name]) == pytest.approx(1.0)
+        assert not torch.equal(_first_weight(before, q.name), _first_weight(trained.executor.state_dict(), q.name))
+    # mix=1 (the default): the function nodes learned on the routed runs too
+    assert not torch.equal(_first_weight(before, "N1"), _first_weight(trained.executor.state_dict(), "N1"))
+
+
+def _fresh_weights(graph, config):
+    torch.manual_seed(_seed(int(config.settings["seed"]), -1))  # what `train` starts from
+    return compile(graph).state_dict()
+
+
+def _first_weight(state, node: str) -> torch.Tensor:
+    return next(v for k, v in state.items() if k.startswith(f"nodes.{node}.") and k.endswith("weight"))
