@@ -8,7 +8,8 @@ other packages, declared under the entry-point group "d2graph.trainers" (each en
 names a `Trainer` subclass), are registered then too. A plugin that fails to load is
 reported as a warning and left out; it never breaks d2graph itself.
 One module per trainer family: supervised.py (function nodes), baselines.py (threshold,
-uniform, oracle, static). The protocol is in base.py and docs/trainers.md.
+uniform, oracle, static), qlearning.py (D²NN), reinforce.py (Guan et al.), costsensitive.py
+(ANN, Bolukbasi et al.), eenet.py (EENet). The protocol is in base.py and docs/trainers.md.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import warnings
 from importlib.metadata import entry_points
 
-from . import baselines, eenet, qlearning, reinforce, supervised  # noqa: F401  (register the built-in trainers)
+from . import baselines, costsensitive, eenet, qlearning, reinforce, supervised  # noqa: F401  (register the built-in trainers)
 from .base import POLICIES, LearnedPolicy, Policy, StaticPolicy, Trainer, load_policy, register, run_policy, \
     save_policy
 

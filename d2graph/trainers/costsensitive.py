@@ -1,0 +1,498 @@
+"""The `costsensitive` trainer: the ANN paper's learned policies (Bolukbasi et al., ICML 2017).
+
+In:  a compiled `Executor` whose function nodes are trained (a `supervised` stage came first),
+     the data (`d2graph.data.Splits`: `train` to learn the policies, `val` to meet the budget)
+     and a stage context (`batch`, `device`, `generator(*key)`, `log(**metrics)`).
+Out: the control nodes' own weights, trained in place, and `LearnedPolicy()`: from then on
+     every control node routes by the argmax of its scores. Function nodes are not touched.
+Guarantees:
+  - Algorithm 1 of the paper on any graph the language can express: control nodes are
+    trained one at a time, deepest first (reverse topological order, so every control node
+    below the one being trained already has its policy). For the node j being trained, the
+    cost of action a for example i is
+        c[i, a] = λ · (L[i, a] − min_b L[i, b])₊ + F[i, a]
+    where L[i, a] is the loss of the graph's prediction when j takes a, the control nodes
+    below j decide with their trained argmax and the control nodes above j (not trained
+    yet) take the actions of the cheapest static path through j, so that every example
+    reaches j; F[i, a] is the cost fraction of that whole route (Result.cost_fraction).
+    The loss is the 0/1 error (`loss=error`, the paper's) or the cross-entropy of the
+    output's scores (`loss=cross_entropy`). Min over j's own actions is "the best prediction
+    reachable from j" (Eqs. 5, 7, 9 use the full network's loss; with that reference an
+    example that only a middle network gets right would be sent to the cheapest one).
+  - Two actions: importance-weighted binary classification (Eqs. 4, 5, 7): label the
+    cheaper action, weight |c[i,0] − c[i,1]|, a weighted cross-entropy on the node's two
+    scores. k actions (Eq. 9, cost-sensitive multiclass), `multiclass=`:
+        expected     the softmax's expected cost Σ_a p_a · c[i, a] (default)
+        argmin       cross-entropy to argmin_a c[i, a], weighted by the gap to the second best
+        filter_tree  the filter tree of the paper's reduction on the node's own scores: the
+                     binary classifier between actions a and b is s_a − s_b; each internal
+                     node of a tree over the action order (cheapest first) is trained on the
+                     winners of its subtrees, label the cheaper of the two, weight their cost
+                     difference. The tree's winner is the argmax of the scores.
+  - Learned from caches, computed once per split (train, val) with one forced pass per static
+    path: every path's loss and correctness for every example, its cost fraction, and each
+    control node's input (taken on the cheapest path through it). Routing a combination of
+    actions is then a table lookup (`route` prices an unseen combination without calling a
+    layer), and training a policy is Adam (`lr`) on its node's pipeline over the cached
+    inputs, `epochs` passes in steps of an eighth of the split (256 to 4096 examples):
+    thousands of examples take well under a second per control node on a CPU.
+  - Budgets: `lambda=λ` (≥ 0) trains once at that trade-off. Otherwise (`lambda` < 0, the
+    default) λ is bisected on a log scale in [0, 1000] (10^(6t−3) − 10^−3, t ∈ [0, 1]), each
+    candidate retraining every policy, so that the mean validation cost is the dearest
+    within `budget`; then one offset t is added to every control node's final bias, t times
+    the action's rank in the action order over (k − 1), and bisected on validation so the
+    mean cost meets the budget closely (a cap, as for the baselines). Control nodes whose
+    pipeline does not end in an `fc` with a bias get no offset.
+  - Deterministic: every candidate λ restarts from the control nodes' initial weights; the
+    order of examples and any dropout draw from generators seeded by the stage; the caller's
+    global torch random state is left as it was.
+  - A control node's input is read on the cheapest route to it. When it differs on another
+    route (a `select` or a default between branches above it) the policy is trained on that
+    one route's inputs; such nodes are logged (`approximate`), and the reported validation
+    cost is always the real executor's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..diagnostics import D2GraphError
+from ..executor import Executor, route
+from ..schema import Param, Schema
+from .base import LearnedPolicy, Trainer, action_order, budget_param, calibrate, register, trainer_error
+
+__all__ = ["CostSensitiveTrainer", "LOSSES", "MULTICLASS", "lambda_at"]
+
+LOSSES = ("error", "cross_entropy")
+MULTICLASS = ("expected", "argmin", "filter_tree")
+
+LAMBDA_STEPS = 6  # bisection steps on λ (each one retrains every policy; the offset then meets the budget)
+OFFSET_STEPS = 40  # bisection steps on the final offset (a table lookup each)
+# Examples per policy step: an eighth of the training split, within these bounds, so that
+# every epoch takes about eight Adam steps whatever the split's size.
+_BATCH = (256, 4096)
+
+
+def lambda_at(t: float) -> float:
+    """The λ bisected for a budget: 0 at t = 0, 10^(6t − 3) − 10^−3 up to ≈ 1000 at t = 1.
+
+    Example:
+        >>> lambda_at(0.0), round(lambda_at(0.5), 3)
+        (0.0, 0.999)
+    """
+    return 10.0 ** (6.0 * t - 3.0) - 1e-3
+
+
+# --- the caches -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _evaluating(executor: Executor) -> Iterator[None]:
+    """Eval mode and no autograd. Not inference_mode: the cached inputs train a policy later."""
+    was_training = executor.training
+    executor.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        executor.train(was_training)
+
+
+def _contains(rows, r: int) -> bool:
+    return rows.index is None or bool(np.isin(r, rows.index))
+
+
+class _SplitCache:
+    """What every route does on one split, computed once.
+
+    `loss[p]`, `correct[p]`: float64 / bool [N], path p's loss and correctness per example;
+    `fraction[p]`: its cost as a fraction of the full graph's; `inputs[q]`: control node q's
+    input for every example, captured (a forward pre-hook on its pipeline) in the forced
+    pass of the cheapest path through q. `paths(matrix)` maps rows of actions (one column
+    per control node) to path indices; a combination not seen yet is priced with `route`
+    and, if it runs a set of nodes no known path runs, that path is run and added."""
+
+    def __init__(self, executor: Executor, dataset, batch: int, device: torch.device, loss: str,
+                 paths: list[tuple[dict[str, int], tuple[str, ...]]]):
+        self.executor, self.graph = executor, executor.graph
+        self.x, self.y = dataset.tensors[0], dataset.tensors[1]
+        self.n = len(self.y)
+        self.batch, self.device, self.kind = batch, device, loss
+        self.controls = [q.name for q in self.graph.control_nodes]
+        self.units = [n.name for n in self.graph.nodes if n.kind not in ("input", "output")]
+        self.output = self.graph.outputs[0].name
+        widths = [len(q.actions) for q in self.graph.control_nodes]
+        self._radix = np.cumprod([1] + widths[:-1]).astype(np.int64) if math.prod(widths) < 2**62 else None
+        self.loss: list[np.ndarray] = []
+        self.correct: list[np.ndarray] = []
+        self.fraction: list[float] = []
+        self.inputs: dict[str, Tensor] = {}
+        self.approximate: set[str] = set()
+        self._by_nodes: dict[frozenset[str], int] = {}
+        self._by_combination: dict[tuple[int, ...], int] = {}
+        self._tables: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        cost = {n.name: n.cost for n in self.graph.nodes}
+        for actions, nodes in sorted(paths, key=lambda p: sum(cost[n] for n in p[1])):  # cheapest first
+            self._add(actions, nodes)
+
+    def _forced(self, actions: Mapping[str, int]) -> dict[str, int]:
+        return {q: int(actions.get(q, 0)) for q in self.controls}
+
+    def _add(self, actions: Mapping[str, int], nodes: tuple[str, ...]) -> int:
+        key = frozenset(nodes)
+        if key in self._by_nodes:
+            return self._by_nodes[key]
+        executor, forced = self.executor, self._forced(actions)
+        modules = executor.nodes
+        watched = [q for q in self.controls if q in key and q in modules]
+        parts: dict[str, list[Tensor]] = {q: [] for q in watched}
+        hooks = [modules[q].register_forward_pre_hook(lambda m, args, q=q: parts[q].append(args[0].detach().clone()))
+                 for q in watched]
+        losses, rights = [], []
+        try:
+            with _evaluating(executor):
+                for start in range(0, self.n, self.batch):
+                    x = self.x[start:start + self.batch].to(self.device)
+                    y = self.y[start:start + self.batch].to(self.device)
+                    scores = executor(x, mode="force", actions=forced).outputs[self.output].float()
+                    right = scores.argmax(1) == y
+                    rights.append(right.cpu().numpy())
+                    if self.kind == "cross_entropy":
+                        losses.append(F.cross_entropy(scores, y, reduction="none").double().cpu().numpy())
+                    else:
+                        losses.append((~right).double().cpu().numpy())
+        finally:
+            for h in hooks:
+                h.remove()
+        for q in watched:
+            seen = torch.cat(parts[q])
+            if len(seen) != self.n:  # a forced static path runs q on every example or none
+                raise AssertionError(f"control node {q!r} ran on {len(seen)} of {self.n} examples of a static path")
+            if q not in self.inputs:
+                self.inputs[q] = seen
+            elif seen.shape != self.inputs[q].shape or not torch.allclose(seen, self.inputs[q], rtol=1e-5, atol=1e-6):
+                self.approximate.add(q)
+        self.loss.append(np.concatenate(losses))
+        self.correct.append(np.concatenate(rights))
+        probe = route(executor, {q: torch.tensor([a]) for q, a in forced.items()}, 1)
+        self.fraction.append(float(probe.cost_fraction[0]))
+        self._by_nodes[key] = len(self.fraction) - 1
+        return self._by_nodes[key]
+
+    def _paths_of(self, combinations: np.ndarray) -> np.ndarray:
+        new = [c for c in map(tuple, combinations.tolist()) if c not in self._by_combination]
+        if new:
+            forced = {q: torch.tensor([c[j] for c in new], dtype=torch.long) for j, q in enumerate(self.controls)}
+            routed = route(self.executor, forced, len(new))
+            for r, c in enumerate(new):
+                ran = tuple(name for name in self.units if _contains(routed.rows[name], r))
+                taken = {q: a for q, a in zip(self.controls, c) if q in ran}
+                self._by_combination[c] = self._add(taken, ran)
+        return np.array([self._by_combination[c] for c in map(tuple, combinations.tolist())], dtype=np.int64)
+
+    def paths(self, matrix: np.ndarray) -> np.ndarray:
+        """Path index [N] of each row of actions [N, controls] (row i is example i)."""
+        if self._radix is not None:
+            _, first, inverse = np.unique(matrix @ self._radix, return_index=True, return_inverse=True)
+            combinations = matrix[first]
+        else:
+            combinations, inverse = np.unique(matrix, axis=0, return_inverse=True)
+        return self._paths_of(combinations)[inverse.ravel()]
+
+    def outcome(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(cost fraction float64 [N], loss float64 [N], correct bool [N]) of a routing."""
+        path = self.paths(matrix)  # may add paths, so the tables are stacked after it
+        if self._tables is None or len(self._tables[0]) != len(self.fraction):
+            self._tables = (np.asarray(self.fraction), np.stack(self.loss), np.stack(self.correct))
+        fraction, loss, correct = self._tables
+        rows = np.arange(self.n)
+        return fraction[path], loss[path, rows], correct[path, rows]
+
+
+# --- learning one policy --------------------------------------------------------------------
+
+
+def _weighted_ce(scores: Tensor, costs: Tensor) -> Tensor:
+    """Cross-entropy to the cheapest action, weighted by the gap to the second cheapest
+    (for two actions: importance-weighted binary classification, weight |c0 − c1|)."""
+    ordered = costs.sort(1).values
+    weight = ordered[:, 1] - ordered[:, 0]
+    return (weight * F.cross_entropy(scores, costs.argmin(1), reduction="none")).mean()
+
+
+def _expected_cost(scores: Tensor, costs: Tensor) -> Tensor:
+    return (scores.softmax(1) * (costs - costs.min(1, keepdim=True).values)).sum(1).mean()
+
+
+def _filter_tree(scores: Tensor, costs: Tensor, order: list[int]) -> Tensor:
+    """The filter tree's weighted binary losses, leaves to root, over `order` (cheapest first):
+    at each internal node the winners a, b of its two subtrees (by the current scores) meet;
+    the label is the cheaper, the weight |c_a − c_b|, the classifier s_a − s_b."""
+    n = scores.shape[0]
+    slots = [torch.full((n,), a, dtype=torch.long, device=scores.device) for a in order]
+    total = scores.new_zeros(())
+    while len(slots) > 1:
+        winners = []
+        for i in range(0, len(slots) - 1, 2):
+            a, b = slots[i][:, None], slots[i + 1][:, None]
+            margin = (scores.gather(1, a) - scores.gather(1, b))[:, 0]
+            ca, cb = costs.gather(1, a)[:, 0], costs.gather(1, b)[:, 0]
+            total = total + ((ca - cb).abs() * F.binary_cross_entropy_with_logits(
+                margin, (ca <= cb).to(margin.dtype), reduction="none")).mean()
+            winners.append(torch.where(margin.detach() >= 0, slots[i], slots[i + 1]))
+        if len(slots) % 2:
+            winners.append(slots[-1])
+        slots = winners
+    return total
+
+
+def _last_bias(module: nn.Module, k: int) -> Tensor | None:
+    """The bias of the control node's final `fc`, where its scores come straight from one."""
+    last = module[-1] if isinstance(module, nn.Sequential) and len(module) else module
+    if isinstance(last, nn.Linear) and last.bias is not None and last.bias.shape == (k,):
+        return last.bias
+    return None
+
+
+@register
+class CostSensitiveTrainer(Trainer):
+    """Bolukbasi et al.'s policies: cost-sensitive classification per control node, deepest first."""
+
+    name, role = "costsensitive", "policy"
+    schema = Schema("costsensitive", (
+        budget_param(0.5),
+        Param("lambda", "number", -1,
+              doc="trade-off λ between loss and cost; < 0: bisect λ so the validation cost meets `budget`"),
+        Param("loss", "choice", "error", choices=LOSSES,
+              doc="the loss priced by λ: 0/1 error (the paper's) or the output's cross-entropy"),
+        Param("multiclass", "choice", "expected", choices=MULTICLASS,
+              doc="k > 2 actions: softmax expected cost, weighted cross-entropy to the cheapest, or a filter tree"),
+        Param("epochs", "posint", 30, doc="passes over the cached training inputs per policy and λ"),
+        Param("lr", "number", 0.05, doc="Adam's learning rate for the control nodes"),
+    ), doc="learned policies, deepest first, by cost-sensitive classification (Bolukbasi et al., ANN)")
+
+    def __init__(self, **params: Any):
+        bound, diags = self.schema.bind([], [(k, v, None, None) for k, v in params.items()], what="trainer")
+        if any(d.is_error for d in diags):
+            raise D2GraphError(diags)
+        if bound["lambda"] < 0 and not bound["budget"] > 0:
+            raise trainer_error(self.name, f"budget={bound['budget']} leaves nothing to spend",
+                                help="give a budget above 0 (a fraction of the full graph's cost), or a "
+                                     "trade-off `lambda` ≥ 0 instead")
+        if not bound["lr"] > 0:
+            raise trainer_error(self.name, f"lr={bound['lr']} cannot learn", help="give a learning rate above 0, e.g. lr=0.01")
+        super().__init__(**bound)
+
+    def check_graph(self, graph, executor: Executor | None = None) -> None:
+        if not graph.control_nodes:
+            raise trainer_error(self.name, "the graph has no control node to learn a policy for",
+                                help="use `static` (or no policy stage) for a graph without control nodes")
+        if executor is None:
+            with torch.random.fork_rng(devices=[]):
+                executor = Executor(graph)  # only to see which control nodes have parameters
+        for q in graph.control_nodes:
+            if q.name not in executor.nodes or not any(True for _ in executor.nodes[q.name].parameters()):
+                raise trainer_error(self.name, f"control node `{q.name}` has no parameters to learn",
+                                    help=f"end `{q.name}`'s pipeline with a learnable layer, e.g. "
+                                         f"`control {q.name} = confidence, fc({len(q.actions)})`, or use "
+                                         "`threshold` / `uniform`, which need no weights")
+
+    # --- fit ---
+
+    def fit(self, executor: Executor, data, stage):
+        from ..bench import static_paths  # a sibling stage; imported late to keep start-up light
+
+        started = time.perf_counter()
+        graph = executor.graph
+        self.check_graph(graph, executor)
+        self.controls = [q.name for q in graph.control_nodes]  # topological order
+        self.widths = [len(q.actions) for q in graph.control_nodes]
+        executor.to(stage.device)
+        batch = max(int(stage.batch), 256)  # for the cached forward passes
+        with torch.random.fork_rng(devices=[]):
+            order = action_order(graph)
+            paths = static_paths(graph, executor, max_paths=1 << 30)
+        self.order = order
+        kind = str(self.params["loss"])
+        train = _SplitCache(executor, data.train, batch, stage.device, kind, paths)
+        val = _SplitCache(executor, data.val, batch, stage.device, kind, paths)
+        missing = [q for q in self.controls if q not in train.inputs]
+        if missing:
+            raise trainer_error(self.name, f"no static path found runs control node `{missing[0]}`",
+                                help="the graph has too many combinations of actions to list its paths")
+        cost = {n.name: n.cost for n in graph.nodes}
+        cheapest = {}
+        for actions, nodes in sorted(paths, key=lambda p: sum(cost[n] for n in p[1])):
+            for q in self.controls:
+                if q in nodes and q not in cheapest:
+                    cheapest[q] = actions
+        # Control nodes above j take the actions of the cheapest path through j, so that every
+        # example reaches j; those below decide with their trained policies.
+        self.prefix = {j: {q: int(cheapest[j].get(q, 0)) for q in self.controls[:i]}
+                       for i, j in enumerate(self.controls)}
+        modules = {q: executor.nodes[q] for q in self.controls}
+        initial = {q: copy.deepcopy(m.state_dict()) for q, m in modules.items()}
+        was_training = executor.training
+        g = stage.generator("costsensitive")
+        self.seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=g.device))
+        fits: dict[float, tuple[dict[str, Any], float]] = {}
+
+        def fit_at(lam: float) -> float:
+            """Train every policy at λ (deepest first); the simulated mean validation cost."""
+            if lam not in fits:
+                for q, m in modules.items():
+                    m.load_state_dict(initial[q])
+                self._fit_all(modules, train, lam)
+                states = {q: copy.deepcopy(m.state_dict()) for q, m in modules.items()}
+                fits[lam] = (states, float(val.outcome(self._decisions(modules, val))[0].mean()))
+            return fits[lam][1]
+
+        try:
+            offset = 0.0
+            if self.params["lambda"] >= 0:
+                lam = float(self.params["lambda"])
+                fit_at(lam)
+            else:
+                t, _ = calibrate(lambda t: fit_at(lambda_at(t)), self.params["budget"], 0.0, 1.0, steps=LAMBDA_STEPS)
+                lam = lambda_at(t)
+            for q, m in modules.items():
+                m.load_state_dict(fits[lam][0][q])
+            if self.params["lambda"] < 0:
+                offset = self._calibrate_offset(modules, val, self.params["budget"])
+            simulated = val.outcome(self._decisions(modules, val))
+        finally:
+            executor.train(was_training)
+        cost_fraction, accuracy = _measure(executor, data.val, batch, stage.device)
+        stage.log(**{"lambda": lam, "offset": offset, "val_cost_fraction": cost_fraction, "val_accuracy": accuracy,
+                     "simulated_val_cost_fraction": float(simulated[0].mean()),
+                     "lambdas_tried": len(fits), "approximate": " ".join(sorted(train.approximate | val.approximate)),
+                     "seconds": round(time.perf_counter() - started, 3)})
+        return LearnedPolicy()
+
+    # --- the pieces ---
+
+    def _decisions(self, modules: Mapping[str, nn.Module], cache: _SplitCache) -> np.ndarray:
+        """Every control node's argmax on its cached input: actions [N, controls]."""
+        return np.stack([self._scores(modules[q], cache.inputs[q]).argmax(1).numpy() for q in self.controls], axis=1)
+
+    @staticmethod
+    def _scores(module: nn.Module, x: Tensor) -> Tensor:
+        module.eval()
+        with torch.no_grad():
+            return torch.cat([module(x[i:i + 4096]).float().cpu() for i in range(0, len(x), 4096)])
+
+    def _fit_all(self, modules: Mapping[str, nn.Module], cache: _SplitCache, lam: float) -> None:
+        """Algorithm 1: each control node in reverse topological order, on its action costs."""
+        decided: dict[str, np.ndarray] = {}
+        n = cache.n
+        for i in reversed(range(len(self.controls))):
+            j = self.controls[i]
+            k = self.widths[i]
+            fraction, loss = np.empty((n, k)), np.empty((n, k))
+            for a in range(k):
+                matrix = np.empty((n, len(self.controls)), dtype=np.int64)
+                for c, q in enumerate(self.controls):
+                    matrix[:, c] = a if q == j else decided[q] if q in decided else self.prefix[j][q]
+                fraction[:, a], loss[:, a], _ = cache.outcome(matrix)
+            extra = np.maximum(loss - loss.min(1, keepdims=True), 0.0)  # (·)₊ over the best reachable
+            self._train(modules[j], cache.inputs[j], lam * extra + fraction, self.order[j], i)
+            decided[j] = self._scores(modules[j], cache.inputs[j]).argmax(1).numpy()
+
+    def _train(self, module: nn.Module, x: Tensor, costs: np.ndarray, order: list[int], index: int) -> None:
+        gap = costs.max(1) - costs.min(1)
+        if not gap.max() > 0:
+            return  # every action costs the same for every example: nothing to prefer
+        params = [p for p in module.parameters() if p.requires_grad]
+        device = params[0].device
+        c = torch.from_numpy(costs / gap.mean()).float().to(device)  # unit mean gap: one lr for every λ
+        n, k = c.shape
+        method = "binary" if k == 2 else str(self.params["multiclass"])
+        step = min(max(math.ceil(n / 8), _BATCH[0]), _BATCH[1])
+        optimizer = torch.optim.Adam(params, lr=float(self.params["lr"]))
+        g = torch.Generator().manual_seed(self.seed + 7919 * (index + 1))
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            torch.manual_seed(self.seed + index)  # dropout in a control node's pipeline, if any
+            module.train()
+            for _ in range(int(self.params["epochs"])):
+                perm = torch.randperm(n, generator=g).to(device)
+                for start in range(0, n, step):
+                    idx = perm[start:start + step]
+                    scores = module(x[idx]).float()
+                    if method == "expected":
+                        objective = _expected_cost(scores, c[idx])
+                    elif method == "filter_tree":
+                        objective = _filter_tree(scores, c[idx], order)
+                    else:  # binary, argmin
+                        objective = _weighted_ce(scores, c[idx])
+                    optimizer.zero_grad(set_to_none=True)
+                    objective.backward()
+                    optimizer.step()
+            module.eval()
+
+    def _calibrate_offset(self, modules: Mapping[str, nn.Module], cache: _SplitCache, budget: float) -> float:
+        """One offset t for all control nodes, bias += t · rank / (k − 1), bisected on validation
+        so that the mean cost meets the budget; folded into each node's final bias."""
+        scores = {q: self._scores(modules[q], cache.inputs[q]) for q in self.controls}
+        ranks = {}
+        for q, k in zip(self.controls, self.widths):
+            r = torch.zeros(k)
+            for position, a in enumerate(self.order[q]):
+                r[a] = position / max(k - 1, 1)
+            ranks[q] = r if _last_bias(modules[q], k) is not None else torch.zeros(k)
+        if not any(bool(r.any()) for r in ranks.values()):
+            return 0.0
+        spread = max(float(s.max() - s.min()) * max(k - 1, 1) for s, k in zip(scores.values(), self.widths))
+        reach = spread + 1.0
+
+        def actions(t: float) -> np.ndarray:
+            return np.stack([(scores[q] + t * ranks[q]).argmax(1).numpy() for q in self.controls], axis=1)
+
+        # A higher t moves every node's argmax toward dearer actions (never cheaper ones).
+        t, _ = calibrate(lambda t: float(cache.outcome(actions(t))[0].mean()), budget, -reach, reach,
+                         steps=OFFSET_STEPS)
+        # The bisection stops next to the offset where some example changes its route; the
+        # middle of the interval of offsets that route every example the same is as cheap
+        # and safe from rounding (the executor computes the scores in other batches).
+        low, high = -reach, reach
+        chosen = actions(t)
+        for c, q in enumerate(self.controls):
+            s, r = scores[q].double(), ranks[q].double()
+            a = torch.from_numpy(chosen[:, c])
+            dr = r[None, :] - r[a][:, None]  # r_b − r_a
+            bound = (s.gather(1, a[:, None]) - s) / torch.where(dr == 0, torch.ones_like(dr), dr)
+            if bool((dr > 0).any()):
+                high = min(high, float(bound[dr > 0].min()))
+            if bool((dr < 0).any()):
+                low = max(low, float(bound[dr < 0].max()))
+        if low < high and np.array_equal(actions((low + high) / 2), chosen):
+            t = (low + high) / 2
+        with torch.no_grad():
+            for q, k in zip(self.controls, self.widths):
+                bias = _last_bias(modules[q], k)
+                if bias is not None:
+                    bias.add_((t * ranks[q]).to(bias.device, bias.dtype))
+        return float(t)
+
+
+def _measure(executor: Executor, dataset, batch: int, device: torch.device) -> tuple[float, float]:
+    """The real mean cost fraction and accuracy of the control nodes' argmax on a split."""
+    x_all, y_all = dataset.tensors
+    cost, right = 0.0, 0
+    output = executor.graph.outputs[0].name
+    with _evaluating(executor):
+        for start in range(0, len(y_all), batch):
+            x, y = x_all[start:start + batch].to(device), y_all[start:start + batch].to(device)
+            r = executor(x)
+            cost += float(r.cost_fraction.double().sum())
+            right += int((r.outputs[output].argmax(1) == y).sum())
+    n = max(len(y_all), 1)
+    return cost / n, right / n

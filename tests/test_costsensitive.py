@@ -1,0 +1,300 @@
+"""The `costsensitive` trainer (Bolukbasi et al., ICML 2017) on tasks whose answer is known.
+
+- two exits, where the cheap exit is right exactly on a recognisable subset (s > −0.4):
+  at the budget that subset costs, the learned policy must stop that subset and only it;
+- every budget is met on validation (a cap, within 0.02 below it);
+- a three-way selection with hand-set heads, where each of three groups needs its own
+  network: the learned policy (each multiclass reduction) beats `uniform` at the same budget;
+- the ANN network-selection example (a DAG: Q1 with 3 actions, Q2 below it) trains end to end;
+- the same inputs give the same weights, and the caller's random state is left alone;
+- a control node whose input depends on the route above it is flagged as approximate."""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import d2graph
+from d2graph import runs
+from d2graph.diagnostics import D2GraphError
+from d2graph.evaluate import per_example
+from d2graph.trainers import LearnedPolicy
+from d2graph.trainers.costsensitive import CostSensitiveTrainer, _filter_tree, lambda_at
+
+from .conftest import ROOT
+
+# The cheap exit H1 costs 10, the policy nothing, the deep branch B 90: stopping costs 0.1 of
+# the full graph, continuing 1.0.
+TWO_EXIT = """
+graph two_exit {
+  input x [2]
+  output y [merge=select]
+  node H1 [cost=10] = fc(2)
+  node B [cost=90] = fc(32), relu, fc(32), relu, fc(2)
+  control Q [cost=0] = fc(2)
+  x -> H1, B, Q
+  Q => skip | B
+  B, H1 -> y
+  train {
+    data = npz(path="PATH")
+    lr = 0.01
+    stage backbone = supervised(epochs=15)
+    stage policy = costsensitive(budget=0.37)
+  }
+}
+"""
+
+# Q1 picks a network; Q2 (which runs after B) returns B's answer or runs C too.
+# Paths: A (0.1), B then E2 (0.3), B then C (0.9), C (0.6).
+SELECTION = """
+graph selection {
+  input x [6]
+  output y [merge=select]
+  node A [cost=10] = fc(2)
+  node B [cost=30] = fc(2)
+  node C [cost=60] = fc(2)
+  node E2 = identity
+  control Q1 [cost=0] = fc(3)
+  control Q2 [merge=concat, cost=0] = fc(2)
+  x -> Q1, A, B, C
+  x, B -> Q2
+  B -> E2
+  Q1 => A | B | C
+  Q2 => E2 | C
+  E2, C, A -> y
+  train {
+    data = npz(path="PATH")
+    stage policy = costsensitive(budget=0.34)
+  }
+}
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The policies are tiny: one intra-op thread is as fast, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def subset(x: torch.Tensor) -> np.ndarray:
+    """The examples the cheap exit gets right."""
+    return (x[:, 0] > -0.4).numpy()
+
+
+def stage(logs: list | None = None):
+    sink = logs if logs is not None else []
+    return types.SimpleNamespace(batch=64, device=torch.device("cpu"), seed=0, log=lambda **m: sink.append(m),
+                                 generator=lambda *key: torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def two_exit(tmp_path_factory):
+    """(graph, the result of running the whole train block at the subset's budget).
+
+    x = (s, u) with s uniform in [−1, 1], u normal; the label is [u > 0] where s > −0.4
+    (70% of the examples) and [u < 0] elsewhere. A linear head trained on all of them learns
+    sign(u) (flipping u flips every label, so the best line ignores s): right exactly on the
+    subset. The deep branch learns the whole rule."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    s, u = rng.uniform(-1, 1, n), rng.normal(size=n)
+    y = np.where(s > -0.4, u > 0, u < 0).astype(np.int64)
+    path = tmp_path_factory.mktemp("two_exit") / "two.npz"
+    np.savez(path, x=np.stack([s, u], 1).astype(np.float32), y=y)
+    graph, diags = d2graph.check(TWO_EXIT.replace("PATH", str(path)))
+    assert not diags
+    x_val = runs.load_data(runs.resolve(graph), graph, None).val.tensors[0]
+    budget = round(float(np.where(subset(x_val), 0.1, 1.0).mean()), 4)  # every example on its cheapest right exit
+    trained = runs.train(graph, runs.resolve(graph, [f"stage.policy.budget={budget}"]), None, quiet=True, echo=None)
+    return graph, trained, budget
+
+
+def policy_run(graph, backbone: runs.Trained, **params) -> runs.Trained:
+    """The policy stage alone, with `params`, on a copy of a trained backbone."""
+    config = runs.resolve(graph, [f"stage.policy.{k}={v}" for k, v in params.items()])
+    start = runs.Trained(copy.deepcopy(backbone.executor), LearnedPolicy(), backbone.data, config, None)
+    return runs.train(graph, config, None, quiet=True, echo=None, start=start, stages=slice(1, 2))
+
+
+def test_the_cheap_exits_subset_and_only_it_stops(two_exit):
+    graph, trained, budget = two_exit
+    assert isinstance(trained.policy, LearnedPolicy)
+    assert trained.reports["val"].cost_fraction <= budget + 1e-9
+    for split in ("val", "test"):
+        rows = per_example(trained.executor, trained.data[split])
+        stops = rows["action.Q"] == 0
+        easy = subset(trained.data[split].tensors[0])
+        assert np.mean(stops == easy) >= 0.9, split
+        assert stops[easy].mean() >= 0.9 and (~stops[~easy]).mean() >= 0.9, split
+    assert trained.reports["test"].accuracy >= 0.95
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.5, 0.8])
+def test_budgets_are_met_on_validation(two_exit, budget):
+    graph, trained, _ = two_exit
+    cost = policy_run(graph, trained, budget=budget).reports["val"].cost_fraction
+    assert budget - 0.02 <= cost <= budget + 1e-9
+
+
+def test_lambda_sets_the_trade_off_without_a_budget(two_exit):
+    graph, trained, _ = two_exit
+    # λ = 0: only cost counts, so every example stops at the cheap exit.
+    cheap = policy_run(graph, trained, **{"lambda": 0})
+    assert cheap.reports["val"].cost_fraction == pytest.approx(0.1)
+    # λ = 2: an error costs more than the deep branch (0.9), so the subset stops and the rest continue.
+    rows = per_example(policy_run(graph, trained, **{"lambda": 2}).executor, trained.data.test)
+    assert np.mean((rows["action.Q"] == 0) == subset(trained.data.test.tensors[0])) >= 0.9
+
+
+def test_the_same_inputs_give_the_same_policy(two_exit):
+    _, trained, _ = two_exit
+    results = []
+    for _ in range(2):
+        executor, logs = copy.deepcopy(trained.executor), []
+        before = torch.random.get_rng_state()
+        CostSensitiveTrainer(budget=0.5, loss="cross_entropy").fit(executor, trained.data, stage(logs))
+        assert torch.equal(before, torch.random.get_rng_state())  # the caller's random stream is untouched
+        (row,) = logs
+        row.pop("seconds")
+        results.append((executor.nodes["Q"].state_dict(), row))
+    (a, row_a), (b, row_b) = results
+    assert row_a == row_b
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The cached tables predict what the executor does (no control input depends on the route).
+    assert row_a["simulated_val_cost_fraction"] == pytest.approx(row_a["val_cost_fraction"], abs=1e-12)
+    assert row_a["approximate"] == ""
+
+
+@pytest.fixture(scope="module")
+def selection(tmp_path_factory):
+    """Three groups (one-hot in x[:3]) and the label [z > 0]. A reads x[3], B x[4], C x[5]
+    (hand-set), and the data make A right on group 0, B on groups 0–1, C on all: the best
+    routing sends each group to the cheapest network that is right (cost 1/3, accuracy 1)."""
+    rng = np.random.default_rng(1)
+    n = 3000
+    g = rng.integers(0, 3, n)
+    z = rng.normal(size=n)
+    z = np.where(np.abs(z) < 0.05, 0.05, z)
+    xa, xb = np.where(g >= 1, -z, z), np.where(g >= 2, -z, z)
+    x = np.concatenate([np.eye(3)[g], np.stack([xa, xb, z], 1)], 1).astype(np.float32)
+    path = tmp_path_factory.mktemp("selection") / "three.npz"
+    np.savez(path, x=x, y=(z > 0).astype(np.int64))
+    graph, diags = d2graph.check(SELECTION.replace("PATH", str(path)))
+    assert not diags
+    torch.manual_seed(0)
+    executor = d2graph.compile(graph)
+    with torch.no_grad():
+        for name, column in (("A", 3), ("B", 4), ("C", 5)):
+            weight = torch.zeros(2, 6)
+            weight[0, column], weight[1, column] = -1.0, 1.0
+            executor.nodes[name][0].weight.copy_(weight)
+            executor.nodes[name][0].bias.zero_()
+    return graph, executor, runs.load_data(runs.resolve(graph), graph, None)
+
+
+def selection_run(graph, executor, splits, trainer: str, **params) -> runs.Trained:
+    config = runs.resolve(graph)
+    config.stages[0].update(trainer=trainer, params=params)
+    start = runs.Trained(copy.deepcopy(executor), LearnedPolicy(), splits, config, None)
+    return runs.train(graph, config, None, quiet=True, echo=None, start=start)
+
+
+@pytest.mark.parametrize("multiclass", ["expected", "argmin", "filter_tree"])
+def test_three_way_selection_beats_uniform_at_the_same_budget(selection, multiclass):
+    graph, executor, splits = selection
+    learned = selection_run(graph, executor, splits, "costsensitive", budget=0.34, multiclass=multiclass)
+    uniform = selection_run(graph, executor, splits, "uniform", budget=0.34)
+    assert learned.reports["val"].cost_fraction <= 0.34 + 1e-9
+    assert learned.reports["test"].accuracy >= 0.95
+    assert learned.reports["test"].accuracy >= uniform.reports["test"].accuracy + 0.2
+    # Q1 uses all three of its actions (A, B, C) on the test split.
+    rates = learned.reports["test"].action_rates["Q1"]
+    assert min(rates[:3]) >= 0.2
+
+
+def test_ann_network_selection_trains_end_to_end():
+    text = (ROOT / "examples" / "ann_network_selection.d2").read_text(encoding="utf-8")
+    text = text.replace("threshold(measure=maxprob, budget=0.5)", "costsensitive(budget=0.5)")
+    graph, _ = d2graph.check(text)
+    config = runs.resolve(graph, ["data.n=600", "stage.backbone.epochs=1", "batch=128"])
+    trained = runs.train(graph, config, None, quiet=True, echo=None)
+    assert isinstance(trained.policy, LearnedPolicy)
+    assert trained.reports["val"].cost_fraction <= 0.5 + 1e-9
+
+
+def test_graphs_and_parameters_it_refuses():
+    no_control, _ = d2graph.check("""
+graph plain {
+  input x [4]
+  output y
+  node A = fc(2)
+  x -> A -> y
+}""")
+    with pytest.raises(D2GraphError, match="no control node"):
+        CostSensitiveTrainer().check_graph(no_control)
+    fixed, _ = d2graph.check("""
+graph fixed {
+  input x [2]
+  output y [merge=select]
+  node A = fc(2)
+  node B = fc(2)
+  control Q = identity
+  x -> A, B, Q
+  Q => skip | B
+  B, A -> y
+}""")
+    with pytest.raises(D2GraphError, match="no parameters"):
+        CostSensitiveTrainer().check_graph(fixed)
+    with pytest.raises(D2GraphError, match="nothing to spend"):
+        CostSensitiveTrainer(budget=0)
+    CostSensitiveTrainer(budget=0, **{"lambda": 1.0})  # a fixed λ needs no budget
+    with pytest.raises(D2GraphError):
+        CostSensitiveTrainer(multiclass="tree")
+
+
+def test_filter_tree_labels_the_cheaper_of_each_pair():
+    costs = torch.tensor([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]])
+    right = torch.tensor([[5.0, 0.0, -5.0], [-5.0, 0.0, 5.0]])  # argmax = the cheapest action
+    wrong = right.flip(1)
+    assert _filter_tree(right, costs, [0, 1, 2]) < 0.05 < _filter_tree(wrong, costs, [0, 1, 2])
+    assert lambda_at(0.0) == 0.0 and lambda_at(1.0) == pytest.approx(1000, rel=1e-5)
+
+
+def test_a_route_dependent_control_input_is_flagged(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 2)).astype(np.float32)
+    np.savez(tmp_path / "dep.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    # Q2 reads M, which is A's output or B's depending on Q1.
+    graph, diags = d2graph.check(f"""
+graph dep {{
+  input x [2]
+  output y [merge=select]
+  node A = fc(2)
+  node B = fc(2)
+  node M [merge=select] = identity
+  node H = fc(8), relu, fc(2)
+  control Q1 = fc(2)
+  control Q2 = fc(2)
+  x -> Q1, A, B
+  Q1 => A | B
+  A, B -> M
+  M -> Q2, H
+  Q2 => skip | H
+  H, M -> y
+  train {{
+    data = npz(path="{tmp_path / 'dep.npz'}")
+    stage backbone = supervised(epochs=1)
+  }}
+}}""")
+    assert not diags
+    trained = runs.train(graph, runs.resolve(graph), None, quiet=True, echo=None, evaluate=False)
+    logs: list = []
+    CostSensitiveTrainer(**{"lambda": 1.0}).fit(trained.executor, trained.data, stage(logs))
+    assert logs[0]["approximate"] == "Q2"
