@@ -48,7 +48,8 @@ class Sweep:
         for r in self.rows:
             budget = "" if r["budget"] is None else f"{r['budget']:.2f}"
             val = "" if r["val_cost_fraction"] is None else f"{r['val_cost_fraction']:.3f}"
-            name = r["policy"] if r["method"] == "static" else r["method"]
+            name = r["policy"] if r["method"] == "static" else \
+                f"{r['method']} {r['param']}" if r.get("param") else r["method"]
             lines.append(f"| {name} | {budget} | {r['accuracy']:.4f} | {r['cost_fraction']:.3f} | {val} |")
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
