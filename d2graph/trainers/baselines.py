@@ -205,12 +205,7 @@ class _PathTable:
         if key in self._by_nodes:
             return self._by_nodes[key]
         graph, executor = self.graph, self.executor
-        right = []
-        with _evaluating(executor):
-            for x, y in _batches(self.dataset, self.batch):
-                result = executor(x.to(self.device), mode="force", actions=_every_control(graph, actions, len(y)))
-                right.append((_predictions(result).cpu() == y).numpy())
-        self.correct = np.vstack([self.correct, np.concatenate(right)[None]])
+        self._measure(_every_control(graph, actions, 1), key)
         self.actions.append({q: int(a) for q, a in actions.items()})
         self.nodes.append(tuple(nodes))
         self.costs.append(float(cost))
@@ -218,6 +213,17 @@ class _PathTable:
         self.fraction.append(float(probe.cost_fraction[0]))
         self._by_nodes[key] = len(self.actions) - 1
         return self._by_nodes[key]
+
+    def _measure(self, forced: Mapping[str, Tensor], nodes: frozenset[str]) -> None:
+        """Record what a new path (its actions `forced`, one per control node) does on every
+        example; subclasses that need more per path than correctness override this."""
+        right = []
+        with _evaluating(self.executor):
+            for x, y in _batches(self.dataset, self.batch):
+                actions = {q: a.expand(len(y)) for q, a in forced.items()}
+                right.append((_predictions(self.executor(x.to(self.device), mode="force", actions=actions)).cpu()
+                              == y).numpy())
+        self.correct = np.vstack([self.correct, np.concatenate(right)[None]])
 
     def _paths_of(self, combinations: np.ndarray) -> np.ndarray:
         """The path index of each row of [C, controls] actions, routing the new ones in one call."""
@@ -236,14 +242,17 @@ class _PathTable:
         is example `examples[r]` of the data set under `actions[q][r]`."""
         if not self.controls:
             return np.full(len(examples), self.fraction[0]), self.correct[0, examples]
-        matrix = np.stack([actions[q].numpy() for q in self.controls], axis=1)
+        path = self.paths(np.stack([actions[q].numpy() for q in self.controls], axis=1))
+        return np.asarray(self.fraction, dtype=np.float64)[path], self.correct[path, examples]
+
+    def paths(self, matrix: np.ndarray) -> np.ndarray:
+        """Path index [R] of each row of actions [R, controls]."""
         if self._radix is not None:  # sorting one int64 per row is much faster than rows
             _, first, inverse = np.unique(matrix @ self._radix, return_index=True, return_inverse=True)
             combinations = matrix[first]
         else:
             combinations, inverse = np.unique(matrix, axis=0, return_inverse=True)
-        path = self._paths_of(combinations)[inverse.ravel()]
-        return np.asarray(self.fraction, dtype=np.float64)[path], self.correct[path, examples]
+        return self._paths_of(combinations)[inverse.ravel()]
 
     def mean_cost(self, actions: Mapping[str, Tensor]) -> float:
         return float(self.outcome(actions, np.arange(len(self.y)))[0].mean())

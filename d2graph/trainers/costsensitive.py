@@ -66,9 +66,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..diagnostics import D2GraphError
-from ..executor import Executor, route
+from ..executor import Executor
 from ..schema import Param, Schema
 from .base import LearnedPolicy, Trainer, action_order, budget_param, calibrate, register, trainer_error
+from .baselines import _PathTable
 
 __all__ = ["CostSensitiveTrainer", "LOSSES", "MULTICLASS", "lambda_at"]
 
@@ -107,53 +108,35 @@ def _evaluating(executor: Executor) -> Iterator[None]:
         executor.train(was_training)
 
 
-def _contains(rows, r: int) -> bool:
-    return rows.index is None or bool(np.isin(r, rows.index))
+class _SplitCache(_PathTable):
+    """What every route does on one split, computed once: the threshold baselines' path
+    table (`correct[p]`, `fraction[p]`, `paths(matrix)`; a combination not seen yet is
+    priced with `route` and, if it runs a set of nodes no known path runs, that path is
+    run and added) with two more records per path.
 
-
-class _SplitCache:
-    """What every route does on one split, computed once.
-
-    `loss[p]`, `correct[p]`: float64 / bool [N], path p's loss and correctness per example;
-    `fraction[p]`: its cost as a fraction of the full graph's; `inputs[q]`: control node q's
-    input for every example, captured (a forward pre-hook on its pipeline) in the forced
-    pass of the cheapest path through q. `paths(matrix)` maps rows of actions (one column
-    per control node) to path indices; a combination not seen yet is priced with `route`
-    and, if it runs a set of nodes no known path runs, that path is run and added."""
+    `loss[p]`: float64 [N], path p's loss per example; `inputs[q]`: control node q's input
+    for every example, captured (a forward pre-hook on its pipeline) in the forced pass of
+    the cheapest path through q — the paths are added cheapest first."""
 
     def __init__(self, executor: Executor, dataset, batch: int, device: torch.device, loss: str,
                  paths: list[tuple[dict[str, int], tuple[str, ...]]]):
-        self.executor, self.graph = executor, executor.graph
-        self.x, self.y = dataset.tensors[0], dataset.tensors[1]
-        self.n = len(self.y)
-        self.batch, self.device, self.kind = batch, device, loss
-        self.controls = [q.name for q in self.graph.control_nodes]
-        self.units = [n.name for n in self.graph.nodes if n.kind not in ("input", "output")]
-        self.output = self.graph.outputs[0].name
-        widths = [len(q.actions) for q in self.graph.control_nodes]
-        self._radix = np.cumprod([1] + widths[:-1]).astype(np.int64) if math.prod(widths) < 2**62 else None
+        self.kind = loss
+        self.x, self.n = dataset.tensors[0], len(dataset.tensors[1])
+        self.output = executor.graph.outputs[0].name
         self.loss: list[np.ndarray] = []
-        self.correct: list[np.ndarray] = []
-        self.fraction: list[float] = []
         self.inputs: dict[str, Tensor] = {}
         self.approximate: set[str] = set()
-        self._by_nodes: dict[frozenset[str], int] = {}
-        self._by_combination: dict[tuple[int, ...], int] = {}
         self._tables: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        cost = {n.name: n.cost for n in self.graph.nodes}
-        for actions, nodes in sorted(paths, key=lambda p: sum(cost[n] for n in p[1])):  # cheapest first
-            self._add(actions, nodes)
+        cost = {n.name: n.cost for n in executor.graph.nodes}
+        priced = sorted(((a, nodes, float(sum(cost[n] for n in nodes))) for a, nodes in paths),
+                        key=lambda p: p[2])  # cheapest first
+        super().__init__(executor, dataset, batch, device, priced)
 
-    def _forced(self, actions: Mapping[str, int]) -> dict[str, int]:
-        return {q: int(actions.get(q, 0)) for q in self.controls}
-
-    def _add(self, actions: Mapping[str, int], nodes: tuple[str, ...]) -> int:
-        key = frozenset(nodes)
-        if key in self._by_nodes:
-            return self._by_nodes[key]
-        executor, forced = self.executor, self._forced(actions)
+    def _measure(self, forced: Mapping[str, Tensor], nodes: frozenset[str]) -> None:
+        executor = self.executor
+        forced = {q: int(a) for q, a in forced.items()}
         modules = executor.nodes
-        watched = [q for q in self.controls if q in key and q in modules]
+        watched = [q for q in self.controls if q in nodes and q in modules]
         parts: dict[str, list[Tensor]] = {q: [] for q in watched}
         hooks = [modules[q].register_forward_pre_hook(lambda m, args, q=q: parts[q].append(args[0].detach().clone()))
                  for q in watched]
@@ -182,37 +165,13 @@ class _SplitCache:
             elif seen.shape != self.inputs[q].shape or not torch.allclose(seen, self.inputs[q], rtol=1e-5, atol=1e-6):
                 self.approximate.add(q)
         self.loss.append(np.concatenate(losses))
-        self.correct.append(np.concatenate(rights))
-        probe = route(executor, {q: torch.tensor([a]) for q, a in forced.items()}, 1)
-        self.fraction.append(float(probe.cost_fraction[0]))
-        self._by_nodes[key] = len(self.fraction) - 1
-        return self._by_nodes[key]
-
-    def _paths_of(self, combinations: np.ndarray) -> np.ndarray:
-        new = [c for c in map(tuple, combinations.tolist()) if c not in self._by_combination]
-        if new:
-            forced = {q: torch.tensor([c[j] for c in new], dtype=torch.long) for j, q in enumerate(self.controls)}
-            routed = route(self.executor, forced, len(new))
-            for r, c in enumerate(new):
-                ran = tuple(name for name in self.units if _contains(routed.rows[name], r))
-                taken = {q: a for q, a in zip(self.controls, c) if q in ran}
-                self._by_combination[c] = self._add(taken, ran)
-        return np.array([self._by_combination[c] for c in map(tuple, combinations.tolist())], dtype=np.int64)
-
-    def paths(self, matrix: np.ndarray) -> np.ndarray:
-        """Path index [N] of each row of actions [N, controls] (row i is example i)."""
-        if self._radix is not None:
-            _, first, inverse = np.unique(matrix @ self._radix, return_index=True, return_inverse=True)
-            combinations = matrix[first]
-        else:
-            combinations, inverse = np.unique(matrix, axis=0, return_inverse=True)
-        return self._paths_of(combinations)[inverse.ravel()]
+        self.correct = np.vstack([self.correct, np.concatenate(rights)[None]])
 
     def outcome(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(cost fraction float64 [N], loss float64 [N], correct bool [N]) of a routing."""
         path = self.paths(matrix)  # may add paths, so the tables are stacked after it
         if self._tables is None or len(self._tables[0]) != len(self.fraction):
-            self._tables = (np.asarray(self.fraction), np.stack(self.loss), np.stack(self.correct))
+            self._tables = (np.asarray(self.fraction), np.stack(self.loss), self.correct)
         fraction, loss, correct = self._tables
         rows = np.arange(self.n)
         return fraction[path], loss[path, rows], correct[path, rows]
