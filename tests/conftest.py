@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.d2"))
@@ -18,3 +19,15 @@ def golden(path: Path, actual: str) -> None:
     if not path.exists():
         pytest.fail(f"missing golden file {path}; run the tests with D2GRAPH_ACCEPT=1 to create it")
     assert actual == path.read_text(encoding="utf-8"), f"{path} differs; D2GRAPH_ACCEPT=1 re-accepts it"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for a module of tiny networks and small tensors: a second
+    thread only adds synchronisation, and on a busy 2-core machine its spinning made such
+    files 3–30× slower. The previous count is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+

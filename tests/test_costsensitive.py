@@ -74,13 +74,7 @@ graph selection {
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The policies are tiny: one intra-op thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (conftest.py)
 
 
 def subset(x: torch.Tensor) -> np.ndarray:

@@ -20,14 +20,7 @@ from .conftest import ROOT
 SMALL = dict(n=1000)  # cluttered sets in the tests: big enough for every check, quick to draw
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small tensors and tiny models: extra intra-op threads only add overhead (up to 30×
-    # slower on a busy 2-core machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (conftest.py)
 
 
 def fresh_cluttered(**args) -> data.Splits:

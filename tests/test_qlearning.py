@@ -24,14 +24,7 @@ from d2graph.trainers.qlearning import QLearning, bag_reward, epsilon_at
 from .conftest import ROOT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The synthetic graph's layers are a few numbers wide: a second intra-op thread only
-    adds synchronisation, and on a busy 2-core machine its spinning made the file 3× slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (conftest.py)
 
 
 # --- the reward and the schedule ------------------------------------------------------------

@@ -58,14 +58,7 @@ def _task(path, n: int = 2000, seed: int = 0) -> None:
     np.savez(path, x=x, y=np.where(flag, easy, hard).astype(np.int64))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These networks are tiny: a second intra-op thread only adds synchronisation (and, on a
-    busy machine, spinning), which made each step ten times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (conftest.py)
 
 
 @pytest.fixture(scope="module")
