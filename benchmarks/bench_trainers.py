@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CASES = [  # graph, trainer call (one or two epochs: speed, not accuracy)
     ("early_exit", "supervised(epochs=1)"),
-    ("cascade", "qlearning(epochs=1, bag=mean)"),
-    ("high_low", "qlearning(epochs=1, bag=mean)"),
+    ("cascade", "qlearning(epochs=1, minibag=32, bag=mean)"),
+    ("high_low", "qlearning(epochs=1, minibag=32, bag=mean)"),
     ("guan_cascade", "reinforce(epochs=1)"),
     ("guan_cascade", "reinforce(epochs=1, freeze=true)"),
     ("early_exit", "threshold(budget=0.5)"),

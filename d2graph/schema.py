@@ -104,7 +104,8 @@ class Schema:
     def signature(self) -> str:
         parts = []
         for p in self.params:
-            default = Symbol(p.default) if p.kind == "choice" and isinstance(p.default, str) else p.default
+            symbol = isinstance(p.default, str) and (p.kind == "choice" or p.default in p.also)
+            default = Symbol(p.default) if symbol else p.default
             parts.append(p.name if p.required else f"{p.name}={p.shown or format_value(default)}")
         if self.open:
             parts.append("...")
@@ -179,7 +180,7 @@ class Schema:
                     + (f"; {p.name}: {p.doc}" if p.doc else ""),
                 ))
             else:
-                out[p.name] = p.default
+                out[p.name] = p.coerce(p.default)  # a word default (`auto`) is a Symbol, as if written
         if self.open:
             out["args"] = extra_args
             out["kwargs"] = extra_kwargs

@@ -19,7 +19,7 @@ from d2graph.evaluate import per_example
 from d2graph.executor import compile
 from d2graph.runs import Interrupted, Run, Stage, Trained, _seed, resolve, train
 from d2graph.trainers import LearnedPolicy
-from d2graph.trainers.qlearning import QLearning, bag_reward, epsilon_at
+from d2graph.trainers.qlearning import QLearning, bag_reward, epsilon_at, minibag_size
 
 from .conftest import ROOT
 
@@ -152,6 +152,28 @@ def test_more_weight_on_accuracy_never_makes_the_policy_cheaper():
     print("validation cost fraction at λ = 0.1, 0.5, 0.9:", [round(c, 4) for c in costs])
     assert costs[0] <= costs[1] + 0.01 <= costs[2] + 0.02
     assert costs[0] <= 0.27 and costs[2] >= 0.45  # λ = 0.1 takes A everywhere; 0.9 pays for B
+
+
+def test_bags_of_one_learn_the_routing_that_bags_of_eight_do_not_in_as_many_steps():
+    # `minibag=auto` means 1 for accuracy: each example fits its own outcome, where in a
+    # bag of 8 it fits the outcome of 7 others too (same expectation, 8× the noise).
+    short = ["policy.epochs=12", "policy.epsilon_decay=6"]
+    flag = _synthetic()[2]
+    agreement = {}
+    for minibag in ("auto", "8"):
+        trained = _fit(0.5, overrides=[*short, f"policy.minibag={minibag}"])
+        cheap = per_example(trained.executor, trained.data.val)["action.Q"] == 0
+        agreement[minibag] = float(np.mean(cheap == flag))
+    print("agreement with the known routing after 12 epochs:", agreement)
+    assert agreement["auto"] >= 0.95
+    assert agreement["8"] <= 0.85
+
+
+def test_minibag_auto_is_one_for_accuracy_and_a_bag_for_f1():
+    assert minibag_size("auto", "accuracy", 64) == 1
+    assert minibag_size("auto", "f1", 64) == 32
+    assert minibag_size("auto", "f1", 16) == 16  # a bag fits in a batch
+    assert minibag_size(8, "accuracy", 64) == 8
 
 
 def test_the_same_seed_gives_the_same_weights_and_another_seed_does_not():

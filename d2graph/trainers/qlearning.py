@@ -21,6 +21,11 @@ Guarantees:
     over (B mod m) still count for the cross-entropy but give no reward (a shorter bag
     would have to predict the same r with fewer summands). `minibag` above the train
     block's `batch` is refused (E921). A graph with several outputs is judged on its first.
+  - `minibag=auto` (the default) takes m = 1 for accuracy and 32 for F1. Mini-bags exist
+    for set metrics (F1); accuracy is a mean over examples, so a bag of one has the same
+    expected reward and gives every example its own outcome to fit. On the D²NN cascade
+    this is the difference between one path for everybody with cost not monotone in λ
+    (m = 32) and a per-example routing whose cost rises with λ (docs/results.md).
   - Our reading of the paper (notes: "Mini-Bags for Set-Based Metrics", "Joint Training"):
       * the joint action value of a bag is the plain, **unnormalised** sum of the per-example
         values, Q(s, a) = Σᵢ Q(sᵢ, aᵢ), and the loss is L = (r − Σᵢ Q(sᵢ, aᵢ))², so
@@ -66,7 +71,7 @@ from ..schema import Param, Schema
 from .base import LearnedPolicy, Trainer, register, trainer_error
 from .supervised import function_parameters
 
-__all__ = ["QLearning", "bag_reward", "control_parameters", "epsilon_at"]
+__all__ = ["QLearning", "bag_reward", "control_parameters", "epsilon_at", "minibag_size"]
 
 
 def control_parameters(executor) -> list[torch.nn.Parameter]:
@@ -114,6 +119,23 @@ def bag_reward(prediction: Tensor, label: Tensor, cost_fraction: Tensor, m: int,
     return lam * a + (1.0 - lam) * e
 
 
+def minibag_size(minibag: int | str, metric: str, batch: int) -> int:
+    """The mini-bag size m: as given, or for `auto` 1 with accuracy and 32 (at most a batch) with F1.
+
+    Accuracy is a mean of per-example terms, so a bag's reward is the mean of its examples'
+    rewards and a bag of one has the same expectation with far less noise: each example's
+    Q-value is fitted to its own outcome instead of the outcome of 31 others. F1 is a set
+    metric and needs a set (the reason the paper introduces mini-bags).
+
+    Example:
+        >>> minibag_size("auto", "accuracy", 64), minibag_size("auto", "f1", 16), minibag_size(8, "f1", 64)
+        (1, 16, 8)
+    """
+    if minibag != "auto":
+        return int(minibag)
+    return 1 if metric == "accuracy" else min(32, batch)
+
+
 @register
 class QLearning(Trainer):
     name = "qlearning"
@@ -121,7 +143,9 @@ class QLearning(Trainer):
     schema = Schema("qlearning", (
         Param("epochs", "posint", 10, doc="passes over the training split"),
         Param("lambda", "fraction", 0.5, doc="reward weight λ: r = λ·accuracy + (1 − λ)·efficiency"),
-        Param("minibag", "posint", 32, doc="examples per mini-bag, the set the reward is measured on"),
+        Param("minibag", "posint", "auto", also=("auto",),
+              doc="examples per mini-bag, the set the reward is measured on; `auto`: 1 when the metric is "
+                  "accuracy (each example its own reward), 32 for F1"),
         Param("epsilon_start", "fraction", 1.0, doc="exploration rate ε at the first step"),
         Param("epsilon_end", "fraction", 0.05, doc="ε once the decay is over"),
         Param("epsilon_decay", "number", 5, doc="epochs over which ε falls linearly, step by step"),
@@ -148,13 +172,14 @@ class QLearning(Trainer):
 
     def fit(self, executor, data, stage):
         p = self.params
-        m, mix = int(p["minibag"]), float(p["mix"])
+        mix = float(p["mix"])
         metric = p["metric"]
         if metric == "auto":
             metric = "f1" if data.classes == 2 else "accuracy"
         if metric == "f1" and data.classes != 2:
             raise trainer_error(self.name, f"`metric=f1` needs a binary task, but the data has {data.classes} classes",
                                 help="use `metric=accuracy` (or `auto`)")
+        m = minibag_size(p["minibag"], metric, stage.batch)
         if m > stage.batch:
             raise trainer_error(self.name, f"a mini-bag of {m} examples does not fit in a batch of {stage.batch}",
                                 help=f"lower `minibag` to at most {stage.batch}, or raise the block's `batch`")
@@ -171,15 +196,15 @@ class QLearning(Trainer):
         for w in frozen:
             w.requires_grad_(False)
         try:
-            self._train(executor, data, stage, optimizer, metric)
+            self._train(executor, data, stage, optimizer, metric, m)
         finally:
             for w in frozen:
                 w.requires_grad_(True)
         return LearnedPolicy()
 
-    def _train(self, executor, data, stage, optimizer, metric: str) -> None:
+    def _train(self, executor, data, stage, optimizer, metric: str, m: int) -> None:
         p = self.params
-        lam, m, mix = float(p["lambda"]), int(p["minibag"]), float(p["mix"])
+        lam, mix = float(p["lambda"]), float(p["mix"])
         output = executor.graph.outputs[0].name
         controls = [q.name for q in executor.graph.control_nodes]
         steps_per_epoch = math.ceil(len(data.train) / stage.batch)
