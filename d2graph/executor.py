@@ -62,7 +62,7 @@ Example:
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, reduce
 from typing import Any
@@ -195,7 +195,7 @@ class _Router:
                 mask[s.index] = True
         return self._from_mask(mask, biggest)
 
-    def split(self, rows: Rows, actions: np.ndarray, k: int, counts: np.ndarray | None = None) -> list[Rows]:
+    def split(self, rows: Rows, actions: np.ndarray, k: int, counts: Sequence[int] | None = None) -> list[Rows]:
         """The examples of `rows` per action, given each one's action (host, aligned with rows)
         and, when already known, how many took each action."""
         if counts is None:
@@ -207,7 +207,7 @@ class _Router:
                     return [self.none, rows]
                 counts = (rows.n - second, second)
             else:
-                counts = np.bincount(actions, minlength=k)
+                counts = np.bincount(actions, minlength=k).tolist()  # Python ints compare faster
         for top in range(k):
             if counts[top] == rows.n:  # one branch for everybody: keep the very same set (no copies downstream)
                 return [rows if j == top else self.none for j in range(k)]
@@ -271,20 +271,6 @@ _NO_INDEX.flags.writeable = False
 # --- the result ---------------------------------------------------------------------------
 
 
-class _Decision:
-    """A control node's choice on the examples it ran for (compact rows)."""
-
-    __slots__ = ("rows", "k", "scores", "actions", "log_probs")
-
-    def __init__(self, rows: Rows, k: int, scores: Tensor | None, actions: Tensor | np.ndarray | int | None,
-                 log_probs: Tensor | None):
-        self.rows = rows
-        self.k = k
-        self.scores = scores  # [n, k]; None where it ran for no example
-        self.actions = actions  # [n]; on the host (array, or one int for all) until read
-        self.log_probs = log_probs  # [n], sample mode only
-
-
 @dataclass(eq=False)  # tensors do not compare to one bool
 class Result:
     """What one forward pass produced, for a batch of B examples.
@@ -314,10 +300,17 @@ class Result:
     values: dict[str, tuple[Tensor, Tensor]]
     mode: str
     rows: dict[str, Rows] = field(repr=False)
-    _decisions: dict[str, _Decision] = field(repr=False, compare=False)
+    # What the interpreter recorded, turned into full-batch tensors only when read: the
+    # control nodes as (name, k), and per control node that ran its scores [n, k], its
+    # actions [n] (a device tensor, a host array, or one int for all) and, in `sample`
+    # mode, its log-probabilities [n], all on the rows it ran for.
+    _controls: tuple[tuple[str, int], ...] = field(repr=False, compare=False)
+    _scores: dict[str, Tensor] = field(repr=False, compare=False)
+    _actions: dict[str, Tensor | np.ndarray | int] = field(repr=False, compare=False)
+    _log_probs: dict[str, Tensor] = field(repr=False, compare=False)
     _router: _Router = field(repr=False, compare=False)
     _dtype: torch.dtype = field(repr=False, compare=False)
-    _costs: dict[Rows, int | float] = field(repr=False, compare=False)  # set of examples → cost of its nodes
+    _costs: tuple[tuple[str, int | float], ...] = field(repr=False, compare=False)  # (node, cost) where cost ≠ 0
     _integer_costs: bool = field(repr=False, compare=False)
     _full_cost: int | float = field(repr=False, compare=False)
     _grad: bool = field(default=True, repr=False, compare=False)  # torch's modes during the forward
@@ -325,11 +318,11 @@ class Result:
 
     @cached_property
     def cost(self) -> Tensor:
-        return self._router.upload(_per_example_cost(self._router.batch, self._costs, self._integer_costs))
+        return self._router.upload(self._per_example_cost())
 
     @cached_property
     def cost_fraction(self) -> Tensor:
-        cost = _per_example_cost(self._router.batch, self._costs, self._integer_costs)
+        cost = self._per_example_cost()
         full = self._full_cost
         return self._router.upload(cost / full if full else np.zeros(self._router.batch))
 
@@ -344,32 +337,35 @@ class Result:
                                  "use result.outputs[name]")
         return next(iter(self.outputs.values()))
 
-    def _scatter(self, what: str, fill: float, dtype: torch.dtype | None) -> dict[str, Tensor]:
+    def _per_example_cost(self) -> np.ndarray:
+        return _per_example_cost(self._router.batch, self.rows, self._costs, self._integer_costs)
+
+    def _scatter(self, recorded: dict, fill: float, dtype: torch.dtype | None, per_action: bool) -> dict[str, Tensor]:
         # Under the grad / inference mode of the forward pass, not the caller's: reading
         # `scores` first inside `no_grad()` must not cache scores cut off from the graph.
         r = self._router
         with torch.inference_mode(self._inference), torch.set_grad_enabled(self._grad):
             out = {}
-            for name, d in self._decisions.items():
-                t = getattr(d, what)
+            for name, k in self._controls:
+                rows, t = self.rows[name], recorded.get(name)
                 if isinstance(t, np.ndarray):
                     t = r.upload(t)
                 elif isinstance(t, int):
-                    t = torch.full((d.rows.n,), t, dtype=torch.long, device=r.device)
-                out[name] = r.scatter(d.rows, t, fill, (d.k,) if what == "scores" else (), dtype or self._dtype)
+                    t = torch.full((rows.n,), t, dtype=torch.long, device=r.device)
+                out[name] = r.scatter(rows, t, fill, (k,) if per_action else (), dtype or self._dtype)
             return out
 
     @cached_property
     def actions(self) -> dict[str, Tensor]:
-        return self._scatter("actions", -1, torch.long)
+        return self._scatter(self._actions, -1, torch.long, False)
 
     @cached_property
     def scores(self) -> dict[str, Tensor]:
-        return self._scatter("scores", 0.0, None)
+        return self._scatter(self._scores, 0.0, None, True)
 
     @cached_property
     def log_probs(self) -> dict[str, Tensor]:
-        return self._scatter("log_probs", 0.0, torch.float32) if self.mode == "sample" else {}
+        return self._scatter(self._log_probs, 0.0, torch.float32, False) if self.mode == "sample" else {}
 
     @cached_property
     def ran(self) -> dict[str, Tensor]:
@@ -419,6 +415,9 @@ class Executor(nn.Module):
         self._input_names = tuple(node.name for node in graph.inputs)
         self._output_names = tuple(node.name for node in graph.outputs)
         self._control_nodes = graph.control_nodes
+        self._controls = tuple((node.name, len(node.actions)) for node in graph.control_nodes)
+        self._actions_of = dict(self._controls)  # control node → its number of actions
+        self._costs = tuple((node.name, node.cost) for node in graph.nodes if node.cost)
         self._full_cost = graph.full_cost
 
     def extra_repr(self) -> str:
@@ -456,28 +455,22 @@ def compile(graph: Graph) -> Executor:  # noqa: A001 - the stage's verb (DESIGN.
 # --- the interpreter ----------------------------------------------------------------------
 
 
-class _Value:
-    """A node's output: a tensor whose rows are the examples in `rows`, in order."""
-
-    __slots__ = ("rows", "tensor")
-
-    def __init__(self, rows: Rows, tensor: Tensor):
-        self.rows, self.tensor = rows, tensor
-
-
 class _Step:
     """One node as the walk needs it, derived once at compile time: its control edges as
     (control node, action) pairs, the sources it cannot do without (edges without a
-    default), the values no later node reads, and the number of actions of a control node."""
+    default), for a `select` merge its sources and whether one of them has a default (then
+    some input is present everywhere), the values no later node reads, and the number of
+    actions of a control node."""
 
-    __slots__ = ("node", "name", "kind", "controllers", "needs", "select", "cost", "k", "dead")
+    __slots__ = ("node", "name", "kind", "controllers", "needs", "select", "sources", "anywhere", "k", "dead")
 
     def __init__(self, node: Node, dead: tuple[str, ...]):
         self.node, self.name, self.kind = node, node.name, node.kind
         self.controllers = tuple((c.source, c.action) for c in node.controllers)
         self.needs = tuple(e.source for e in node.inputs if e.default is None)
         self.select = node.merge == "select"
-        self.cost = node.cost
+        self.sources = tuple(e.source for e in node.inputs)
+        self.anywhere = any(e.default is not None for e in node.inputs)
         self.k = len(node.actions) if node.is_control else 0
         self.dead = dead
 
@@ -505,9 +498,9 @@ class Interpreter:
         if mode == "force":
             if actions is None:
                 raise ValueError("mode='force' needs actions={control node: action}")
-            controls = [n.name for n in executor._control_nodes]
-            unknown = [name for name in actions if name not in controls]
+            unknown = [name for name in actions if name not in executor._actions_of]
             if unknown:
+                controls = list(executor._actions_of)
                 raise ValueError(f"actions name {', '.join(map(repr, unknown))}, which "
                                  f"{'is' if len(unknown) == 1 else 'are'} not a control node of "
                                  f"{graph.name!r}; its control nodes are {', '.join(controls) or 'none'}")
@@ -520,6 +513,8 @@ class Interpreter:
         if missing:
             raise ValueError(f"keep names {', '.join(map(repr, missing))}, not a node of {graph.name!r}")
         self.mode, self.forced, self.epsilon, self.generator = mode, dict(actions or {}), epsilon, generator
+        # Whether control nodes take the argmax of their scores (decided once, not per node).
+        self._greedy = mode in ("argmax", "all", "force") or (mode == "explore" and epsilon == 0.0)
 
         self.inputs = self._check_inputs(x)
         first = next(iter(self.inputs.values()))
@@ -531,14 +526,15 @@ class Interpreter:
         # Node modules by name, read once per pass (ModuleDict's item lookup is not free).
         self.modules: dict[str, nn.Module] = executor._modules["nodes"]._modules
 
-        self.env: dict[str, _Value | None] = {}
-        self.rows: dict[str, Rows] = {}
+        # node → its output, whose rows are the examples in `self.rows[node]`, in order; None
+        # where it ran for no example, and once no later node reads it
+        self.env: dict[str, Tensor | None] = {}
+        self.rows: dict[str, Rows] = {}  # node → the examples it ran for (`none` if it did not run)
         self.chosen: dict[str, list[Rows]] = {}  # control node → the examples per action
         self.scores: dict[str, Tensor] = {}
         self.actions: dict[str, Tensor] = {}
         self.log_probs: dict[str, Tensor] = {}
-        self.cost_by_rows: dict[Rows, int | float] = {}
-        self._counts: np.ndarray | None = None  # actions per branch, when forced_actions counted them
+        self._counts: list[int] | None = None  # actions per branch, when forced_actions counted them
 
     def _check_inputs(self, x: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
         names = self.executor._input_names
@@ -573,21 +569,20 @@ class Interpreter:
         handlers = {"input": self.run_input, "node": self.run_node, "control": self.run_control,
                     "dummy": self.run_dummy, "output": self.run_output}
         keep = self.keep
-        env, rows_of, chosen, cost_by_rows = self.env, self.rows, self.chosen, self.cost_by_rows
+        env, rows_of, chosen = self.env, self.rows, self.chosen
         r = self.router
         every, none, rows_for = self.mode == "all", r.none, self._rows_for
+        # Costs are not added up here: `Result` sums them from `rows` when `cost` is read.
         for step in self.executor._plan:
             name = step.name
-            if step.k:
-                chosen[name] = [none] * step.k
             rows = r.all if every else rows_for(step)
             rows_of[name] = rows
-            if rows.n == 0:
-                env[name] = None  # null for every example: not called at all
+            if rows.n:
+                env[name] = handlers[step.kind](step.node, rows)
             else:
-                env[name] = _Value(rows, handlers[step.kind](step.node, rows))
-                if step.cost:
-                    cost_by_rows[rows] = cost_by_rows.get(rows, 0) + step.cost
+                env[name] = None  # null for every example: not called at all
+                if step.k:
+                    chosen[name] = [none] * step.k
             for dead in step.dead:
                 if dead not in keep:
                     env[dead] = None
@@ -598,35 +593,31 @@ class Interpreter:
         return self.router.all if self.mode == "all" else self._rows_for(self.executor._steps[node.name])
 
     def _rows_for(self, step: _Step) -> Rows:
-        r = self.router
+        # A source is present on the rows it ran for (`none` if it ran for nobody); the
+        # values dropped after their last reader are never asked for again.
+        r, rows_of = self.router, self.rows
         rows = r.all
-        if step.controllers:
-            if len(step.controllers) == 1:
-                source, action = step.controllers[0]
+        controllers = step.controllers
+        if controllers:
+            if len(controllers) == 1:
+                source, action = controllers[0]
                 rows = self.chosen[source][action]
             else:
-                rows = r.union(self.chosen[source][action] for source, action in step.controllers)
+                rows = r.union(self.chosen[source][action] for source, action in controllers)
             if rows.n == 0:
                 return r.none
         if step.select:
-            present = [self.present(edge) for edge in step.node.inputs]
-            return r.intersect2(rows, r.all if any(p is r.all for p in present) else r.union(present))
-        env = self.env
+            return rows if step.anywhere else r.intersect2(rows, r.union(rows_of[s] for s in step.sources))
         for source in step.needs:  # an edge with a default is present everywhere
-            value = env[source]
-            if value is None:
-                return r.none
-            if value.rows is not rows:
-                rows = r.intersect2(rows, value.rows)
+            have = rows_of[source]
+            if have is not rows:
+                rows = r.intersect2(rows, have)
                 if rows.n == 0:
                     return r.none
         return rows
 
     def present(self, edge: DataEdge) -> Rows:
-        if edge.default is not None:
-            return self.router.all
-        value = self.env[edge.source]
-        return self.router.none if value is None else value.rows
+        return self.router.all if edge.default is not None else self.rows[edge.source]
 
     # --- one method per node kind ---
 
@@ -648,17 +639,18 @@ class Interpreter:
         return self.merge(node, rows)
 
     def run_control(self, node: Node, rows: Rows) -> Tensor:
+        name = node.name
         scores = self.call(node, self.merge(node, rows))
-        k = len(node.actions)
         device_actions, host_actions = self.decide(node, rows, scores)
-        if self.mode != "all":  # in `all` mode routing ignores the choice: no need to read it back
+        if host_actions is not None:  # None in `all` mode: routing ignores the choice
+            k = len(node.actions)
             if isinstance(host_actions, int):
-                self.chosen[node.name] = [rows if i == host_actions else self.router.none for i in range(k)]
+                self.chosen[name] = [rows if i == host_actions else self.router.none for i in range(k)]
             else:
-                self.chosen[node.name] = self.router.split(rows, host_actions, k, self._counts)
+                self.chosen[name] = self.router.split(rows, host_actions, k, self._counts)
                 self._counts = None
-        self.scores[node.name] = scores
-        self.actions[node.name] = device_actions
+        self.scores[name] = scores
+        self.actions[name] = device_actions
         return scores
 
     # --- helpers ---
@@ -688,20 +680,21 @@ class Interpreter:
     def gather(self, edge: DataEdge, rows: Rows) -> Tensor:
         """The edge's tensor on `rows`: its source's output where the source ran, the edge's
         default elsewhere (the node runs only where every input without default is present)."""
-        r = self.router
         value = self.env[edge.source]
         if value is None:
             return self.fill(edge, rows.n, None)
-        if value.rows is rows:
-            return value.tensor  # the same examples: no copy
+        have = self.rows[edge.source]
+        if have is rows:
+            return value  # the same examples: no copy
+        r = self.router
         if edge.default is None:
-            return value.tensor.index_select(0, r.positions(rows, value.rows))
-        hit = r.intersect2(rows, value.rows)
+            return value.index_select(0, r.positions(rows, have))
+        hit = r.intersect2(rows, have)
         if hit is rows:
-            return value.tensor.index_select(0, r.positions(rows, value.rows))
-        out = self.fill(edge, rows.n, value.tensor)
+            return value.index_select(0, r.positions(rows, have))
+        out = self.fill(edge, rows.n, value)
         if hit.n:
-            part = value.tensor if hit is value.rows else value.tensor.index_select(0, r.positions(hit, value.rows))
+            part = value if hit is have else value.index_select(0, r.positions(hit, have))
             out.index_copy_(0, r.positions(hit, rows), part)
         return out
 
@@ -748,28 +741,29 @@ class Interpreter:
         int when one action is forced for everybody. The first is a device tensor, or, where
         the host already has it (CPU, forced ints), the host value itself: `Result` turns it
         into a tensor only when `actions` is read."""
-        k, n = len(node.actions), rows.n
         mode = self.mode
-        if mode == "force" and node.name in self.forced:
+        if self.forced and node.name in self.forced:  # only `force` mode has forced actions
             return self.forced_actions(node, rows, self.forced[node.name])
-        if mode in ("argmax", "all", "force") or (mode == "explore" and self.epsilon == 0.0):
+        if self._greedy:
             if self.router.cpu and scores.dtype in _NUMPY_FLOATS:
                 # On the host numpy's argmax is several times cheaper than torch's, and
                 # picks the same action (the first of equal maxima; NaN counts as the max).
                 host = (scores.detach() if scores.requires_grad else scores).numpy().argmax(axis=1)
                 return host, (None if mode == "all" else host)  # `Result` makes a tensor if asked
             chosen = scores.detach().argmax(dim=1)
-        elif mode == "explore":
-            greedy = scores.detach().argmax(dim=1)
-            explore = self.random(lambda g, d: torch.rand(n, generator=g, device=d)) < self.epsilon
-            anything = self.random(lambda g, d: torch.randint(k, (n,), generator=g, device=d))
-            chosen = torch.where(explore, anything, greedy)  # n actions, not data rows
-        else:  # sample: inverse CDF, so that any generator (on any device) can drive it
-            log_p = torch.log_softmax(scores.float(), dim=1)
-            cdf = log_p.detach().exp().cumsum(dim=1)
-            u = self.random(lambda g, d: torch.rand(n, 1, generator=g, device=d))
-            chosen = torch.searchsorted(cdf, u, right=True).view(-1).clamp_(max=k - 1)
-            self.log_probs[node.name] = log_p.gather(1, chosen.view(-1, 1)).view(-1)
+        else:
+            k, n = len(node.actions), rows.n
+            if mode == "explore":
+                greedy = scores.detach().argmax(dim=1)
+                explore = self.random(lambda g, d: torch.rand(n, generator=g, device=d)) < self.epsilon
+                anything = self.random(lambda g, d: torch.randint(k, (n,), generator=g, device=d))
+                chosen = torch.where(explore, anything, greedy)  # n actions, not data rows
+            else:  # sample: inverse CDF, so that any generator (on any device) can drive it
+                log_p = torch.log_softmax(scores.float(), dim=1)
+                cdf = log_p.detach().exp().cumsum(dim=1)
+                u = self.random(lambda g, d: torch.rand(n, 1, generator=g, device=d))
+                chosen = torch.searchsorted(cdf, u, right=True).view(-1).clamp_(max=k - 1)
+                self.log_probs[node.name] = log_p.gather(1, chosen.view(-1, 1)).view(-1)
         return chosen, (None if mode == "all" else chosen.cpu().numpy())
 
     def forced_actions(self, node: Node, rows: Rows, spec: int | Tensor) -> tuple[Tensor | np.ndarray | int,
@@ -785,7 +779,7 @@ class Interpreter:
         if not isinstance(spec, Tensor) or spec.shape != (self.batch,) or spec.is_floating_point():
             raise ValueError(f"the action forced on {node.name!r} must be an int or an integer tensor "
                              f"of shape [{self.batch}] (one per example)")
-        if spec.device.type == "cpu" and spec.dtype == torch.long:
+        if spec.is_cpu and spec.dtype == torch.long:
             host = spec.numpy()
         else:
             host = spec.cpu().long().numpy()  # the one synchronisation, if the tensor is on the device
@@ -799,7 +793,7 @@ class Interpreter:
             low, high = int(host.min()), int(host.max())
             raise ValueError(f"{node.name!r} has {k} actions (0..{k - 1}); the forced actions include "
                              f"{low if low < 0 else high}")
-        self._counts = counts  # `split` needs them too
+        self._counts = counts.tolist()  # `split` needs them too
         if self.router.cpu:
             on_device = host
         elif spec.device == self.device:
@@ -816,33 +810,36 @@ class Interpreter:
     # --- the result ---
 
     def result(self) -> Result:
-        r, env = self.router, self.env
-        outputs = {name: env[name].tensor for name in self.executor._output_names}
-        decisions = {}
-        for node in self.executor._control_nodes:
-            name = node.name
-            decisions[name] = _Decision(self.rows[name], len(node.actions), self.scores.get(name),
-                                        self.actions.get(name), self.log_probs.get(name))
+        r, env, ex = self.router, self.env, self.executor
+        outputs = {name: env[name] for name in ex._output_names}
         values = {}
         for name in self.keep:
             value = env[name]
             if value is None:
-                empty = torch.empty((0, *self.executor._shapes[name]), dtype=self.dtype, device=self.device)
+                empty = torch.empty((0, *ex._shapes[name]), dtype=self.dtype, device=self.device)
                 values[name] = (r.on_device(r.none), empty)
             else:
-                values[name] = (r.on_device(value.rows), value.tensor)
-        ex = self.executor
-        return Result(outputs, values, self.mode, dict(self.rows), decisions, r, self.dtype, self.cost_by_rows,
-                      ex._integer_costs, ex._full_cost, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+                values[name] = (r.on_device(self.rows[name]), value)
+        return Result(outputs, values, self.mode, self.rows, ex._controls, self.scores, self.actions, self.log_probs,
+                      r, self.dtype, ex._costs, ex._integer_costs, ex._full_cost, torch.is_grad_enabled(),
+                      torch.is_inference_mode_enabled())
 
     def cost(self) -> Tensor:
         """Per-example cost [B] on the device: the sum of the costs of the nodes that ran."""
-        return self.router.upload(_per_example_cost(self.batch, self.cost_by_rows, self.executor._integer_costs))
+        ex = self.executor
+        return self.router.upload(_per_example_cost(self.batch, self.rows, ex._costs, ex._integer_costs))
 
 
-def _per_example_cost(batch: int, cost_by_rows: Mapping[Rows, int | float], integer: bool) -> np.ndarray:
+def _per_example_cost(batch: int, rows_of: Mapping[str, Rows], costs: Iterable[tuple[str, int | float]],
+                      integer: bool) -> np.ndarray:
     """[B] the cost of each example, summed on the host with plain integers (float64 when a
-    node declares a fractional cost) from the cost of the nodes run on each set of examples."""
+    node declares a fractional cost): the costs of the nodes run on each set of examples
+    are added up first, then each set's total onto its examples."""
+    cost_by_rows: dict[Rows, int | float] = {}
+    for name, c in costs:
+        rows = rows_of[name]
+        if rows.n:
+            cost_by_rows[rows] = cost_by_rows.get(rows, 0) + c
     base = sum(c for rows, c in cost_by_rows.items() if rows.full)
     cost = np.full(batch, base, dtype=np.int64 if integer else np.float64)
     for rows, c in cost_by_rows.items():
