@@ -66,8 +66,13 @@ class Trainer:
     role: ClassVar[str] = "policy"
 
     def __init__(self, **params: Any):
-        # Defaults filled in, so a trainer built from Python behaves as one from a .d2 file.
-        self.params = {p.name: p.default for p in self.schema.params if not p.required} | params
+        # Bound to the schema with defaults filled in, so a trainer built from Python behaves
+        # as one from a .d2 file, and a wrong parameter raises the checker's diagnostic (a
+        # trainer built from Python skips the checker).
+        bound, diags = self.schema.bind([], [(k, v, None, None) for k, v in params.items()], what="trainer")
+        if any(d.is_error for d in diags):
+            raise D2GraphError(diags)
+        self.params = bound
 
     def check_graph(self, graph: Graph) -> None:
         """Raise `trainer_error(...)` when this trainer cannot handle `graph` (called before

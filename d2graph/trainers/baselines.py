@@ -43,7 +43,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..diagnostics import D2GraphError
 from ..executor import Executor, Result, route
 from ..ir import Graph
 from ..schema import Param, Schema
@@ -71,17 +70,12 @@ _MAX_THRESHOLDS = 4096
 # --- shared machinery -----------------------------------------------------------------------
 
 
-def _bind(trainer: type[Trainer], params: Mapping[str, Any]) -> dict[str, Any]:
-    """The trainer's parameters with defaults filled in; a wrong one raises the checker's
-    diagnostic (a trainer built from Python skips the checker)."""
-    bound, diags = trainer.schema.bind([], [(k, v, None, None) for k, v in params.items()], what="trainer")
-    if any(d.is_error for d in diags):
-        raise D2GraphError(diags)
-    if "budget" in bound and not bound["budget"] > 0:
-        raise trainer_error(trainer.name, f"budget={bound['budget']} leaves nothing to spend",
+def _need_budget(trainer: Trainer) -> None:
+    """Refuse a budget of 0 for the trainers that must spend one (a number above 0)."""
+    if "budget" in trainer.params and not trainer.params["budget"] > 0:
+        raise trainer_error(trainer.name, f"budget={trainer.params['budget']} leaves nothing to spend",
                             help="`budget` is the mean cost on validation as a fraction of the full graph's "
                                  "cost: give a number above 0, e.g. budget=0.5")
-    return bound
 
 
 @contextlib.contextmanager
@@ -332,7 +326,8 @@ class ThresholdTrainer(Trainer):
     ), doc="stop at a control node when its current head is confident (BranchyNet, SDN, MSDNet)")
 
     def __init__(self, **params: Any):
-        super().__init__(**_bind(type(self), params))
+        super().__init__(**params)
+        _need_budget(self)
 
     def check_graph(self, graph: Graph, classes: int | None = None) -> None:
         heads = _current_heads(graph, classes if classes is not None else _output_classes(graph))
@@ -481,7 +476,8 @@ class UniformTrainer(Trainer):
                     doc="random routing at the budget (the ANN paper's baseline)")
 
     def __init__(self, **params: Any):
-        super().__init__(**_bind(type(self), params))
+        super().__init__(**params)
+        _need_budget(self)
 
     def fit(self, executor: Executor, data, stage) -> UniformPolicy:
         graph = executor.graph
@@ -580,7 +576,8 @@ class OracleTrainer(Trainer):
                     doc="the cheapest correct static path per example (reads the labels; an upper bound)")
 
     def __init__(self, **params: Any):
-        super().__init__(**_bind(type(self), params))
+        super().__init__(**params)
+        _need_budget(self)
 
     def fit(self, executor: Executor, data, stage) -> OraclePolicy:
         executor.to(stage.device)
@@ -635,7 +632,8 @@ class StaticTrainer(Trainer):
                     doc="the same path for every example: the most accurate one within the budget")
 
     def __init__(self, **params: Any):
-        super().__init__(**_bind(type(self), params))
+        super().__init__(**params)
+        _need_budget(self)
 
     def fit(self, executor: Executor, data, stage) -> StaticPolicy:
         executor.to(stage.device)

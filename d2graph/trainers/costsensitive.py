@@ -65,7 +65,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..diagnostics import D2GraphError
 from ..executor import Executor
 from ..schema import Param, Schema
 from .base import LearnedPolicy, Trainer, action_order, budget_param, calibrate, register, trainer_error
@@ -240,16 +239,14 @@ class CostSensitiveTrainer(Trainer):
     ), doc="learned policies, deepest first, by cost-sensitive classification (Bolukbasi et al., ANN)")
 
     def __init__(self, **params: Any):
-        bound, diags = self.schema.bind([], [(k, v, None, None) for k, v in params.items()], what="trainer")
-        if any(d.is_error for d in diags):
-            raise D2GraphError(diags)
+        super().__init__(**params)
+        bound = self.params
         if bound["lambda"] < 0 and not bound["budget"] > 0:
             raise trainer_error(self.name, f"budget={bound['budget']} leaves nothing to spend",
                                 help="give a budget above 0 (a fraction of the full graph's cost), or a "
                                      "trade-off `lambda` ≥ 0 instead")
         if not bound["lr"] > 0:
             raise trainer_error(self.name, f"lr={bound['lr']} cannot learn", help="give a learning rate above 0, e.g. lr=0.01")
-        super().__init__(**bound)
 
     def check_graph(self, graph, executor: Executor | None = None) -> None:
         if not graph.control_nodes:

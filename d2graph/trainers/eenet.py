@@ -71,7 +71,7 @@ from ..ir import Graph
 from ..predictions import Exit, Predictions, actions_for_exits, exits_of, from_executor, head_probs
 from ..schema import Param, Schema
 from .base import Policy, Trainer, _policy, budget_param, calibrate, register, trainer_error
-from .baselines import MEASURES, NEVER_STOP, _bind
+from .baselines import MEASURES, NEVER_STOP, _need_budget
 
 __all__ = ["EENetPolicy", "EENetRule", "EENetTrainer", "ThresholdRule", "compare_on_predictions",
            "confidence_features", "eenet_losses", "fit_on_predictions", "route", "threshold_on_predictions",
@@ -507,7 +507,8 @@ class EENetTrainer(Trainer):
     ), doc="learned exit utility scores and exit shares at a budget, for multi-exit chains (EENet)")
 
     def __init__(self, **params: Any):
-        super().__init__(**_bind(type(self), params))
+        super().__init__(**params)
+        _need_budget(self)
         for key in ("lr",):
             if not self.params[key] > 0:
                 raise trainer_error(self.name, f"{key}={self.params[key]} must be above 0", help="e.g. lr=0.01")

@@ -63,7 +63,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..diagnostics import D2GraphError
 from ..evaluate import evaluate
 from ..executor import Executor
 from ..ir import Graph
@@ -150,14 +149,11 @@ class ReinforceTrainer(Trainer):
     ), doc="stop policies and classifiers trained jointly with REINFORCE on −loss − α·cost (Guan et al.)")
 
     def __init__(self, **params: Any):
-        bound, diags = self.schema.bind([], [(k, v, None, None) for k, v in params.items()], what="trainer")
-        if any(d.is_error for d in diags):
-            raise D2GraphError(diags)
+        super().__init__(**params)
         for key in ("alpha", "alpha_step", "entropy"):
-            if bound[key] < 0:
-                raise trainer_error(self.name, f"{key}={bound[key]} is negative",
+            if self.params[key] < 0:
+                raise trainer_error(self.name, f"{key}={self.params[key]} is negative",
                                     help=f"`{key}` is a weight: give 0 or more")
-        super().__init__(**bound)
 
     def check_graph(self, graph: Graph) -> None:
         if not graph.control_nodes:
