@@ -21,6 +21,21 @@ def golden(path: Path, actual: str) -> None:
     assert actual == path.read_text(encoding="utf-8"), f"{path} differs; D2GRAPH_ACCEPT=1 re-accepts it"
 
 
+def ctrl_c_after(monkeypatch, stage: int, epoch: int, step: int) -> None:
+    """Make training stop as Ctrl-C would, right after step `step` (counted from 1) of
+    epoch `epoch` of the stage at index `stage`; `monkeypatch.undo()` lets it run freely again."""
+    from d2graph.runs import Stage
+
+    real_step = Stage.step
+
+    def step_then_stop(self, loss, n):
+        real_step(self, loss, n)
+        if (self.index, self.epoch, self.steps_done) == (stage, epoch, step):
+            self.session.stop.set = True
+
+    monkeypatch.setattr(Stage, "step", step_then_stop)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch intra-op thread for a module of tiny networks and small tensors: a second

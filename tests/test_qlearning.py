@@ -17,11 +17,11 @@ from d2graph.data import Splits
 from d2graph.diagnostics import D2GraphError
 from d2graph.evaluate import per_example
 from d2graph.executor import compile
-from d2graph.runs import Interrupted, Run, Stage, Trained, _seed, resolve, train
+from d2graph.runs import Interrupted, Run, Trained, _seed, resolve, train
 from d2graph.trainers import LearnedPolicy
 from d2graph.trainers.qlearning import QLearning, bag_reward, epsilon_at, minibag_size
 
-from .conftest import ROOT
+from .conftest import ROOT, ctrl_c_after
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks (conftest.py)
@@ -195,14 +195,7 @@ def test_an_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
 
     whole = _fit(overrides=short, run=run("whole"))
     cut = run("cut")
-    real_step = Stage.step
-
-    def step(self, loss, n):  # Ctrl-C during the 6th step of the second epoch
-        real_step(self, loss, n)
-        if self.epoch == 1 and self.steps_done == 5:
-            self.session.stop.set = True
-
-    monkeypatch.setattr(Stage, "step", step)
+    ctrl_c_after(monkeypatch, stage=0, epoch=1, step=5)  # during the 6th step of the second epoch
     with pytest.raises(Interrupted):
         _fit(overrides=short, run=cut)
     monkeypatch.undo()

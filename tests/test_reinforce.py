@@ -21,11 +21,11 @@ import torch
 import d2graph
 from d2graph.diagnostics import D2GraphError
 from d2graph.evaluate import evaluate, per_example
-from d2graph.runs import Config, Interrupted, Run, Stage, Trained, load_checkpoint, load_data, resolve, train
+from d2graph.runs import Config, Interrupted, Run, Trained, load_checkpoint, load_data, resolve, train
 from d2graph.trainers.base import LearnedPolicy, load_policy, save_policy
 from d2graph.trainers.reinforce import OffsetPolicy, ReinforceTrainer
 
-from .conftest import ROOT
+from .conftest import ROOT, ctrl_c_after
 
 TEXT = """
 graph flagged {
@@ -193,14 +193,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(graph, tmp_path, monkeyp
     whole = train(graph, config, Run.create(graph, source, config, tmp_path / "whole"), quiet=True, echo=None,
                   evaluate=False)
     run = Run.create(graph, source, config, tmp_path / "cut")
-    real_step = Stage.step
-
-    def step(self, loss, n):  # Ctrl-C in the middle of the policy stage's first epoch
-        real_step(self, loss, n)
-        if self.index == 1 and self.epoch == 0 and self.steps_done == 5:
-            self.session.stop.set = True
-
-    monkeypatch.setattr(Stage, "step", step)
+    ctrl_c_after(monkeypatch, stage=1, epoch=0, step=5)  # in the middle of the policy stage's first epoch
     with pytest.raises(Interrupted):
         train(graph, config, run, quiet=True, echo=None, evaluate=False)
     monkeypatch.undo()

@@ -15,10 +15,10 @@ import torch
 
 import d2graph
 from d2graph.diagnostics import D2GraphError
-from d2graph.runs import Interrupted, Run, Stage, load_checkpoint, resolve, train
+from d2graph.runs import Interrupted, Run, load_checkpoint, resolve, train
 from d2graph.trainers.baselines import StaticTrainer
 
-from .conftest import ROOT
+from .conftest import ROOT, ctrl_c_after
 
 EXAMPLES = ROOT / "examples"
 
@@ -119,14 +119,7 @@ def test_interrupted_run_resumes_to_the_same_result(early_exit, tmp_path, monkey
     whole = train(early_exit, config, run, quiet=True, echo=None).reports["test"].to_json()
 
     run, config = _run(early_exit, tmp_path, "cut")
-    real_step = Stage.step
-
-    def step(self, loss, n):  # Ctrl-C during the 6th step of the first epoch
-        real_step(self, loss, n)
-        if self.epoch == 0 and self.steps_done == 5:
-            self.session.stop.set = True
-
-    monkeypatch.setattr(Stage, "step", step)
+    ctrl_c_after(monkeypatch, stage=0, epoch=0, step=5)  # during the 6th step of the first epoch
     with pytest.raises(Interrupted):
         train(early_exit, config, run, quiet=True, echo=None)
     monkeypatch.undo()
