@@ -824,11 +824,6 @@ class Interpreter:
                       r, self.dtype, ex._costs, ex._integer_costs, ex._full_cost, torch.is_grad_enabled(),
                       torch.is_inference_mode_enabled())
 
-    def cost(self) -> Tensor:
-        """Per-example cost [B] on the device: the sum of the costs of the nodes that ran."""
-        ex = self.executor
-        return self.router.upload(_per_example_cost(self.batch, self.rows, ex._costs, ex._integer_costs))
-
 
 def _per_example_cost(batch: int, rows_of: Mapping[str, Rows], costs: Iterable[tuple[str, int | float]],
                       integer: bool) -> np.ndarray:
@@ -849,10 +844,16 @@ def _per_example_cost(batch: int, rows_of: Mapping[str, Rows], costs: Iterable[t
 
 
 class _Routing(Interpreter):
-    """A forward pass that routes without computing: each node yields zeros of its shape."""
+    """A forward pass that routes without computing: each node yields zeros of its shape, as
+    one zero expanded to the rows (no memory per row: pricing a large batch stays cheap; the
+    merges write only into tensors they make themselves)."""
 
     def call(self, node: Node, x: Tensor) -> Tensor:
-        return torch.zeros((x.shape[0], *node.out_shape), dtype=self.dtype, device=self.device)
+        return _zeros(x.shape[0], node.out_shape, self.dtype, self.device)
+
+
+def _zeros(n: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    return torch.zeros((), dtype=dtype, device=device).expand(n, *shape)
 
 
 def route(executor: Executor, actions: Mapping[str, int | Tensor], x: Tensor | Mapping[str, Tensor] | int) -> Result:
@@ -870,7 +871,7 @@ def route(executor: Executor, actions: Mapping[str, int | Tensor], x: Tensor | M
     if missing:
         raise ValueError(f"route() needs an action for every control node; missing {', '.join(missing)}")
     if isinstance(x, int):
-        x = {n.name: torch.zeros((x, *n.out_shape)) for n in executor.graph.inputs}
+        x = {n.name: _zeros(x, n.out_shape, torch.float32, "cpu") for n in executor.graph.inputs}
     with torch.inference_mode():
         return _Routing(executor, x, "force", actions, 0.0, (), None).run()
 

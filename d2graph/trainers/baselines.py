@@ -125,15 +125,6 @@ def _every_control(graph: Graph, actions: Mapping[str, int | Tensor], n: int) ->
     return out
 
 
-def _price(executor: Executor, actions: Mapping[str, Tensor], n: int) -> Result:
-    """`route` on n examples. Its input is a zero batch expanded from one example (route reads
-    only its size), on the CPU: no layer runs, and host index sets need no device. route still
-    makes zero outputs of every node's shape for every row, so callers keep n small."""
-    x = {node.name: torch.zeros((1, *node.out_shape)).expand(n, *node.out_shape)
-         for node in executor.graph.inputs}
-    return route(executor, actions, x)
-
-
 def _predictions(result: Result) -> Tensor:
     return result.output.argmax(1)
 
@@ -203,7 +194,7 @@ class _PathTable:
         self.actions.append({q: int(a) for q, a in actions.items()})
         self.nodes.append(tuple(nodes))
         self.costs.append(float(cost))
-        probe = _price(executor, _every_control(graph, actions, 1), 1)
+        probe = route(executor, _every_control(graph, actions, 1), 1)
         self.fraction.append(float(probe.cost_fraction[0]))
         self._by_nodes[key] = len(self.actions) - 1
         return self._by_nodes[key]
@@ -224,7 +215,7 @@ class _PathTable:
         new = [c for c in map(tuple, combinations.tolist()) if c not in self._by_combination]
         if new:
             forced = {q: torch.tensor([c[j] for c in new], dtype=torch.long) for j, q in enumerate(self.controls)}
-            routed = _price(self.executor, forced, len(new))
+            routed = route(self.executor, forced, len(new))
             for r, c in enumerate(new):
                 ran = tuple(name for name in self.units if _contains(routed.rows[name], r))
                 taken = {q: a for q, a in zip(self.controls, c) if q in ran}
