@@ -52,6 +52,24 @@ def layer(name: str, *params: Param, doc: str = "", takes: str = "any shape", **
     return deco
 
 
+def initialise(module: nn.Module, scheme: str) -> None:
+    """Re-initialise every conv and fc weight under `module` by `scheme`, in place.
+
+    `kaiming`: He-normal weights (fan-in, ReLU gain) and zero biases. PyTorch's default
+    (uniform with a = √5) shrinks the signal by about √6 per ReLU layer, so a deep narrow
+    graph such as the D²NN chain starts with near-constant scores and its loss sits at
+    ln(classes) for many epochs; He initialisation keeps the scale through the layers.
+    `torch`: leave PyTorch's defaults. Draws from torch's global generator (seed it first).
+    """
+    if scheme == "torch":
+        return
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 def build_layer(name: str, args: dict, in_shape: Shape) -> nn.Module:
     return LAYERS.get(name).build(tuple(in_shape), args)
 

@@ -44,6 +44,7 @@ from .diagnostics import D2GraphError, Diagnostic, did_you_mean
 from .executor import Executor, compile
 from .files import atomic_path, write_atomic
 from .ir import Graph
+from .layers import initialise
 from .schema import DATASETS, TRAIN_SETTINGS, TRAINERS, Symbol
 from .trainers import LearnedPolicy, Policy, load_policy, save_policy
 
@@ -579,6 +580,7 @@ def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool 
     else:
         torch.manual_seed(_seed(seed, -1))  # initial weights: a function of the seed only
         executor = compile(graph)
+        initialise(executor, config.settings["init"])
     executor.to(device)
     session.executor = executor
     resume_state = None

@@ -253,5 +253,7 @@ TRAIN_SETTINGS = Schema("train", (
     Param("optimizer", "choice", "adam", choices=("adam", "adamw", "sgd")),
     Param("lr", "number", 1e-3, doc="learning rate"),
     Param("weight_decay", "number", 0.0),
+    Param("init", "choice", "kaiming", choices=("kaiming", "torch"),
+          doc="initial conv/fc weights: He-normal for ReLU networks, or PyTorch's defaults"),
     Param("device", "choice", "auto", choices=("auto", "cpu", "cuda")),
 ))
