@@ -2,9 +2,9 @@
 
 In:  a checked `Graph` (or an `Executor` holding trained weights), a batch size.
 Out: `bench(...)` → one row (a dict) for the dynamic executor (argmax routing on random
-     inputs) and one per distinct static path — every combination of constant actions
-     of the control nodes, run with mode="force", deduplicated by the set of nodes that
-     ran (a control node that does not run on a path makes its action irrelevant);
+     inputs) and one per distinct static path (`d2graph.paths.static_paths`: every
+     combination of constant actions of the control nodes, deduplicated by the set of
+     nodes that run), each run with mode="force";
      `bench_table(rows)` → the rows as a Markdown table. `d2graph bench FILE` prints it.
 Guarantees: a path's cost is the sum of the IR costs of its nodes (the executor's own
 accounting, which the executor tests tie to FlopCounterMode); the dynamic row's cost is
@@ -21,50 +21,17 @@ Example:
 from __future__ import annotations
 
 import gc
-import itertools
 import statistics
 import time
 from typing import Any
 
 import torch
 
-from .executor import Executor, compile, route
+from .executor import Executor, compile
 from .ir import Graph, format_cost
+from .paths import static_paths
 
-MAX_PATHS = 32  # distinct static paths reported
-MAX_COMBINATIONS = 4096  # action combinations tried to find them
-
-__all__ = ["bench", "bench_table", "static_paths"]
-
-
-def static_paths(graph: Graph, executor: Executor | None = None,
-                 max_paths: int = MAX_PATHS) -> list[tuple[dict[str, int], tuple[str, ...]]]:
-    """The distinct static paths of a graph, dearest first: (constant actions, the nodes that
-    ran). Each combination of actions (up to MAX_COMBINATIONS of them) is run once on one
-    example, mode="force"; combinations that run the same nodes are one path, described by
-    the actions of the control nodes that ran. Beyond `max_paths` paths, the cheapest, the
-    dearest and paths evenly spread in cost between them are kept. Finding them calls no
-    layer: every control node is forced, so routing does not depend on the values."""
-    executor = executor if executor is not None else compile(graph)
-    controls = graph.control_nodes
-    x = {n.name: torch.zeros((1, *n.out_shape), dtype=_dtype(executor), device=_device(executor))
-         for n in graph.inputs}
-    seen: dict[frozenset[str], tuple[dict[str, int], tuple[str, ...]]] = {}
-    combinations = itertools.product(*(range(len(q.actions)) for q in controls))
-    with torch.inference_mode():
-        for combination in itertools.islice(combinations, MAX_COMBINATIONS):
-            actions = dict(zip((q.name for q in controls), combination))
-            r = route(executor, actions, x)
-            ran = tuple(n.name for n in graph.nodes if r.rows[n.name].n and n.kind not in ("input", "output"))
-            key = frozenset(ran)
-            if key not in seen:
-                seen[key] = ({q: a for q, a in actions.items() if q in key}, ran)
-    cost = {n.name: n.cost for n in graph.nodes}
-    paths = sorted(seen.values(), key=lambda path: -sum(cost[name] for name in path[1]))
-    if len(paths) > max_paths:
-        keep = sorted({round(i * (len(paths) - 1) / (max_paths - 1)) for i in range(max_paths)})
-        paths = [paths[i] for i in keep]
-    return paths
+__all__ = ["bench", "bench_table"]
 
 
 def bench(graph: Graph | Executor, batch: int = 256, rounds: int = 20, *, seed: int = 0,
@@ -117,7 +84,7 @@ def _bench(graph: Graph, executor: Executor, batch: int, rounds: int, seed: int)
                          nodes=tuple(n.name for n in graph.nodes
                                      if r.rows[n.name].n and n.kind not in ("input", "output")), cost=cost))
         runs.append(lambda: executor(x))
-        for actions, nodes in static_paths(graph, executor):
+        for actions, nodes in static_paths(graph):
             r = executor(x, mode="force", actions=actions)
             cost = r.cost[0].item()
             label = ", ".join(f"{q}={controls[q].actions[a] or 'skip'}" for q, a in actions.items())

@@ -20,7 +20,8 @@ from typing import Sequence
 from .diagnostics import D2GraphError, Diagnostic
 from .files import write_atomic
 
-EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_TOOL, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 70, 130
+EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
+# Exit code 3 (a required tool is missing) is carried by the error itself: render.RenderError.exit_code.
 
 
 class _Parser(argparse.ArgumentParser):
@@ -401,7 +402,7 @@ def _load_run(folder, checkpoint: str) -> dict:
 def _restore(graph, config, root: Path, path: Path) -> dict:
     from .executor import compile
     from .runs import load_checkpoint, load_data
-    from .trainers import load_policy
+    from .policies import load_policy
 
     state = load_checkpoint(path)
     executor = compile(graph)

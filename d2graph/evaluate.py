@@ -18,7 +18,7 @@ Guarantees:
 Vocabulary:
   path   the actions taken by the control nodes that ran for an example, numbered from 1
          as in drawings and messages: "Q1=2 Q2=1"; "(no control)" when the graph has none.
-  exit   the heads (`d2graph.trainers.base.heads`) whose scores reached the output for an
+  exit   the heads (`d2graph.paths.heads`) whose scores reached the output for an
          example: for a `merge=select` output the one head it took (the first present in
          its edge order), for other outputs every head that ran; joined with "+".
 
@@ -43,7 +43,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .executor import Executor, Result
 from .ir import Graph, format_cost
-from .trainers.base import Policy, heads, run_policy
+from .paths import heads
+from .policies import Policy, evaluating, run_policy
 
 __all__ = ["NO_CONTROL", "NO_EXIT", "Report", "evaluate", "per_example", "summarise"]
 
@@ -89,24 +90,19 @@ def per_example(executor: Executor, dataset: Dataset, policy: Policy | None = No
     cols: dict[str, list[np.ndarray]] = {"prediction": [], "label": [], "cost": []}
     ran: dict[str, list[np.ndarray]] = {name: [] for name in names}
     actions: dict[str, list[np.ndarray]] = {q: [] for q in controls}
-    was_training = executor.training
-    executor.eval()
-    try:
-        with torch.inference_mode():
-            for x, y in _batches(dataset, batch):
-                x = x.to(device=device, dtype=dtype if x.is_floating_point() and dtype is not None else None)
-                y = y.to(device)
-                result: Result = run_policy(executor, policy, x, y, generator=generator)
-                cols["prediction"].append(result.outputs[output].argmax(dim=1).cpu().numpy())
-                cols["label"].append(y.cpu().numpy())
-                cols["cost"].append(result.cost.cpu().numpy())
-                b = x.shape[0]
-                for name in names:
-                    ran[name].append(_mask(result.rows[name].index, b))
-                for q, a in result.actions.items():
-                    actions[q].append(a.cpu().numpy())
-    finally:
-        executor.train(was_training)
+    with evaluating(executor):
+        for x, y in _batches(dataset, batch):
+            x = x.to(device=device, dtype=dtype if x.is_floating_point() and dtype is not None else None)
+            y = y.to(device)
+            result: Result = run_policy(executor, policy, x, y, generator=generator)
+            cols["prediction"].append(result.outputs[output].argmax(dim=1).cpu().numpy())
+            cols["label"].append(y.cpu().numpy())
+            cols["cost"].append(result.cost.cpu().numpy())
+            b = x.shape[0]
+            for name in names:
+                ran[name].append(_mask(result.rows[name].index, b))
+            for q, a in result.actions.items():
+                actions[q].append(a.cpu().numpy())
 
     rows: dict[str, np.ndarray] = {key: np.concatenate(parts) for key, parts in cols.items()}
     rows["prediction"] = rows["prediction"].astype(np.int64)

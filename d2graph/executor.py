@@ -410,7 +410,6 @@ class Executor(nn.Module):
         # What every forward pass would otherwise re-derive from the IR (its lookups scan
         # the node tuple): the per-node plan the interpreter walks, and the graph's facts.
         self._plan = tuple(_Step(node, tuple(self._dead_after[i])) for i, node in enumerate(graph.nodes))
-        self._steps = {step.name: step for step in self._plan}
         self._shapes = {node.name: node.out_shape for node in graph.nodes}
         self._input_names = tuple(node.name for node in graph.inputs)
         self._output_names = tuple(node.name for node in graph.outputs)
@@ -587,10 +586,6 @@ class Interpreter:
                 if dead not in keep:
                     env[dead] = None
         return self.result()
-
-    def rows_to_run(self, node: Node) -> Rows:
-        """LANGUAGE.md §3.1 on sets of examples: activated ∩ (inputs present)."""
-        return self.router.all if self.mode == "all" else self._rows_for(self.executor._steps[node.name])
 
     def _rows_for(self, step: _Step) -> Rows:
         # A source is present on the rows it ran for (`none` if it ran for nobody); the

@@ -10,7 +10,7 @@ Out: `Predictions`: every exit's softmax on every validation and test example, t
      exit per example back into the forced actions that make the executor take it.
 Guarantees:
   - Exits are ordered shallow → deep; `costs[k]` is the cost of the static path that
-    exits at exit k (`base.path_costs`), so it never decreases with k, and `full_cost`
+    exits at exit k (`d2graph.paths.path_costs`), so it never decreases with k, and `full_cost`
     (the graph's, every node running) turns it into the fractions budgets are given in.
   - `from_executor` runs in eval mode under `torch.inference_mode()` and puts the
     executor's mode back; the softmax is taken in float64 and stored as float32, the same
@@ -56,7 +56,9 @@ from .diagnostics import D2GraphError, Diagnostic
 from .executor import Executor, Result
 from .files import atomic_path, write_atomic
 from .ir import Graph
-from .trainers.base import current_head, heads as heads_of, path_costs, trainer_error
+from .paths import current_head, heads as heads_of, path_costs
+from .policies import evaluating
+from .schema import trainer_error
 
 __all__ = ["Exit", "Predictions", "actions_for_exits", "exit_costs", "exits_of", "from_executor", "head_probs",
            "load", "save"]
@@ -119,10 +121,9 @@ def _chain(graph: Graph, trainer: str) -> tuple[list[Exit], list[float]]:
                                      "here) and one node that continues; " + see)
         stop[q.name] = q.actions.index(None)
         go[q.name] = 1 - stop[q.name]
-    with torch.random.fork_rng(devices=[]):  # path finding compiles a throwaway executor
-        classes = _output_classes(graph)
-        reads = {q.name: current_head(graph, q.name, classes) for q in controls}
-        paths = sorted(path_costs(graph), key=lambda p: p[2])
+    classes = _output_classes(graph)
+    reads = {q.name: current_head(graph, q.name, classes) for q in controls}
+    paths = sorted(path_costs(graph), key=lambda p: p[2])
     for q, h in reads.items():
         if h is None:
             raise trainer_error(trainer, f"control node `{q}` reads no exit head: no classifier's scores are "
@@ -356,26 +357,21 @@ def from_executor(executor: Executor, splits, batch: int = 256,
     dtype = param.dtype if param is not None else None
     which = set(which)
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    was_training = executor.training
-    executor.eval()
-    try:
-        with torch.inference_mode():
-            for name in ("val", "test"):
-                if name not in which:
-                    classes = _output_classes(graph) or 2
-                    arrays[name] = (np.zeros((len(heads), 0, classes), np.float32), np.zeros(0, np.int64))
-                    continue
-                x_all, y_all = getattr(splits, name).tensors[:2]
-                probs, targets = [], []
-                for start in range(0, len(y_all), batch):
-                    x = x_all[start:start + batch].to(device)
-                    if x.is_floating_point() and dtype is not None:
-                        x = x.to(dtype)
-                    probs.append(head_probs(executor(x, mode="all", keep=heads), heads))
-                    targets.append(y_all[start:start + batch].cpu())
-                arrays[name] = (torch.cat(probs, 1).numpy(), torch.cat(targets).numpy())
-    finally:
-        executor.train(was_training)
+    with evaluating(executor):
+        for name in ("val", "test"):
+            if name not in which:
+                classes = _output_classes(graph) or 2
+                arrays[name] = (np.zeros((len(heads), 0, classes), np.float32), np.zeros(0, np.int64))
+                continue
+            x_all, y_all = getattr(splits, name).tensors[:2]
+            probs, targets = [], []
+            for start in range(0, len(y_all), batch):
+                x = x_all[start:start + batch].to(device)
+                if x.is_floating_point() and dtype is not None:
+                    x = x.to(dtype)
+                probs.append(head_probs(executor(x, mode="all", keep=heads), heads))
+                targets.append(y_all[start:start + batch].cpu())
+            arrays[name] = (torch.cat(probs, 1).numpy(), torch.cat(targets).numpy())
     return Predictions(arrays["val"][0], arrays["test"][0], arrays["val"][1], arrays["test"][1],
                        np.array(costs), heads, float(graph.full_cost))
 

@@ -46,14 +46,15 @@ from .files import atomic_path, write_atomic
 from .ir import Graph
 from .layers import initialise
 from .schema import DATASETS, TRAIN_SETTINGS, TRAINERS, Symbol
-from .trainers import LearnedPolicy, Policy, load_policy, save_policy
+from .policies import LearnedPolicy, Policy, load_policy, save_policy
 
-__all__ = ["Config", "Interrupted", "Run", "Stage", "Trained", "resolve", "train"]
+__all__ = ["Config", "Interrupted", "Run", "Stage", "Trained", "config_error", "derive_seed", "resolve", "train"]
 
 CHECKPOINT_FORMAT = 1
 
 
-def _error(code: str, message: str, help: str = "") -> D2GraphError:
+def config_error(code: str, message: str, help: str = "") -> D2GraphError:
+    """A mistake in a train block, an override, a run folder or a checkpoint (E920–E923)."""
     return D2GraphError([Diagnostic(code, message, None, "", help=help)])
 
 
@@ -107,12 +108,13 @@ def resolve(graph: Graph, overrides: list[str] | tuple[str, ...] = ()) -> Config
     """The train block of `graph` as a Config, with `overrides` ("key=value") applied."""
     block = graph.train
     if block is None:
-        raise _error("E923", f"graph `{graph.name}` has no `train` block, so there is nothing to run",
-                     help="add one inside the graph, e.g.\n  train {\n    data = cluttered_digits(size=32)\n"
-                          "    stage backbone = supervised(epochs=5)\n    stage policy = threshold(budget=0.5)\n  }")
+        raise config_error("E923", f"graph `{graph.name}` has no `train` block, so there is nothing to run",
+                           help="add one inside the graph, e.g.\n  train {\n"
+                                "    data = cluttered_digits(size=32)\n    stage backbone = supervised(epochs=5)\n"
+                                "    stage policy = threshold(budget=0.5)\n  }")
     if block.data is None:
-        raise _error("E923", f"the train block of `{graph.name}` names no data set",
-                     help="add `data = digits`, `data = cluttered_digits(size=32)` or `data = npz(path=\"...\")`")
+        raise config_error("E923", f"the train block of `{graph.name}` names no data set",
+                           help="add `data = digits`, `data = cluttered_digits(size=32)` or `data = npz(path=\"...\")`")
     settings = {p.name: _plain(p.default) for p in TRAIN_SETTINGS.params}
     settings.update({k: _plain(v) for k, v in block.settings})
     config = Config(graph.name, {"name": block.data[0], "args": {k: _plain(v) for k, v in block.data[1]}},
@@ -155,8 +157,8 @@ def apply_override(config: Config, text: str) -> None:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise _error("E920", f"--set {text!r} is not `key=value`",
-                     help="e.g. `--set seed=3`, `--set data.n=2000`, `--set stage.policy.budget=0.3`")
+        raise config_error("E920", f"--set {text!r} is not `key=value`",
+                           help="e.g. `--set seed=3`, `--set data.n=2000`, `--set stage.policy.budget=0.3`")
     value = parse_value(raw)
     parts = key.split(".")
     if parts[0] == "stage":
@@ -165,12 +167,13 @@ def apply_override(config: Config, text: str) -> None:
     if len(parts) == 1 and parts[0] in settings_names():
         param = TRAIN_SETTINGS.params[settings_names().index(parts[0])]
         if not param.accepts(value):
-            raise _error("E920", f"--set {key}: `{key}` must be {param.describe()}", help=param.doc)
+            raise config_error("E920", f"--set {key}: `{key}` must be {param.describe()}", help=param.doc)
         config.settings[key] = _plain(param.coerce(value))
     elif parts == ["data"]:
         if not isinstance(value, str) or value not in DATASETS:
-            raise _error("E920", f"--set data: unknown data set {value!r}{did_you_mean(str(value), DATASETS.names())}",
-                         help="data sets: " + ", ".join(DATASETS.names()))
+            raise config_error("E920", f"--set data: unknown data set {value!r}"
+                                       f"{did_you_mean(str(value), DATASETS.names())}",
+                               help="data sets: " + ", ".join(DATASETS.names()))
         config.data = {"name": value, "args": _bind(DATASETS.get(value).schema, {}, "data set", key)}
     elif len(parts) == 2 and parts[0] == "data":
         spec = DATASETS.get(config.data["name"])
@@ -182,8 +185,8 @@ def apply_override(config: Config, text: str) -> None:
     else:
         known = settings_names() + ["data"] + [f"data.{k}" for k in config.data["args"]] + \
             [f"stage.{s['name']}.{p}" for s in config.stages for p in s["params"]]
-        raise _error("E920", f"--set: no setting `{key}`{did_you_mean(key, known)}",
-                     help="settable: " + ", ".join(f"`{k}`" for k in known))
+        raise config_error("E920", f"--set: no setting `{key}`{did_you_mean(key, known)}",
+                           help="settable: " + ", ".join(f"`{k}`" for k in known))
 
 
 def settings_names() -> list[str]:
@@ -211,13 +214,13 @@ class Run:
         else:
             folder = Path(out)
             if (folder / "config.json").exists():
-                raise _error("E922", f"{folder} already holds a run",
-                             help=f"continue it with `d2graph train --resume {folder}`, or choose another --out")
+                raise config_error("E922", f"{folder} already holds a run",
+                                   help=f"continue it with `d2graph train --resume {folder}`, or choose another --out")
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise _error("E922", f"cannot create the run folder {folder}: {e.strerror}",
-                         help="choose another folder with --out") from None
+            raise config_error("E922", f"cannot create the run folder {folder}: {e.strerror}",
+                               help="choose another folder with --out") from None
         run = cls(folder)
         write_atomic(folder / f"{graph.name}.d2", source)
         write_atomic(folder / "config.json", config.text())
@@ -228,10 +231,10 @@ class Run:
     def open(cls, folder: str | Path) -> Run:
         folder = Path(folder)
         if not folder.is_dir():
-            raise _error("E922", f"no run folder {folder}", help="give a folder that `d2graph train` created")
+            raise config_error("E922", f"no run folder {folder}", help="give a folder that `d2graph train` created")
         if not (folder / "config.json").is_file():
-            raise _error("E922", f"{folder} is not a run folder (it has no config.json)",
-                         help="give a folder that `d2graph train` created, e.g. runs/<graph>/<timestamp>")
+            raise config_error("E922", f"{folder} is not a run folder (it has no config.json)",
+                               help="give a folder that `d2graph train` created, e.g. runs/<graph>/<timestamp>")
         return cls(folder)
 
     # --- contents ---
@@ -241,16 +244,16 @@ class Run:
         try:
             return Config.from_json(json.loads((self.folder / "config.json").read_text()))
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise _error("E922", f"{self.folder / 'config.json'} is unreadable or damaged ({e})",
-                         help="the run cannot be resumed; start a new one") from None
+            raise config_error("E922", f"{self.folder / 'config.json'} is unreadable or damaged ({e})",
+                               help="the run cannot be resumed; start a new one") from None
 
     @property
     def source(self) -> Path:
         name = self.config.graph
         path = self.folder / f"{name}.d2"
         if not path.is_file():
-            raise _error("E922", f"{self.folder} has no copy of the source ({path.name})",
-                         help="the run cannot be resumed; start a new one")
+            raise config_error("E922", f"{self.folder} has no copy of the source ({path.name})",
+                               help="the run cannot be resumed; start a new one")
         return path
 
     def rows(self) -> list[dict[str, Any]]:
@@ -298,25 +301,30 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     missing, corrupt or not ours."""
     path = Path(path)
     if not path.is_file():
-        raise _error("E922", f"no checkpoint {path}",
-                     help="a run writes last.pt after its first epoch or stage; best.pt when a stage validates")
+        raise config_error("E922", f"no checkpoint {path}",
+                           help="a run writes last.pt after its first epoch or stage; best.pt when a stage validates")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a damaged file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _error("E922", f"checkpoint {path} is damaged or not a d2graph checkpoint ({first[:160]})",
-                     help="resume from the other checkpoint (last.pt / best.pt) or start a new run") from None
+        raise config_error("E922", f"checkpoint {path} is damaged or not a d2graph checkpoint ({first[:160]})",
+                           help="resume from the other checkpoint (last.pt / best.pt) or start a new run") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "weights" not in state:
-        raise _error("E922", f"{path} is not a d2graph checkpoint (format {CHECKPOINT_FORMAT})",
-                     help="d2graph writes its checkpoints as last.pt and best.pt in a run folder")
+        raise config_error("E922", f"{path} is not a d2graph checkpoint (format {CHECKPOINT_FORMAT})",
+                           help="d2graph writes its checkpoints as last.pt and best.pt in a run folder")
     return state
 
 
 # --- a stage of a run -----------------------------------------------------------------------
 
 
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across runs and machines (no Python hash())."""
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across runs and machines (no Python hash()).
+
+    Example:
+        >>> derive_seed(0, -1) == derive_seed(0, -1) != derive_seed(1, -1)
+        True
+    """
     h = 1469598103934665603
     for p in parts:
         for byte in int(p).to_bytes(8, "little", signed=True):
@@ -327,7 +335,7 @@ def _seed(*parts: int) -> int:
 def _key(part: Any) -> int:
     if isinstance(part, int):
         return part
-    return _seed(*str(part).encode())
+    return derive_seed(*str(part).encode())
 
 
 class _StopFlag:
@@ -410,7 +418,7 @@ class Stage:
         Before each step the global torch seed is set from (seed, stage, epoch, step)."""
         x_all, y_all = dataset.tensors
         n = len(y_all)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(self.seed, self.index, epoch)))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.index, epoch)))
         steps = math.ceil(n / self.batch)
         start = 0
         if self._resume is not None and int(self._resume.get("epoch", 0)) == epoch:
@@ -424,7 +432,7 @@ class Stage:
             for step in range(start, steps):
                 if self.session.stop.set:
                     raise _Stop
-                torch.manual_seed(_seed(self.seed, self.index, epoch, step))
+                torch.manual_seed(derive_seed(self.seed, self.index, epoch, step))
                 idx = order[step * self.batch:(step + 1) * self.batch]
                 yield x_all[idx].to(self.device), y_all[idx].to(self.device)
                 self.steps_done = step + 1
@@ -444,7 +452,7 @@ class Stage:
     def generator(self, *key: Any) -> torch.Generator:
         """A generator seeded from (seed, stage, epoch, step, *key): the same numbers on a rerun."""
         return torch.Generator(device=self.device).manual_seed(
-            _seed(self.seed, self.index, self.epoch, self.steps_done, *(_key(k) for k in key)))
+            derive_seed(self.seed, self.index, self.epoch, self.steps_done, *(_key(k) for k in key)))
 
     def log(self, **metrics: Any) -> None:
         """Record a row of metrics for this stage."""
@@ -535,8 +543,8 @@ class _Session:
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise _error("E920", "the train block asks for device = cuda, but torch sees no CUDA device",
-                     help="use `device = auto` (CUDA when there is one, else the CPU) or `--set device=cpu`")
+        raise config_error("E920", "the train block asks for device = cuda, but torch sees no CUDA device",
+                           help="use `device = auto` (CUDA when there is one, else the CPU) or `--set device=cpu`")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -555,8 +563,9 @@ def make_trainers(config: Config, graph: Graph) -> list:
     for s in config.stages:
         cls = TRAINERS.get(s["trainer"])
         if cls is None:
-            raise _error("E921", f"unknown trainer `{s['trainer']}`{did_you_mean(s['trainer'], TRAINERS.names())}",
-                         help="trainers: " + ", ".join(TRAINERS.names()))
+            raise config_error("E921", f"unknown trainer `{s['trainer']}`"
+                                       f"{did_you_mean(s['trainer'], TRAINERS.names())}",
+                               help="trainers: " + ", ".join(TRAINERS.names()))
         trainer = cls(**s["params"])
         trainer.check_graph(graph)
         trainers.append(trainer)
@@ -578,7 +587,7 @@ def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool 
     if start is not None:
         executor, session.policy = start.executor, start.policy
     else:
-        torch.manual_seed(_seed(seed, -1))  # initial weights: a function of the seed only
+        torch.manual_seed(derive_seed(seed, -1))  # initial weights: a function of the seed only
         executor = compile(graph)
         initialise(executor, config.settings["init"])
     executor.to(device)
@@ -588,14 +597,14 @@ def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool 
     if resume:
         resume_state = run.load("last")
         if resume_state.get("graph") != graph.name:
-            raise _error("E922", f"{run.folder}/last.pt belongs to graph `{resume_state.get('graph')}`, "
-                         f"not `{graph.name}`", help="resume a run of this graph")
+            raise config_error("E922", f"{run.folder}/last.pt belongs to graph `{resume_state.get('graph')}`, "
+                               f"not `{graph.name}`", help="resume a run of this graph")
         try:
             executor.load_state_dict(resume_state["weights"])
             session.policy = load_policy(graph, resume_state["policy"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise _error("E922", f"{run.folder}/last.pt does not fit graph `{graph.name}` ({str(e)[:200]})",
-                         help="the source or the checkpoint was changed after the run; start a new run") from None
+            raise config_error("E922", f"{run.folder}/last.pt does not fit graph `{graph.name}` ({str(e)[:200]})",
+                               help="the source or the checkpoint was changed after the run; start a new run") from None
         run.truncate(int(resume_state.get("metrics_rows", len(run.rows()))))
         first = int(resume_state.get("stage_index", 0))
     indices = range(len(config.stages))[stages] if stages is not None else range(len(config.stages))
@@ -631,7 +640,7 @@ def finish(trained: Trained, *, quiet: bool = False, echo=print) -> None:
     seed = int(trained.config.settings["seed"])
     batch = max(int(trained.config.settings["batch"]), 256)
     for split in ("val", "test"):
-        generator = torch.Generator().manual_seed(_seed(seed, -2))  # random policies: reproducible
+        generator = torch.Generator().manual_seed(derive_seed(seed, -2))  # random policies: reproducible
         trained.reports[split] = evaluate(trained.executor, trained.data[split], trained.policy,
                                           classes=trained.data.classes, batch=batch, generator=generator,
                                           split=split)

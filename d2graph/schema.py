@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .diagnostics import Diagnostic, Span, did_you_mean
+from .diagnostics import D2GraphError, Diagnostic, Span, did_you_mean
 
 
 class _Required:
@@ -245,6 +245,18 @@ class Registry:
 # reads them, so the language stage never imports a later stage.
 DATASETS = Registry("data set")
 TRAINERS = Registry("trainer")
+
+
+def trainer_error(trainer: str, message: str, help: str) -> D2GraphError:
+    """The error a trainer raises when the graph, the data or its own parameters do not suit
+    it (E921). Here, below the trainers, because the analyses they share (multi-exit chains
+    in d2graph.predictions) refuse a graph in the trainer's name too.
+
+    Example:
+        >>> trainer_error("eenet", "the graph has no exit", help="add one").diagnostics[0].code
+        'E921'
+    """
+    return D2GraphError([Diagnostic("E921", f"trainer `{trainer}`: {message}", None, "", help=help)])
 
 # The settings of a `train { }` block other than `data` and `stage`.
 TRAIN_SETTINGS = Schema("train", (

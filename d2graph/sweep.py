@@ -64,7 +64,7 @@ def sweep(graph: Graph, source: Path, *, budgets: list[float], methods: list[str
     costs that stage reached, so every curve covers the same costs."""
     from .evaluate import evaluate
     from .plots import tradeoff_plot
-    from .runs import Run, _seed, resolve, train
+    from .runs import Run, derive_seed, resolve, train
     from .trainers.baselines import static_path_results
 
     import torch
@@ -77,11 +77,11 @@ def sweep(graph: Graph, source: Path, *, budgets: list[float], methods: list[str
         list(dict.fromkeys([s["trainer"] for s in own] + list(DEFAULT_METHODS)))
     for m in methods:
         if m not in TRAINERS or TRAINERS.get(m).role != "policy":
-            from .runs import _error
+            from .runs import config_error
 
             policies = [n for n in TRAINERS.names() if TRAINERS.get(n).role == "policy"]
-            raise _error("E920", f"--methods: `{m}` is not a policy trainer",
-                         help="policy trainers: " + ", ".join(policies))
+            raise config_error("E920", f"--methods: `{m}` is not a policy trainer",
+                               help="policy trainers: " + ", ".join(policies))
     if out is None:
         out = Path("runs") / graph.name / ("sweep-" + time.strftime("%Y%m%d-%H%M%S"))
     run = Run.create(graph, source.read_text(), config, out)
@@ -99,7 +99,7 @@ def sweep(graph: Graph, source: Path, *, budgets: list[float], methods: list[str
     batch = max(int(config.settings["batch"]), 256)
 
     def report(policy, split):
-        generator = torch.Generator().manual_seed(_seed(seed, -2))
+        generator = torch.Generator().manual_seed(derive_seed(seed, -2))
         return evaluate(base.executor, base.data[split], policy, classes=classes, batch=batch,
                         generator=generator, split=split)
 
@@ -160,20 +160,20 @@ def sweep(graph: Graph, source: Path, *, budgets: list[float], methods: list[str
 
 def _parse_param(config, text: str) -> tuple[str, str, list[Any]]:
     """"stage.policy.lambda=0.1,0.3" → ("policy", "lambda", [0.1, 0.3]), each value checked."""
-    from .runs import _error, apply_override, parse_value
+    from .runs import apply_override, config_error, parse_value
 
     key, sep, raw = text.partition("=")
     parts = key.strip().split(".")
     parts = parts[1:] if parts[:1] == ["stage"] else parts
     values = [parse_value(v) for v in raw.split(",") if v.strip()]
     if not sep or len(parts) != 2 or not values:
-        raise _error("E920", f"--param {text!r} is not `stage.NAME.PARAMETER=v1,v2,...`",
-                     help="e.g. `--param stage.policy.lambda=0.1,0.3,1`")
+        raise config_error("E920", f"--param {text!r} is not `stage.NAME.PARAMETER=v1,v2,...`",
+                           help="e.g. `--param stage.policy.lambda=0.1,0.3,1`")
     for v in values:  # the same checks as --set, on a scratch copy
         apply_override(copy.deepcopy(config), f"stage.{parts[0]}.{parts[1]}={v}")
     if TRAINERS.get(config.stage(parts[0])["trainer"]).role != "policy":
-        raise _error("E920", f"--param: stage `{parts[0]}` is not a policy stage",
-                     help="sweep a parameter of a stage that decides the routing")
+        raise config_error("E920", f"--param: stage `{parts[0]}` is not a policy stage",
+                           help="sweep a parameter of a stage that decides the routing")
     return parts[0], parts[1], values
 
 

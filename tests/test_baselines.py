@@ -18,7 +18,8 @@ from torch.utils.data import TensorDataset
 
 import d2graph
 from d2graph import data as datasets
-from d2graph.trainers.base import heads, load_policy, run_policy, save_policy
+from d2graph.paths import heads
+from d2graph.policies import load_policy, run_policy, save_policy
 from d2graph.trainers.baselines import (
     NEVER_STOP, OraclePolicy, OracleTrainer, StaticTrainer, ThresholdTrainer, UniformPolicy, UniformTrainer,
     confidence, static_path_results,

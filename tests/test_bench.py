@@ -8,7 +8,8 @@ import math
 import pytest
 
 import d2graph
-from d2graph.bench import bench, bench_table, static_paths
+from d2graph.bench import bench, bench_table
+from d2graph.paths import static_paths
 
 from .conftest import ROOT
 

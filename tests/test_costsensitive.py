@@ -140,10 +140,10 @@ def test_budgets_are_met_on_validation(two_exit, budget):
 def test_lambda_sets_the_trade_off_without_a_budget(two_exit):
     graph, trained, _ = two_exit
     # λ = 0: only cost counts, so every example stops at the cheap exit.
-    cheap = policy_run(graph, trained, **{"lambda": 0})
+    cheap = policy_run(graph, trained, budget="none", **{"lambda": 0})
     assert cheap.reports["val"].cost_fraction == pytest.approx(0.1)
     # λ = 2: an error costs more than the deep branch (0.9), so the subset stops and the rest continue.
-    rows = per_example(policy_run(graph, trained, **{"lambda": 2}).executor, trained.data.test)
+    rows = per_example(policy_run(graph, trained, budget="none", **{"lambda": 2}).executor, trained.data.test)
     assert np.mean((rows["action.Q"] == 0) == subset(trained.data.test.tensors[0])) >= 0.9
 
 
@@ -248,7 +248,9 @@ graph fixed {
         CostSensitiveTrainer().check_graph(fixed)
     with pytest.raises(D2GraphError, match="nothing to spend"):
         CostSensitiveTrainer(budget=0)
-    CostSensitiveTrainer(budget=0, **{"lambda": 1.0})  # a fixed λ needs no budget
+    CostSensitiveTrainer(**{"lambda": 1.0})  # a fixed λ needs no budget
+    with pytest.raises(D2GraphError, match="give one"):
+        CostSensitiveTrainer(budget=0.3, **{"lambda": 1.0})  # two answers to one question
     with pytest.raises(D2GraphError):
         CostSensitiveTrainer(multiclass="tree")
 

@@ -20,6 +20,7 @@ import pytest
 import d2graph
 from d2graph import ast, cli
 from d2graph.layers import layer_table
+from d2graph.render import RenderError
 from d2graph.schema import TRAIN_SETTINGS
 from d2graph.syntax import _KEYWORDS, parse
 
@@ -192,7 +193,7 @@ def test_option_is_documented(option):
     assert f"`{option}" in _text(CLI)
 
 
-@pytest.mark.parametrize("code", [cli.EXIT_OK, cli.EXIT_FOUND, cli.EXIT_USAGE, cli.EXIT_TOOL,
+@pytest.mark.parametrize("code", [cli.EXIT_OK, cli.EXIT_FOUND, cli.EXIT_USAGE, RenderError.exit_code,
                                   cli.EXIT_INTERNAL, cli.EXIT_INTERRUPTED])
 def test_exit_code_is_documented(code):
     assert re.search(rf"^\| {code} \|", _text(CLI), re.M)

@@ -17,10 +17,11 @@ from d2graph.executor import compile
 from d2graph.predictions import (
     Exit, Predictions, actions_for_exits, exit_costs, exits_of, from_executor, load, save,
 )
+from d2graph.paths import path_costs
+from d2graph.policies import load_policy, save_policy
 from d2graph.runs import make_trainers, resolve, train
-from d2graph.trainers.base import load_policy, path_costs, save_policy
 from d2graph.trainers.eenet import (
-    EENetPolicy, EENetRule, EENetTrainer, confidence_features, eenet_losses, fit_on_predictions, route,
+    EENetPolicy, EENetRule, EENetTrainer, confidence_features, eenet_losses, exit_of, fit_on_predictions,
     threshold_on_predictions, thresholds_for,
 )
 
@@ -223,8 +224,8 @@ def test_no_nan_when_every_score_of_an_example_clamps_to_zero():
     probs[:, :2, 1] = 1.0
     assert torch.isfinite(confidence_features(probs)).all()
     # scores that are all equal, or NaN, still route every example somewhere
-    assert route(np.zeros((2, 5)), thresholds_for(np.zeros((2, 5)), [0.4, 0.4, 0.2])).tolist() == [0] * 5
-    assert route(np.full((2, 3), np.nan), [0.0, 0.0]).tolist() == [2, 2, 2]
+    assert exit_of(np.zeros((2, 5)), thresholds_for(np.zeros((2, 5)), [0.4, 0.4, 0.2])).tolist() == [0] * 5
+    assert exit_of(np.full((2, 3), np.nan), [0.0, 0.0]).tolist() == [2, 2, 2]
 
 
 def test_no_nan_when_every_exit_is_wrong_and_every_probability_is_one_hot():

@@ -19,7 +19,8 @@ from torch.utils.data import TensorDataset
 import d2graph
 from d2graph.evaluate import NO_CONTROL, Report, evaluate, per_example
 from d2graph.executor import compile
-from d2graph.trainers.base import Policy, StaticPolicy, path_costs
+from d2graph.paths import path_costs
+from d2graph.policies import Policy, StaticPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 N, BATCH, CLASSES = 64, 24, 10  # 24 does not divide 64: the last batch is short

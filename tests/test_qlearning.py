@@ -17,9 +17,9 @@ from d2graph.data import Splits
 from d2graph.diagnostics import D2GraphError
 from d2graph.evaluate import per_example
 from d2graph.executor import compile
-from d2graph.runs import Interrupted, Run, Trained, _seed, resolve, train
+from d2graph.runs import Interrupted, Run, Trained, derive_seed, resolve, train
 from d2graph.trainers import LearnedPolicy
-from d2graph.trainers.qlearning import QLearning, bag_reward, epsilon_at, minibag_size
+from d2graph.trainers.qlearning import QLearningTrainer, bag_reward, epsilon_at, minibag_size
 
 from .conftest import ROOT, ctrl_c_after
 
@@ -107,7 +107,7 @@ def _synthetic():
 
 
 def _hand_set(graph, seed: int):
-    torch.manual_seed(_seed(seed, -1))  # as `train` initialises a fresh executor
+    torch.manual_seed(derive_seed(seed, -1))  # as `train` initialises a fresh executor
     executor = compile(graph)
     with torch.no_grad():
         for name, first in (("A", 1), ("B", 5)):
@@ -231,7 +231,7 @@ def test_mistakes_are_E921_before_any_step(override, fragment):
 def test_a_graph_without_control_nodes_is_refused():
     graph, _ = d2graph.check("graph g {\n input x [4]\n output y\n node A = fc(2)\n x -> A -> y\n}\n")
     with pytest.raises(D2GraphError) as e:
-        QLearning().check_graph(graph)
+        QLearningTrainer().check_graph(graph)
     assert _codes(e) == ["E921"] and "no control node" in e.value.diagnostics[0].message
 
 
@@ -274,7 +274,7 @@ def test_every_d2nn_example_trains_a_few_steps(example, data, tmp_path):
 
 
 def _fresh_weights(graph, config):
-    torch.manual_seed(_seed(int(config.settings["seed"]), -1))  # what `train` starts from
+    torch.manual_seed(derive_seed(int(config.settings["seed"]), -1))  # what `train` starts from
     return compile(graph).state_dict()
 
 

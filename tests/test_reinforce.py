@@ -22,7 +22,7 @@ import d2graph
 from d2graph.diagnostics import D2GraphError
 from d2graph.evaluate import evaluate, per_example
 from d2graph.runs import Config, Interrupted, Run, Trained, load_checkpoint, load_data, resolve, train
-from d2graph.trainers.base import LearnedPolicy, load_policy, save_policy
+from d2graph.policies import LearnedPolicy, load_policy, save_policy
 from d2graph.trainers.reinforce import OffsetPolicy, ReinforceTrainer
 
 from .conftest import ROOT, ctrl_c_after

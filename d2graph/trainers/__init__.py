@@ -2,14 +2,17 @@
 
 In:  a `stage NAME = trainer(args)` of a train block, resolved by d2graph.runs.
 Out: the trainer classes, registered by name in `d2graph.schema.TRAINERS` (which the checker
-     reads), and the policies they return (`POLICIES`, by kind).
+     reads). The policies they return are defined in `d2graph.policies` (`POLICIES`, by
+     kind) and re-exported here, where the public API has always had them.
 Guarantees: the built-in trainers are registered when d2graph is imported; trainers of
 other packages, declared under the entry-point group "d2graph.trainers" (each entry point
 names a `Trainer` subclass), are registered then too. A plugin that fails to load is
 reported as a warning and left out; it never breaks d2graph itself.
 One module per trainer family: supervised.py (function nodes), baselines.py (threshold,
 uniform, oracle, static), qlearning.py (D²NN), reinforce.py (Guan et al.), costsensitive.py
-(ANN, Bolukbasi et al.), eenet.py (EENet). The protocol is in base.py and docs/trainers.md.
+(ANN, Bolukbasi et al.), eenet.py (EENet). The protocol is in base.py, what policy trainers
+share (budgets, calibration, path tables, an evaluation context) in toolkit.py; how to write
+one: docs/trainers.md.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import warnings
 from importlib.metadata import entry_points
 
 from . import baselines, costsensitive, eenet, qlearning, reinforce, supervised  # noqa: F401  (register the built-in trainers)
-from .base import POLICIES, LearnedPolicy, Policy, StaticPolicy, Trainer, load_policy, register, run_policy, \
-    save_policy
+from ..policies import POLICIES, LearnedPolicy, Policy, StaticPolicy, load_policy, run_policy, save_policy
+from .base import Trainer, register
 
 __all__ = ["POLICIES", "LearnedPolicy", "Policy", "StaticPolicy", "Trainer", "load_plugins", "load_policy",
            "register", "run_policy", "save_policy"]

@@ -35,20 +35,21 @@ Guarantees:
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..executor import Executor, Result, route
+from ..executor import Executor, Result
 from ..ir import Graph
+from ..paths import action_order, current_head, path_costs
+from ..policies import Policy, StaticPolicy, register_policy
 from ..schema import Param, Schema
-from .base import (
-    Policy, StaticPolicy, Trainer, _policy, action_order, budget_param, calibrate, current_head, drop_param,
-    path_costs, register, trainer_error,
+from .base import Trainer, register, trainer_error
+from .toolkit import (
+    PathTable, batches, budget_param, calibrate, check_budget, drop_param, evaluating, every_control, path_table,
 )
 
 __all__ = ["MEASURES", "OraclePolicy", "OracleTrainer", "StaticTrainer", "ThresholdPolicy", "ThresholdTrainer",
@@ -70,59 +71,14 @@ _MAX_THRESHOLDS = 4096
 # --- shared machinery -----------------------------------------------------------------------
 
 
-def _need_budget(trainer: Trainer) -> None:
-    """Refuse a budget of 0 for the trainers that must spend one (a number above 0)."""
-    if "budget" in trainer.params and not trainer.params["budget"] > 0:
-        raise trainer_error(trainer.name, f"budget={trainer.params['budget']} leaves nothing to spend",
-                            help="`budget` is the mean cost on validation as a fraction of the full graph's "
-                                 "cost: give a number above 0, e.g. budget=0.5")
-
-
-@contextlib.contextmanager
-def _evaluating(executor: Executor) -> Iterator[None]:
-    """Eval mode (batchnorm uses its running statistics, so each example is routed and
-    predicted on its own) and no autograd; the executor's own mode is put back afterwards."""
-    was_training = executor.training
-    executor.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        executor.train(was_training)
-
-
-def _batches(dataset, batch: int) -> Iterator[tuple[Tensor, Tensor]]:
-    x, y = dataset.tensors[0], dataset.tensors[1]
-    for start in range(0, len(y), batch):
-        yield x[start:start + batch], y[start:start + batch]
-
-
-def _graph_facts(graph: Graph):
-    """The static paths and action orders. base's helpers compile a fresh executor to find
-    the paths, which draws initial weights from torch's global generator; forking it keeps
-    the caller's random stream (and so the rest of a run) the same with or without us."""
-    with torch.random.fork_rng(devices=[]):
-        return path_costs(graph), action_order(graph)
-
-
 def _current_heads(graph: Graph, classes: int | None) -> dict[str, str | None]:
-    with torch.random.fork_rng(devices=[]):
-        return {q.name: current_head(graph, q.name, classes) for q in graph.control_nodes}
+    return {q.name: current_head(graph, q.name, classes) for q in graph.control_nodes}
 
 
 def _output_classes(graph: Graph) -> int | None:
     """The number of class scores, read from the graph's single output (check_graph has no data)."""
     outputs = graph.outputs
     return outputs[0].out_shape[0] if len(outputs) == 1 and len(outputs[0].out_shape) == 1 else None
-
-
-def _every_control(graph: Graph, actions: Mapping[str, int | Tensor], n: int) -> dict[str, Tensor]:
-    """int64 CPU [n] per control node; controls the path does not reach take action 0."""
-    out = {}
-    for q in graph.control_nodes:
-        a = actions.get(q.name, 0)
-        out[q.name] = a if isinstance(a, Tensor) else torch.full((n,), int(a), dtype=torch.long)
-    return out
 
 
 def _predictions(result: Result) -> Tensor:
@@ -153,109 +109,10 @@ def confidence(scores: Tensor, measure: str) -> Tensor:
     raise ValueError(f"unknown confidence measure {measure!r}; the measures are {', '.join(MEASURES)}")
 
 
-class _PathTable:
-    """What every static path predicts for every example of a data set, and where a routing sends each example.
-
-    `correct[p, i]` says whether path p answers example i right, `fraction[p]` is its cost as
-    a fraction of the full graph's. `outcome(actions, examples)` gives the cost and the
-    correctness of each row of a forced routing. An example's route depends only on its own
-    forced actions, so each distinct combination of actions is priced once, with `route` on
-    one row per combination, however many rows take it; a combination whose nodes are not a
-    known path (base's list stops at bench.MAX_PATHS) adds its path to the table: its actions,
-    forced on every example, run exactly those nodes."""
-
-    def __init__(self, executor: Executor, dataset, batch: int, device: torch.device,
-                 paths: list[tuple[dict[str, int], tuple[str, ...], float]]):
-        self.executor, self.graph = executor, executor.graph
-        self.dataset, self.y = dataset, dataset.tensors[1]
-        self.batch, self.device = batch, device
-        self.controls = [q.name for q in self.graph.control_nodes]
-        # Mixed-radix code of a combination of actions (one int64 per row), when it fits.
-        widths = [len(q.actions) for q in self.graph.control_nodes]
-        self._radix = (np.cumprod([1] + widths[:-1]).astype(np.int64)
-                       if math.prod(widths) < 2**62 else None)
-        self.units = [n.name for n in self.graph.nodes if n.kind not in ("input", "output")]
-        self.actions: list[dict[str, int]] = []
-        self.nodes: list[tuple[str, ...]] = []
-        self.costs: list[float] = []
-        self.fraction: list[float] = []
-        self.correct = np.zeros((0, len(self.y)), dtype=bool)
-        self._by_nodes: dict[frozenset[str], int] = {}
-        self._by_combination: dict[tuple[int, ...], int] = {}
-        for actions, nodes, cost in paths:
-            self._add(actions, nodes, cost)
-
-    def _add(self, actions: Mapping[str, int], nodes: tuple[str, ...], cost: float) -> int:
-        key = frozenset(nodes)
-        if key in self._by_nodes:
-            return self._by_nodes[key]
-        graph, executor = self.graph, self.executor
-        self._measure(_every_control(graph, actions, 1), key)
-        self.actions.append({q: int(a) for q, a in actions.items()})
-        self.nodes.append(tuple(nodes))
-        self.costs.append(float(cost))
-        probe = route(executor, _every_control(graph, actions, 1), 1)
-        self.fraction.append(float(probe.cost_fraction[0]))
-        self._by_nodes[key] = len(self.actions) - 1
-        return self._by_nodes[key]
-
-    def _measure(self, forced: Mapping[str, Tensor], nodes: frozenset[str]) -> None:
-        """Record what a new path (its actions `forced`, one per control node) does on every
-        example; subclasses that need more per path than correctness override this."""
-        right = []
-        with _evaluating(self.executor):
-            for x, y in _batches(self.dataset, self.batch):
-                actions = {q: a.expand(len(y)) for q, a in forced.items()}
-                right.append((_predictions(self.executor(x.to(self.device), mode="force", actions=actions)).cpu()
-                              == y).numpy())
-        self.correct = np.vstack([self.correct, np.concatenate(right)[None]])
-
-    def _paths_of(self, combinations: np.ndarray) -> np.ndarray:
-        """The path index of each row of [C, controls] actions, routing the new ones in one call."""
-        new = [c for c in map(tuple, combinations.tolist()) if c not in self._by_combination]
-        if new:
-            forced = {q: torch.tensor([c[j] for c in new], dtype=torch.long) for j, q in enumerate(self.controls)}
-            routed = route(self.executor, forced, len(new))
-            for r, c in enumerate(new):
-                ran = tuple(name for name in self.units if _contains(routed.rows[name], r))
-                taken = {q: a for q, a in zip(self.controls, c) if q in ran}
-                self._by_combination[c] = self._add(taken, ran, float(routed.cost[r]))
-        return np.array([self._by_combination[c] for c in map(tuple, combinations.tolist())], dtype=np.int64)
-
-    def outcome(self, actions: Mapping[str, Tensor], examples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Cost fraction (float64) and correctness (bool) of each row of a forced routing; row r
-        is example `examples[r]` of the data set under `actions[q][r]`."""
-        if not self.controls:
-            return np.full(len(examples), self.fraction[0]), self.correct[0, examples]
-        path = self.paths(np.stack([actions[q].numpy() for q in self.controls], axis=1))
-        return np.asarray(self.fraction, dtype=np.float64)[path], self.correct[path, examples]
-
-    def paths(self, matrix: np.ndarray) -> np.ndarray:
-        """Path index [R] of each row of actions [R, controls]."""
-        if self._radix is not None:  # sorting one int64 per row is much faster than rows
-            _, first, inverse = np.unique(matrix @ self._radix, return_index=True, return_inverse=True)
-            combinations = matrix[first]
-        else:
-            combinations, inverse = np.unique(matrix, axis=0, return_inverse=True)
-        return self._paths_of(combinations)[inverse.ravel()]
-
-    def mean_cost(self, actions: Mapping[str, Tensor]) -> float:
-        return float(self.outcome(actions, np.arange(len(self.y)))[0].mean())
-
-
-def _contains(rows, r: int) -> bool:
-    return rows.index is None or bool(np.isin(r, rows.index))
-
-
-def _table(executor: Executor, dataset, stage) -> _PathTable:
-    paths, _ = _graph_facts(executor.graph)
-    return _PathTable(executor, dataset, stage.batch, stage.device, paths)
-
-
 # --- threshold ------------------------------------------------------------------------------
 
 
-@_policy
+@register_policy
 class ThresholdPolicy(Policy):
     """Stop at a control node (its cheapest action) when its current head's confidence is at
     least `tau`, else continue (its next cheapest action).
@@ -312,16 +169,20 @@ class ThresholdTrainer(Trainer):
         Param("measure", "choice", "maxprob", choices=MEASURES,
               doc="confidence of the control node's current head: max probability, 1 − normalised "
                   "entropy, or the margin between the two likeliest classes"),
-        budget_param(0.5),
+        budget_param(0.5, alternative="drop"),
         drop_param(),
     ), doc="stop at a control node when its current head is confident (BranchyNet, SDN, MSDNet)")
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        _need_budget(self)
+        check_budget(self, "drop")
 
-    def check_graph(self, graph: Graph, classes: int | None = None) -> None:
-        heads = _current_heads(graph, classes if classes is not None else _output_classes(graph))
+    def check_graph(self, graph: Graph) -> None:
+        self._check_heads(graph, _output_classes(graph))
+
+    def _check_heads(self, graph: Graph, classes: int | None) -> None:
+        """E921 unless every control node has a current head (for `classes` class scores)."""
+        heads = _current_heads(graph, classes)
         missing = [q for q, h in heads.items() if h is None]
         if missing:
             q = missing[0]
@@ -337,19 +198,19 @@ class ThresholdTrainer(Trainer):
 
     def fit(self, executor: Executor, data, stage) -> ThresholdPolicy:
         graph = executor.graph
-        self.check_graph(graph, data.classes)
+        self._check_heads(graph, data.classes)
         heads = _current_heads(graph, data.classes)
-        _, order = _graph_facts(graph)
+        order = action_order(graph)
         measure = str(self.params["measure"])
         policy = ThresholdPolicy(measure, NEVER_STOP, heads,
                                  stop={q: o[0] for q, o in order.items()},
                                  go={q: o[min(1, len(o) - 1)] for q, o in order.items()})
         executor.to(stage.device)
-        with _evaluating(executor):
-            parts = [policy.confidences(executor, x.to(stage.device)) for x, _ in _batches(data.val, stage.batch)]
+        with evaluating(executor):
+            parts = [policy.confidences(executor, x.to(stage.device)) for x, _ in batches(data.val, stage.batch)]
             conf = {q: torch.cat([p[q] for p in parts]) for q in heads}
             n = len(data.val)
-            table = _table(executor, data.val, stage)
+            table = path_table(executor, data.val, stage)
             examples = np.arange(n)
 
             def outcome(tau: float) -> tuple[float, float]:
@@ -371,7 +232,7 @@ class ThresholdTrainer(Trainer):
         return policy
 
     @staticmethod
-    def _cheapest_within(table: _PathTable, policy: ThresholdPolicy, conf: Mapping[str, Tensor], n: int,
+    def _cheapest_within(table: PathTable, policy: ThresholdPolicy, conf: Mapping[str, Tensor], n: int,
                          target: float) -> float:
         """The τ of least validation cost whose validation accuracy is at least `target`.
 
@@ -405,7 +266,7 @@ class ThresholdTrainer(Trainer):
 # --- uniform --------------------------------------------------------------------------------
 
 
-def _seed(stage, name: str) -> int:
+def _policy_seed(stage, name: str) -> int:
     """A seed for a random policy, from the stage's deterministic generators."""
     g = stage.generator(name, "seed")
     return int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=g.device))
@@ -435,7 +296,7 @@ def _draw(graph: Graph, n: int, generator: torch.Generator) -> dict[str, Tensor]
     return {q.name: u[i] for i, q in enumerate(graph.control_nodes)}
 
 
-@_policy
+@register_policy
 class UniformPolicy(Policy):
     """Every control node picks at random, cheapest action at p = 0, dearest at p = 1."""
 
@@ -468,21 +329,21 @@ class UniformTrainer(Trainer):
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        _need_budget(self)
+        check_budget(self)
 
     def fit(self, executor: Executor, data, stage) -> UniformPolicy:
         graph = executor.graph
-        _, order = _graph_facts(graph)
+        order = action_order(graph)
         # A random policy meets its budget in expectation: p is calibrated on REPLICAS draws
         # per validation example (common random numbers, so cost still grows with p), which
         # prices the expected cost rather than the luck of one draw.
-        seed = _seed(stage, "uniform")
+        seed = _policy_seed(stage, "uniform")
         n = len(data.val)
         examples = np.tile(np.arange(n), UNIFORM_REPLICAS)
         u = _draw(graph, len(examples), torch.Generator().manual_seed(seed))
         executor.to(stage.device)
-        with _evaluating(executor):
-            table = _table(executor, data.val, stage)
+        with evaluating(executor):
+            table = path_table(executor, data.val, stage)
 
             def outcome(p: float) -> tuple[np.ndarray, np.ndarray]:
                 return table.outcome(_uniform_actions(p, order, u), examples)
@@ -517,7 +378,7 @@ def _oracle_choice(correct: np.ndarray, fraction: np.ndarray, max_extra: float, 
     return np.where(upgrade, first_right, cheapest)
 
 
-@_policy
+@register_policy
 class OraclePolicy(Policy):
     """Looks at the label: each example takes the cheapest static path that classifies it
     right, when that costs at most `max_extra` (a fraction of the full cost) more than the
@@ -525,7 +386,6 @@ class OraclePolicy(Policy):
     upgrades are split at random (the generator, else one seeded with `seed`)."""
 
     kind = "oracle"
-    needs_labels = True
 
     def __init__(self, paths: list[Mapping[str, int]], fractions: list[float], max_extra: float, seed: int):
         self.paths = [{q: int(a) for q, a in p.items()} for p in paths]
@@ -540,7 +400,7 @@ class OraclePolicy(Policy):
         n = y.shape[0]
         with torch.no_grad():
             correct = np.stack([
-                (_predictions(executor(x, mode="force", actions=_every_control(graph, p, n))).cpu()
+                (_predictions(executor(x, mode="force", actions=every_control(graph, p, n))).cpu()
                  == y.cpu()).numpy() for p in self.paths])
         g = generator if generator is not None else torch.Generator().manual_seed(self.seed)
         u = torch.rand(n, generator=g, device=g.device, dtype=torch.float64).cpu().numpy()
@@ -568,16 +428,16 @@ class OracleTrainer(Trainer):
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        _need_budget(self)
+        check_budget(self)
 
     def fit(self, executor: Executor, data, stage) -> OraclePolicy:
         executor.to(stage.device)
-        with _evaluating(executor):
-            table = _table(executor, data.val, stage)
+        with evaluating(executor):
+            table = path_table(executor, data.val, stage)
         correct, fraction = table.correct, np.array(table.fraction)
         n = correct.shape[1]
         # As for `uniform`, the policy's seed draws the calibration's numbers too.
-        seed = _seed(stage, "oracle")
+        seed = _policy_seed(stage, "oracle")
         u = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).numpy()
 
         def cost_at(max_extra: float) -> float:
@@ -606,9 +466,9 @@ def static_path_results(executor: Executor, dataset, batch: int) -> list[dict[st
         >>> [(r["cost_fraction"], r["accuracy"]) for r in rows]               # doctest: +SKIP
     """
     device = next((t.device for t in [*executor.parameters(), *executor.buffers()]), torch.device("cpu"))
-    paths, _ = _graph_facts(executor.graph)
-    with _evaluating(executor):
-        table = _PathTable(executor, dataset, batch, device, paths)
+    paths = path_costs(executor.graph)
+    with evaluating(executor):
+        table = PathTable(executor, dataset, batch, device, paths)
     return [{"actions": dict(table.actions[p]), "nodes": list(table.nodes[p]), "cost": table.costs[p],
              "cost_fraction": table.fraction[p], "accuracy": float(table.correct[p].mean())}
             for p in range(len(table.actions))]
@@ -624,7 +484,7 @@ class StaticTrainer(Trainer):
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        _need_budget(self)
+        check_budget(self)
 
     def fit(self, executor: Executor, data, stage) -> StaticPolicy:
         executor.to(stage.device)

@@ -54,11 +54,10 @@ Guarantees:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -66,9 +65,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..executor import Executor
+from ..paths import action_order, parameter_count, static_paths
+from ..policies import LearnedPolicy, evaluating
 from ..schema import Param, Schema
-from .base import LearnedPolicy, Trainer, action_order, budget_param, calibrate, register, trainer_error
-from .baselines import _PathTable
+from .base import Trainer, register, trainer_error
+from .toolkit import PathTable, budget_param, calibrate, check_budget
 
 __all__ = ["CostSensitiveTrainer", "LOSSES", "MULTICLASS", "lambda_at"]
 
@@ -95,20 +96,8 @@ def lambda_at(t: float) -> float:
 # --- the caches -----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _evaluating(executor: Executor) -> Iterator[None]:
-    """Eval mode and no autograd. Not inference_mode: the cached inputs train a policy later."""
-    was_training = executor.training
-    executor.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        executor.train(was_training)
-
-
-class _SplitCache(_PathTable):
-    """What every route does on one split, computed once: the threshold baselines' path
+class _SplitCache(PathTable):
+    """What every route does on one split, computed once: the toolkit's path
     table (`correct[p]`, `fraction[p]`, `paths(matrix)`; a combination not seen yet is
     priced with `route` and, if it runs a set of nodes no known path runs, that path is
     run and added) with two more records per path.
@@ -131,7 +120,7 @@ class _SplitCache(_PathTable):
                         key=lambda p: p[2])  # cheapest first
         super().__init__(executor, dataset, batch, device, priced)
 
-    def _measure(self, forced: Mapping[str, Tensor], nodes: frozenset[str]) -> None:
+    def record(self, forced: Mapping[str, Tensor], nodes: frozenset[str]) -> None:
         executor = self.executor
         forced = {q: int(a) for q, a in forced.items()}
         modules = executor.nodes
@@ -141,7 +130,8 @@ class _SplitCache(_PathTable):
                  for q in watched]
         losses, rights = [], []
         try:
-            with _evaluating(executor):
+            # Not inference mode: the cached inputs train a policy later.
+            with evaluating(executor, inference=False):
                 for start in range(0, self.n, self.batch):
                     x = self.x[start:start + self.batch].to(self.device)
                     y = self.y[start:start + self.batch].to(self.device)
@@ -166,8 +156,9 @@ class _SplitCache(_PathTable):
         self.loss.append(np.concatenate(losses))
         self.correct = np.vstack([self.correct, np.concatenate(rights)[None]])
 
-    def outcome(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(cost fraction float64 [N], loss float64 [N], correct bool [N]) of a routing."""
+    def routing_outcome(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(cost fraction float64 [N], loss float64 [N], correct bool [N]) of a routing, one row
+        of actions [N, controls] per example of the split."""
         path = self.paths(matrix)  # may add paths, so the tables are stacked after it
         if self._tables is None or len(self._tables[0]) != len(self.fraction):
             self._tables = (np.asarray(self.fraction), np.stack(self.loss), self.correct)
@@ -227,7 +218,7 @@ class CostSensitiveTrainer(Trainer):
 
     name, role = "costsensitive", "policy"
     schema = Schema("costsensitive", (
-        budget_param(0.5),
+        budget_param(0.5, alternative="lambda"),
         Param("lambda", "number", -1,
               doc="trade-off λ between loss and cost; < 0: bisect λ so the validation cost meets `budget`"),
         Param("loss", "choice", "error", choices=LOSSES,
@@ -241,22 +232,16 @@ class CostSensitiveTrainer(Trainer):
     def __init__(self, **params: Any):
         super().__init__(**params)
         bound = self.params
-        if bound["lambda"] < 0 and not bound["budget"] > 0:
-            raise trainer_error(self.name, f"budget={bound['budget']} leaves nothing to spend",
-                                help="give a budget above 0 (a fraction of the full graph's cost), or a "
-                                     "trade-off `lambda` ≥ 0 instead")
+        check_budget(self, "lambda")
         if not bound["lr"] > 0:
             raise trainer_error(self.name, f"lr={bound['lr']} cannot learn", help="give a learning rate above 0, e.g. lr=0.01")
 
-    def check_graph(self, graph, executor: Executor | None = None) -> None:
+    def check_graph(self, graph) -> None:
         if not graph.control_nodes:
             raise trainer_error(self.name, "the graph has no control node to learn a policy for",
                                 help="use `static` (or no policy stage) for a graph without control nodes")
-        if executor is None:
-            with torch.random.fork_rng(devices=[]):
-                executor = Executor(graph)  # only to see which control nodes have parameters
         for q in graph.control_nodes:
-            if q.name not in executor.nodes or not any(True for _ in executor.nodes[q.name].parameters()):
+            if not parameter_count(graph, q.name):
                 raise trainer_error(self.name, f"control node `{q.name}` has no parameters to learn",
                                     help=f"end `{q.name}`'s pipeline with a learnable layer, e.g. "
                                          f"`control {q.name} = confidence, fc({len(q.actions)})`, or use "
@@ -265,18 +250,15 @@ class CostSensitiveTrainer(Trainer):
     # --- fit ---
 
     def fit(self, executor: Executor, data, stage):
-        from ..bench import static_paths  # a sibling stage; imported late to keep start-up light
-
         started = time.perf_counter()
         graph = executor.graph
-        self.check_graph(graph, executor)
+        self.check_graph(graph)
         self.controls = [q.name for q in graph.control_nodes]  # topological order
         self.widths = [len(q.actions) for q in graph.control_nodes]
         executor.to(stage.device)
         batch = max(int(stage.batch), 256)  # for the cached forward passes
-        with torch.random.fork_rng(devices=[]):
-            order = action_order(graph)
-            paths = static_paths(graph, executor, max_paths=1 << 30)
+        order = action_order(graph)
+        paths = static_paths(graph, max_paths=1 << 30)
         self.order = order
         kind = str(self.params["loss"])
         train = _SplitCache(executor, data.train, batch, stage.device, kind, paths)
@@ -309,7 +291,7 @@ class CostSensitiveTrainer(Trainer):
                     m.load_state_dict(initial[q])
                 self._fit_all(modules, train, lam)
                 states = {q: copy.deepcopy(m.state_dict()) for q, m in modules.items()}
-                fits[lam] = (states, float(val.outcome(self._decisions(modules, val))[0].mean()))
+                fits[lam] = (states, float(val.routing_outcome(self._decisions(modules, val))[0].mean()))
             return fits[lam][1]
 
         try:
@@ -324,10 +306,10 @@ class CostSensitiveTrainer(Trainer):
                 m.load_state_dict(fits[lam][0][q])
             if self.params["lambda"] < 0:
                 offset = self._calibrate_offset(modules, val, self.params["budget"])
-            simulated = val.outcome(self._decisions(modules, val))
+            simulated = val.routing_outcome(self._decisions(modules, val))
         finally:
             executor.train(was_training)
-        cost_fraction, accuracy = _measure(executor, data.val, batch, stage.device)
+        cost_fraction, accuracy = _argmax_outcome(executor, data.val, batch, stage.device)
         stage.log(**{"lambda": lam, "offset": offset, "val_cost_fraction": cost_fraction, "val_accuracy": accuracy,
                      "simulated_val_cost_fraction": float(simulated[0].mean()),
                      "lambdas_tried": len(fits), "approximate": " ".join(sorted(train.approximate | val.approximate)),
@@ -358,7 +340,7 @@ class CostSensitiveTrainer(Trainer):
                 matrix = np.empty((n, len(self.controls)), dtype=np.int64)
                 for c, q in enumerate(self.controls):
                     matrix[:, c] = a if q == j else decided[q] if q in decided else self.prefix[j][q]
-                fraction[:, a], loss[:, a], _ = cache.outcome(matrix)
+                fraction[:, a], loss[:, a], _ = cache.routing_outcome(matrix)
             extra = np.maximum(loss - loss.min(1, keepdims=True), 0.0)  # (·)₊ over the best reachable
             self._train(modules[j], cache.inputs[j], lam * extra + fraction, self.order[j], i)
             decided[j] = self._scores(modules[j], cache.inputs[j]).argmax(1).numpy()
@@ -413,7 +395,7 @@ class CostSensitiveTrainer(Trainer):
             return np.stack([(scores[q] + t * ranks[q]).argmax(1).numpy() for q in self.controls], axis=1)
 
         # A higher t moves every node's argmax toward dearer actions (never cheaper ones).
-        t, _ = calibrate(lambda t: float(cache.outcome(actions(t))[0].mean()), budget, -reach, reach,
+        t, _ = calibrate(lambda t: float(cache.routing_outcome(actions(t))[0].mean()), budget, -reach, reach,
                          steps=OFFSET_STEPS)
         # The bisection stops next to the offset where some example changes its route; the
         # middle of the interval of offsets that route every example the same is as cheap
@@ -439,12 +421,12 @@ class CostSensitiveTrainer(Trainer):
         return float(t)
 
 
-def _measure(executor: Executor, dataset, batch: int, device: torch.device) -> tuple[float, float]:
+def _argmax_outcome(executor: Executor, dataset, batch: int, device: torch.device) -> tuple[float, float]:
     """The real mean cost fraction and accuracy of the control nodes' argmax on a split."""
     x_all, y_all = dataset.tensors
     cost, right = 0.0, 0
     output = executor.graph.outputs[0].name
-    with _evaluating(executor):
+    with evaluating(executor, inference=False):
         for start in range(0, len(y_all), batch):
             x, y = x_all[start:start + batch].to(device), y_all[start:start + batch].to(device)
             r = executor(x)

@@ -68,13 +68,15 @@ from torch import Tensor, nn
 
 from ..executor import Executor
 from ..ir import Graph
+from ..policies import Policy, register_policy
 from ..predictions import Exit, Predictions, actions_for_exits, exits_of, from_executor, head_probs
 from ..schema import Param, Schema
-from .base import Policy, Trainer, _policy, budget_param, calibrate, register, trainer_error
-from .baselines import MEASURES, NEVER_STOP, _need_budget
+from .base import Trainer, register, trainer_error
+from .baselines import MEASURES, NEVER_STOP
+from .toolkit import budget_param, calibrate, check_budget, validate_budget
 
 __all__ = ["EENetPolicy", "EENetRule", "EENetTrainer", "ThresholdRule", "compare_on_predictions",
-           "confidence_features", "eenet_losses", "fit_on_predictions", "route", "threshold_on_predictions",
+           "confidence_features", "eenet_losses", "exit_of", "fit_on_predictions", "threshold_on_predictions",
            "thresholds_for"]
 
 # Bounds of the tilt u: at |u| = 60 an exit 1 cost-unit dearer gets e^60 times less share,
@@ -213,7 +215,7 @@ def thresholds_for(scores: np.ndarray, shares: Sequence[float]) -> list[float]:
     return out
 
 
-def route(scores: np.ndarray | Tensor, thresholds: Sequence[float]) -> np.ndarray:
+def exit_of(scores: np.ndarray | Tensor, thresholds: Sequence[float]) -> np.ndarray:
     """The exit of each example (int64 [N], 0-based): the first exit k whose score
     `scores[k]` reaches `thresholds[k]`, else the last one (K = len(thresholds) + 1)."""
     scores = scores.double().numpy() if isinstance(scores, Tensor) else np.asarray(scores, dtype=np.float64)
@@ -356,7 +358,7 @@ class EENetRule:
             return self._model(_inputs(_tensor(probs)), assign=False)[0].T.contiguous()
 
     def exit_index(self, probs) -> np.ndarray:
-        return route(self.scores(probs), self.thresholds)
+        return exit_of(self.scores(probs), self.thresholds)
 
     def state(self) -> dict[str, Any]:
         return {"exits": self.exits, "classes": self.classes, "hidden": self.hidden,
@@ -391,7 +393,7 @@ class ThresholdRule:
 
     def exit_index(self, probs) -> np.ndarray:
         conf = self.confidences(probs)
-        return route(conf, [self.tau] * conf.shape[0])
+        return exit_of(conf, [self.tau] * conf.shape[0])
 
     def state(self) -> dict[str, Any]:
         return {"measure": self.measure, "tau": self.tau}
@@ -415,9 +417,7 @@ def _check_budget(pred: Predictions, budget: float) -> None:
     if pred.exits < 2:
         raise trainer_error("eenet", f"the predictions have {pred.exits} exit: there is no exit to choose",
                             help="give the predictions of a network with two exits or more")
-    if not 0 < budget <= 1:
-        raise trainer_error("eenet", f"budget={budget} is not a fraction of the full cost in (0, 1]",
-                            help="e.g. budget=0.5: the mean cost on validation is at most half the full cost")
+    validate_budget("eenet", budget)
 
 
 def fit_on_predictions(pred: Predictions, budget: float, seed: int = 0, *, epochs: int = 200, lr: float = 0.01,
@@ -474,7 +474,7 @@ def _fit(pred: Predictions, budget: float, seed: int, epochs: int, lr: float, hi
     cost_of = pred.fractions
 
     def cost_at(u: float) -> float:
-        return float(cost_of[route(scores, thresholds_for(scores, _tilted(learned, scaled, u)))].mean())
+        return float(cost_of[exit_of(scores, thresholds_for(scores, _tilted(learned, scaled, u)))].mean())
 
     tilt, _ = calibrate(cost_at, budget, -_TILT, _TILT)
     tilted = thresholds_for(scores, _tilted(learned, scaled, tilt))
@@ -508,7 +508,7 @@ def threshold_on_predictions(pred: Predictions, budget: float, measure: str = "m
     conf = rule.confidences(pred.val_probs)
 
     def cost_at(tau: float) -> float:
-        return float(pred.fractions[route(conf, [tau] * conf.shape[0])].mean())
+        return float(pred.fractions[exit_of(conf, [tau] * conf.shape[0])].mean())
 
     rule.tau, _ = calibrate(cost_at, budget, 0.0, NEVER_STOP)
     return rule, _report("threshold", pred, budget, rule, tau=float(rule.tau))
@@ -538,7 +538,7 @@ def compare_on_predictions(pred: Predictions, budgets: Sequence[float], seed: in
 # --- the policy and the trainer -------------------------------------------------------------
 
 
-@_policy
+@register_policy
 class EENetPolicy(Policy):
     """Leave at the first exit whose learned utility score reaches its threshold.
 
@@ -581,7 +581,7 @@ class EENetTrainer(Trainer):
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        _need_budget(self)
+        check_budget(self)
         for key in ("lr",):
             if not self.params[key] > 0:
                 raise trainer_error(self.name, f"{key}={self.params[key]} must be above 0", help="e.g. lr=0.01")

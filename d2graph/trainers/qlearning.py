@@ -68,10 +68,11 @@ from torch import Tensor
 
 from ..evaluate import evaluate
 from ..schema import Param, Schema
-from .base import LearnedPolicy, Trainer, register, trainer_error
+from ..policies import LearnedPolicy
+from .base import Trainer, register, trainer_error
 from .supervised import function_parameters
 
-__all__ = ["QLearning", "bag_reward", "control_parameters", "epsilon_at", "minibag_size"]
+__all__ = ["QLearningTrainer", "bag_reward", "control_parameters", "epsilon_at", "minibag_size"]
 
 
 def control_parameters(executor) -> list[torch.nn.Parameter]:
@@ -137,7 +138,7 @@ def minibag_size(minibag: int | str, metric: str, batch: int) -> int:
 
 
 @register
-class QLearning(Trainer):
+class QLearningTrainer(Trainer):
     name = "qlearning"
     role = "policy"
     schema = Schema("qlearning", (

@@ -5,7 +5,7 @@ In:  an executor (usually after a `supervised` stage, the warm start), the data 
 Out: the control nodes' weights (and, unless `freeze=true`, the function nodes' weights)
      trained in place, and the policy that routes from then on: `LearnedPolicy()` (the control
      nodes' argmax) with a fixed `alpha`, or an `OffsetPolicy` calibrated to the validation
-     budget with `budget > 0`.
+     budget with a `budget`.
 
 Each step routes a batch with executor mode "sample": every control node that runs draws its
 action from softmax(scores). An example's reward is
@@ -36,12 +36,12 @@ only the control nodes (the ANN setting Guan et al. compare against): the functi
 left out of the optimiser and kept in eval mode, so neither their weights nor their batch-norm
 statistics change. `entropy` adds a bonus for the entropy of the control nodes' softmax.
 
-α or a budget: with `budget = 0` (the default) α is `alpha`, fixed. With `budget = b > 0`, α
+α or a budget: without a budget (`budget=none`, the default) α is `alpha`, fixed. With `budget = b`, α
 starts at `alpha` and follows dual ascent after every step, α ← max(0, α + alpha_step·(mean
 batch cost − b)), so training aims at the budget; then, as with the calibrated baselines, the
 budget is made a cap on the validation split: the returned `OffsetPolicy` adds δ·(k − 1 − r)
 to the score of the action of rank r in each control node's action order (2 actions: δ on
-"stop"), and δ is bisected (`base.calibrate`) to the dearest routing whose mean validation cost
+"stop"), and δ is bisected (`toolkit.calibrate`) to the dearest routing whose mean validation cost
 is at most b. Deciding needs the control nodes' scores on every example: one mode "all" pass
 gives them (as for `ThresholdPolicy`, the reported cost is that of the forced pass that follows).
 
@@ -66,11 +66,13 @@ from torch import Tensor
 from ..evaluate import evaluate
 from ..executor import Executor
 from ..ir import Graph
+from ..paths import action_order, parameter_count
+from ..policies import LearnedPolicy, Policy, register_policy
 from ..schema import Param, Schema
-from .base import LearnedPolicy, Policy, Trainer, _policy, calibrate, register, trainer_error
-# Package-private helpers of the calibrated baselines: eval mode, batching, the table of what
-# every static path costs and predicts on validation (so bisecting δ needs no forward pass).
-from .baselines import _batches, _evaluating, _graph_facts, _table
+from .base import Trainer, register, trainer_error
+# The table of what every static path costs and predicts on validation, so that bisecting δ
+# needs no forward pass.
+from .toolkit import batches, budget_param, calibrate, check_budget, evaluating, path_table
 
 __all__ = ["BASELINES", "OffsetPolicy", "ReinforceTrainer"]
 
@@ -80,7 +82,7 @@ BASELINES = ("moving", "learned", "none")
 # --- the calibrated policy ------------------------------------------------------------------
 
 
-@_policy
+@register_policy
 class OffsetPolicy(Policy):
     """The control nodes' own scores, with cheaper actions favoured by `offset`: the action of
     rank r in a node's action order (`orders[q]`, cheapest first, k actions) gets
@@ -135,11 +137,9 @@ class ReinforceTrainer(Trainer):
         Param("alpha", "number", 0.5,
               doc="α, the price of computation: reward = −loss − α·cost, the cost as a fraction of the "
                   "full graph's (with a budget: α's starting value)"),
-        Param("budget", "fraction", 0.0,
-              doc="if > 0: target mean cost on validation, as a fraction of the full graph's cost (α is "
-                  "then adapted and the policy calibrated to it); 0 = a fixed `alpha`"),
+        budget_param(None),
         Param("alpha_step", "number", 0.1,
-              doc="step of α's dual ascent when budget > 0: α ← max(0, α + alpha_step·(batch cost − budget))"),
+              doc="step of α's dual ascent with a budget: α ← max(0, α + alpha_step·(batch cost − budget))"),
         Param("baseline", "choice", "moving", choices=BASELINES,
               doc="b in (R − b): a moving average of the reward, a learned value per control node, or none"),
         Param("decay", "fraction", 0.9, doc="weight of the old value in the moving-average baseline"),
@@ -150,6 +150,7 @@ class ReinforceTrainer(Trainer):
 
     def __init__(self, **params: Any):
         super().__init__(**params)
+        self.budget = check_budget(self)  # None: a fixed `alpha`
         for key in ("alpha", "alpha_step", "entropy"):
             if self.params[key] < 0:
                 raise trainer_error(self.name, f"{key}={self.params[key]} is negative",
@@ -159,7 +160,7 @@ class ReinforceTrainer(Trainer):
         if not graph.control_nodes:
             raise trainer_error(self.name, "the graph has no control node whose routing could be learned",
                                 help="use `supervised` alone (or `static`) for a graph without control nodes")
-        if not any(p.requires_grad for q in graph.control_nodes for p in _module_parameters(graph, q.name)):
+        if not any(parameter_count(graph, q.name) for q in graph.control_nodes):
             raise trainer_error(self.name, "no control node has weights to learn",
                                 help="give a control node a layer with weights, e.g. `control Q = fc(2)`")
 
@@ -169,7 +170,7 @@ class ReinforceTrainer(Trainer):
         p = self.params
         controls = [q.name for q in graph.control_nodes]
         output = graph.outputs[0].name
-        freeze, budget, mode = bool(p["freeze"]), float(p["budget"]), str(p["baseline"])
+        freeze, budget, mode = bool(p["freeze"]), self.budget, str(p["baseline"])
         executor.to(stage.device)
         control_params = [w for name, m in executor.nodes.items() if graph[name].kind == "control"
                           for w in m.parameters()]
@@ -222,7 +223,7 @@ class ReinforceTrainer(Trainer):
         finally:
             for w in frozen:
                 w.requires_grad_(True)
-        if budget > 0:
+        if budget is not None:
             return self._calibrate(executor, data, stage)
         return LearnedPolicy()
 
@@ -269,38 +270,28 @@ class ReinforceTrainer(Trainer):
         if p["baseline"] == "moving":  # after the step, so a batch's baseline never saw its own rewards
             old = extra["baseline"]
             extra["baseline"] = mean_reward if old is None else p["decay"] * old + (1 - p["decay"]) * mean_reward
-        if p["budget"] > 0:  # dual ascent on the cost constraint
-            extra["alpha"] = max(0.0, alpha + p["alpha_step"] * (mean_cost - p["budget"]))
+        if self.budget is not None:  # dual ascent on the cost constraint
+            extra["alpha"] = max(0.0, alpha + p["alpha_step"] * (mean_cost - self.budget))
         stage.step(loss=-mean_reward, n=len(y))  # train_loss: the mean of CE + α·cost
         return reward, cost
 
     def _calibrate(self, executor: Executor, data, stage) -> OffsetPolicy:
         """δ bisected so that the mean validation cost is at most the budget (a cap)."""
         graph = executor.graph
-        _, order = _graph_facts(graph)
+        order = action_order(graph)
         policy = OffsetPolicy(0.0, order)
-        with _evaluating(executor):
-            parts = [executor(x.to(stage.device), mode="all").scores for x, _ in _batches(data.val, stage.batch)]
+        with evaluating(executor):
+            parts = [executor(x.to(stage.device), mode="all").scores for x, _ in batches(data.val, stage.batch)]
             scores = {q: torch.cat([s[q].double().cpu() for s in parts]) for q in order}
-            table = _table(executor, data.val, stage)
+            table = path_table(executor, data.val, stage)
         # Past this offset every node takes its cheapest (or, negated, its dearest) action.
         spread = max(float((s.max(1).values - s.min(1).values).max()) for s in scores.values())
         bound = spread + 1.0
         # calibrate wants a cost that grows with its parameter: t = −δ.
-        t, cost = calibrate(lambda t: table.mean_cost(policy.actions_at(-t, scores)), self.params["budget"],
-                            -bound, bound)
+        t, cost = calibrate(lambda t: table.mean_cost(policy.actions_at(-t, scores)), self.budget, -bound, bound)
         policy.offset = -t
         cost_rows, right = table.outcome(policy.actions_at(policy.offset, scores), np.arange(len(data.val)))
         stage.log(offset=policy.offset, val_cost_fraction=float(cost_rows.mean()), val_accuracy=float(right.mean()),
                   alpha=stage.extra["alpha"])
         return policy
 
-
-def _module_parameters(graph: Graph, name: str) -> list[torch.nn.Parameter]:
-    """The parameters node `name` would have when compiled (its layers, built on the CPU)."""
-    from ..layers import build_layer
-
-    node = graph[name]
-    with torch.random.fork_rng(devices=[]):  # building layers draws weights: keep the caller's stream
-        return [w for layer in node.layers
-                for w in build_layer(layer.name, layer.kwargs, layer.in_shape).parameters()]

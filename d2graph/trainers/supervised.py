@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..paths import heads
 from ..schema import Param, Schema
-from .base import Trainer, heads, register, trainer_error
+from .base import Trainer, register, trainer_error
 
 __all__ = ["Supervised", "function_parameters", "head_accuracies"]
 
