@@ -227,7 +227,8 @@ def exit_of(scores: np.ndarray | Tensor, thresholds: Sequence[float]) -> np.ndar
 
 
 def search_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], budget: float,
-                      starts: Sequence[Sequence[float]], rounds: int = 4, grid: int = 64) -> list[float]:
+                      starts: Sequence[Sequence[float]], rounds: int = 4, grid: int = 64,
+                      slack: float = 0.02) -> list[float]:
     """Per-exit thresholds on `scores` [K−1, N] that answer the most examples right with a
     mean cost at most `budget`, searched from the best of `starts` (each within the budget,
     as `route` applies them). `correct` [N, K]: exit k is right on example n; `costs` [K]:
@@ -238,14 +239,15 @@ def search_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequence[f
     spent by sending more examples to a middle exit. Coordinate search: each threshold in
     turn takes every value of a grid of its score quantiles, alone or with one other
     threshold re-bisected to the dearest cost within the budget; a move is kept when it
-    answers more examples right (ties: cheaper). The result is never worse on these
-    examples than the best start, and always within the budget when a start is.
+    answers more examples right (ties: the dearer) at a cost within [c − slack, budget],
+    c the best start's cost, so the budget is spent as the starts spend it. The result is
+    never worse on these examples than the best start, and within the budget when a start is.
 
     Example:
         >>> scores = np.array([[0.9, 0.8, 0.2, 0.1], [0.9, 0.1, 0.9, 0.1]])
         >>> right = np.array([[1, 1, 1], [1, 1, 1], [0, 1, 1], [0, 0, 1]], bool)
         >>> t = search_thresholds(scores, right, [0.1, 0.4, 1.0], 0.5, [[0.5, 0.5]])
-        >>> route(scores, t).tolist()
+        >>> exit_of(scores, t).tolist()
         [0, 0, 1, 2]
     """
     scores = np.asarray(scores, dtype=np.float64)
@@ -255,11 +257,12 @@ def search_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequence[f
     rows = np.arange(n)
 
     def outcome(t: Sequence[float]) -> tuple[int, float]:
-        index = route(scores, t)
+        index = exit_of(scores, t)
         return int(correct[rows, index].sum()), float(costs[index].mean())
 
     def better(a: tuple[int, float], b: tuple[int, float]) -> bool:
-        return a[0] > b[0] or (a[0] == b[0] and a[1] < b[1] - 1e-12)
+        # Ties spend more of the budget: on unseen examples the extra compute can only help.
+        return a[0] > b[0] or (a[0] == b[0] and a[1] > b[1] + 1e-12)
 
     finite = [scores[k][np.isfinite(scores[k])] for k in range(k1)]
     grids = [np.unique(np.quantile(f, np.linspace(0.0, 1.0, grid))) if len(f) else np.array([math.inf])
@@ -268,10 +271,11 @@ def search_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequence[f
     best_t, best = None, (-1, math.inf)
     for start in starts:
         r = outcome(start)
-        if r[1] <= budget + 1e-12 and (best_t is None or better(r, best)):
+        if r[1] <= budget and (best_t is None or better(r, best)):
             best_t, best = [float(v) for v in start], r
     if best_t is None:
         return list(starts[0])
+    floor = best[1] - slack
     for _ in range(rounds):
         moved = False
         for i in range(k1):
@@ -284,7 +288,7 @@ def search_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequence[f
                             return outcome(t[:j] + [u] + t[j + 1:])[1]
                         t[j], _ = calibrate(cost_at, budget, *bounds[j], steps=24)
                     r = outcome(t)
-                    if r[1] <= budget + 1e-12 and better(r, best):
+                    if floor <= r[1] <= budget and better(r, best):
                         best_t, best, moved = t, r, True
         if not moved:
             break
@@ -481,11 +485,11 @@ def _fit(pred: Predictions, budget: float, seed: int, epochs: int, lr: float, hi
     # The tilt can only move mass between the cheapest and the dearest exits; a search of
     # the thresholds themselves, from the tilt and from one shared threshold, spends the
     # budget where it buys the most right answers (search_thresholds).
-    shared, _ = calibrate(lambda t: float(cost_of[route(scores, [t] * (k - 1))].mean()), budget,
+    shared, _ = calibrate(lambda t: float(cost_of[exit_of(scores, [t] * (k - 1))].mean()), budget,
                           float(np.nanmin(scores)) - 1.0, float(np.nanmax(scores)) + 1.0)
     thresholds = search_thresholds(scores, correct.numpy().astype(bool), cost_of, budget,
                                    [tilted, [shared] * (k - 1)])
-    shares = np.bincount(route(scores, thresholds), minlength=k) / n
+    shares = np.bincount(exit_of(scores, thresholds), minlength=k) / n
     rule = EENetRule.from_scorers(model, thresholds, shares)
     report = _report("eenet", pred, budget, rule, learned_shares=learned.tolist(),
                      learned_cost_fraction=float(losses["expected_cost"]), tilt=float(tilt),
