@@ -5,6 +5,7 @@ numerics, and the trainer end to end on early_exit.d2."""
 from __future__ import annotations
 
 import io
+import math
 import json
 
 import numpy as np
@@ -22,7 +23,7 @@ from d2graph.policies import load_policy, save_policy
 from d2graph.runs import make_trainers, resolve, train
 from d2graph.trainers.eenet import (
     EENetPolicy, EENetRule, EENetTrainer, confidence_features, eenet_losses, exit_of, fit_on_predictions,
-    threshold_on_predictions, thresholds_for,
+    search_thresholds, threshold_on_predictions, thresholds_for,
 )
 
 from .conftest import ROOT
@@ -372,3 +373,31 @@ def test_eenet_parameters_are_checked():
         assert _codes(e) == ["E921"]
     with pytest.raises(D2GraphError):
         EENetTrainer(budgt=0.5)  # the schema's "did you mean"
+
+
+def test_the_threshold_search_spends_the_budget_on_a_middle_exit():
+    # Exit 1 is always wrong, exits 2 and 3 always right; the budget pays for exit 2 for
+    # everyone. A start that splits the examples between the cheapest and the dearest exit
+    # (all a share tilt or one shared threshold can do) answers 35% right; the search moves
+    # everyone past exit 1, the budget left over taking some to exit 3 (ties spend it).
+    rng = np.random.default_rng(0)
+    n = 200
+    scores = rng.random((2, n))
+    correct = np.zeros((n, 3), bool)
+    correct[:, 1:] = True
+    costs = [0.1, 0.4, 1.0]
+    start = [float(np.quantile(scores[0], 0.35)), math.inf]  # 65% leave at exit 1, 35% run to 3
+    assert np.mean(np.asarray(costs)[exit_of(scores, start)]) <= 0.45
+    found = search_thresholds(scores, correct, costs, 0.45, [start])
+    index = exit_of(scores, found)
+    assert (index >= 1).all() and (index == 1).mean() > 0.85
+    assert 0.4 <= np.mean(np.asarray(costs)[index]) <= 0.45
+
+
+def test_the_threshold_search_keeps_a_start_it_cannot_beat_and_refuses_none():
+    scores = np.array([[0.9, 0.8, 0.2, 0.1]])
+    correct = np.array([[1, 1], [1, 1], [0, 1], [0, 1]], bool)
+    best = [0.5]  # the two sure ones leave early: all right at cost (2·0.2 + 2·1) / 4 = 0.6
+    assert search_thresholds(scores, correct, [0.2, 1.0], 0.6, [best]) == best
+    # no start within the budget: the first is returned as it is
+    assert search_thresholds(scores, correct, [0.2, 1.0], 0.1, [[0.85]]) == [0.85]

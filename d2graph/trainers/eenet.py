@@ -76,7 +76,8 @@ from .baselines import MEASURES, NEVER_STOP
 from .toolkit import budget_param, calibrate, check_budget, validate_budget
 
 __all__ = ["EENetPolicy", "EENetRule", "EENetTrainer", "ThresholdRule", "compare_on_predictions",
-           "confidence_features", "eenet_losses", "exit_of", "fit_on_predictions", "threshold_on_predictions",
+           "confidence_features", "eenet_losses", "exit_of", "fit_on_predictions", "search_thresholds",
+           "threshold_on_predictions",
            "thresholds_for"]
 
 # Bounds of the tilt u: at |u| = 60 an exit 1 cost-unit dearer gets e^60 times less share,
