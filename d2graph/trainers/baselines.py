@@ -35,6 +35,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Mapping
 
@@ -44,7 +45,7 @@ from torch import Tensor
 
 from ..executor import Executor, Result
 from ..ir import Graph
-from ..paths import action_order, current_head, path_costs
+from ..paths import MAX_COMBINATIONS, action_order, current_head, nodes_run, path_costs
 from ..policies import Policy, StaticPolicy, register_policy
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
@@ -53,7 +54,7 @@ from .toolkit import (
 )
 
 __all__ = ["MEASURES", "OraclePolicy", "OracleTrainer", "StaticTrainer", "ThresholdPolicy", "ThresholdTrainer",
-           "UniformPolicy", "UniformTrainer", "confidence", "static_path_results"]
+           "UniformPolicy", "UniformTrainer", "confidence", "static_path_results", "uniform_expected_cost"]
 
 MEASURES = ("maxprob", "entropy", "margin")
 
@@ -289,6 +290,45 @@ def _uniform_actions(p: float, orders: Mapping[str, list[int]], u: Mapping[str, 
     return out
 
 
+def uniform_expected_cost(graph: Graph, orders: Mapping[str, list[int]]):
+    """The exact mean cost (a fraction of the full cost) of uniform routing as a function of
+    p, or None when the graph has more than MAX_COMBINATIONS action combinations. Each
+    control node takes order[⌊t⌋] or order[⌈t⌉] independently (`_uniform_actions`), and a
+    combination's cost is the same for every example, so the mean over examples is the
+    mean over combinations weighted by their probability: no sampling error, so the budget
+    is a cap on the expected cost itself.
+
+    Example:
+        >>> g = d2graph.load("examples/early_exit.d2")                        # doctest: +SKIP
+        >>> cost = uniform_expected_cost(g, action_order(g)); cost(0.0), cost(1.0)  # doctest: +SKIP
+        (0.107, 1.0)
+    """
+    controls = graph.control_nodes
+    if math.prod(len(q.actions) for q in controls) > MAX_COMBINATIONS:
+        return None
+    price = {n.name: n.cost for n in graph.nodes}
+    full = float(graph.full_cost) or 1.0
+    combos = []
+    for combination in itertools.product(*(range(len(q.actions)) for q in controls)):
+        actions = dict(zip((q.name for q in controls), combination))
+        combos.append((actions, sum(price[name] for name in nodes_run(graph, actions)) / full))
+
+    def cost(p: float) -> float:
+        chance = {}
+        for q, order in orders.items():
+            k = len(order)
+            t = min(max(p, 0.0), 1.0) * (k - 1)
+            low = min(int(math.floor(t)), k - 1)
+            high = min(low + 1, k - 1)
+            chance[q] = {}
+            chance[q][order[low]] = chance[q].get(order[low], 0.0) + 1.0 - (t - low)
+            chance[q][order[high]] = chance[q].get(order[high], 0.0) + (t - low)
+        return float(sum(math.prod(chance[q].get(a, 0.0) for q, a in actions.items()) * c
+                         for actions, c in combos))
+
+    return cost
+
+
 def _draw(graph: Graph, n: int, generator: torch.Generator) -> dict[str, Tensor]:
     # One [controls, n] draw, in the graph's order of control nodes, on the generator's device.
     u = torch.rand((len(graph.control_nodes), n), generator=generator, device=generator.device,
@@ -348,9 +388,11 @@ class UniformTrainer(Trainer):
             def outcome(p: float) -> tuple[np.ndarray, np.ndarray]:
                 return table.outcome(_uniform_actions(p, order, u), examples)
 
-            p, _ = calibrate(lambda p: float(outcome(p)[0].mean()), self.params["budget"], 0.0, 1.0)
-            cost_rows, right = outcome(p)
-        stage.log(p=float(p), val_cost_fraction=float(cost_rows.mean()), val_accuracy=float(right.mean()))
+            # The exact expected cost where the combinations can be listed; else the draws'.
+            expected = uniform_expected_cost(graph, order) or (lambda p: float(outcome(p)[0].mean()))
+            p, cost = calibrate(expected, self.params["budget"], 0.0, 1.0)
+            _, right = outcome(p)
+        stage.log(p=float(p), val_cost_fraction=float(cost), val_accuracy=float(right.mean()))
         return UniformPolicy(p, order, seed)
 
 
