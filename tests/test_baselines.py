@@ -331,7 +331,7 @@ def test_tiny_uniform_and_oracle_and_static(tiny):
     executor, splits = tiny
     uniform, logged = fit(UniformTrainer(budget=0.625), executor, splits)
     # p is bisected on the exact expected cost (the budget is a cap on the expectation)
-    assert logged["val_cost_fraction"] == pytest.approx(0.625, abs=1e-9)
+    assert 0.625 - 1e-9 <= logged["val_cost_fraction"] <= 0.625
     assert isinstance(uniform, UniformPolicy)
     # The oracle continues exactly H1's two mistakes.
     oracle, logged = fit(OracleTrainer(), executor, splits)

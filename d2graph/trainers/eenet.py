@@ -73,7 +73,7 @@ from ..predictions import Exit, Predictions, actions_for_exits, exits_of, from_e
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
 from .baselines import MEASURES, NEVER_STOP
-from .toolkit import budget_param, calibrate, check_budget, validate_budget
+from .toolkit import budget_param, calibrate, check_budget, search_under_budget, validate_budget
 
 __all__ = ["EENetPolicy", "EENetRule", "EENetTrainer", "ThresholdRule", "compare_on_predictions",
            "confidence_features", "eenet_losses", "exit_of", "fit_on_predictions", "search_thresholds",
@@ -228,21 +228,12 @@ def exit_of(scores: np.ndarray | Tensor, thresholds: Sequence[float]) -> np.ndar
 
 
 def search_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], budget: float,
-                      starts: Sequence[Sequence[float]], rounds: int = 4, grid: int = 64,
-                      slack: float = 0.02) -> list[float]:
-    """Per-exit thresholds on `scores` [K−1, N] that answer the most examples right with a
-    mean cost at most `budget`, searched from the best of `starts` (each within the budget,
-    as `route` applies them). `correct` [N, K]: exit k is right on example n; `costs` [K]:
-    the cost of leaving at each exit, as a fraction of the full cost.
-
-    Why a search and not one global knob: a tilt of the exit shares (or one τ for every
-    exit) can only trade the cheapest exit against the dearest; the budget is often best
-    spent by sending more examples to a middle exit. Coordinate search: each threshold in
-    turn takes every value of a grid of its score quantiles, alone or with one other
-    threshold re-bisected to the dearest cost within the budget; a move is kept when it
-    answers more examples right (ties: the dearer) at a cost within [c − slack, budget],
-    c the best start's cost, so the budget is spent as the starts spend it. The result is
-    never worse on these examples than the best start, and within the budget when a start is.
+                      starts: Sequence[Sequence[float]]) -> list[float]:
+    """Per-exit thresholds on `scores` [K−1, N] (as `exit_of` applies them) that answer the
+    most examples right with a mean cost at most `budget` (`toolkit.search_under_budget`,
+    from the best of `starts`). `correct` [N, K]: exit k is right on example n; `costs` [K]:
+    the cost of leaving at each exit, as a fraction of the full cost. Each threshold's grid
+    is 64 quantiles of its scores.
 
     Example:
         >>> scores = np.array([[0.9, 0.8, 0.2, 0.1], [0.9, 0.1, 0.9, 0.1]])
@@ -254,46 +245,16 @@ def search_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequence[f
     scores = np.asarray(scores, dtype=np.float64)
     correct = np.asarray(correct, dtype=bool)
     costs = np.asarray(costs, dtype=np.float64)
-    k1, n = scores.shape
-    rows = np.arange(n)
+    rows = np.arange(scores.shape[1])
 
-    def outcome(t: Sequence[float]) -> tuple[int, float]:
+    def outcome(t: list[float]) -> tuple[float, float]:
         index = exit_of(scores, t)
-        return int(correct[rows, index].sum()), float(costs[index].mean())
+        return float(correct[rows, index].sum()), float(costs[index].mean())
 
-    def better(a: tuple[int, float], b: tuple[int, float]) -> bool:
-        # Ties spend more of the budget: on unseen examples the extra compute can only help.
-        return a[0] > b[0] or (a[0] == b[0] and a[1] > b[1] + 1e-12)
-
-    finite = [scores[k][np.isfinite(scores[k])] for k in range(k1)]
-    grids = [np.unique(np.quantile(f, np.linspace(0.0, 1.0, grid))) if len(f) else np.array([math.inf])
-             for f in finite]
+    finite = [row[np.isfinite(row)] for row in scores]
+    grids = [np.unique(np.quantile(f, np.linspace(0.0, 1.0, 64))) if len(f) else np.array([math.inf]) for f in finite]
     bounds = [(float(f.min()) - 1.0, float(f.max()) + 1.0) if len(f) else (0.0, 1.0) for f in finite]
-    best_t, best = None, (-1, math.inf)
-    for start in starts:
-        r = outcome(start)
-        if r[1] <= budget and (best_t is None or better(r, best)):
-            best_t, best = [float(v) for v in start], r
-    if best_t is None:
-        return list(starts[0])
-    floor = best[1] - slack
-    for _ in range(rounds):
-        moved = False
-        for i in range(k1):
-            for j in [None, *(j for j in range(k1) if j != i)]:
-                for v in grids[i]:
-                    t = list(best_t)
-                    t[i] = float(v)
-                    if j is not None:
-                        def cost_at(u: float, t=t) -> float:
-                            return outcome(t[:j] + [u] + t[j + 1:])[1]
-                        t[j], _ = calibrate(cost_at, budget, *bounds[j], steps=24)
-                    r = outcome(t)
-                    if floor <= r[1] <= budget and better(r, best):
-                        best_t, best, moved = t, r, True
-        if not moved:
-            break
-    return best_t
+    return search_under_budget(outcome, grids, bounds, budget, [list(map(float, t)) for t in starts])
 
 
 def _tilted(shares: np.ndarray, scaled_costs: np.ndarray, u: float) -> np.ndarray:

@@ -11,6 +11,9 @@ Out:
                              the budget, or None when the trainer runs without one
   calibrate(cost_at, target, lo, hi)
                              bisection of one parameter until the mean cost meets a budget
+  search_under_budget(outcome, grids, bounds, budget, starts)
+                             several knobs (per-exit thresholds, per-node offsets) searched
+                             together for the most right answers within a budget
   evaluating(executor)       eval mode, no autograd, the train/eval mode put back on leaving
   batches(dataset, batch)    (x, y) slices of a split, in order
   every_control(graph, actions, n)
@@ -51,7 +54,7 @@ from ..policies import evaluating
 from ..schema import Param, trainer_error
 
 __all__ = ["BUDGET_NONE", "PathTable", "batches", "budget_param", "calibrate", "check_budget", "drop_param",
-           "evaluating", "every_control", "path_table", "validate_budget"]
+           "evaluating", "every_control", "path_table", "search_under_budget", "validate_budget"]
 
 # The word that turns a trainer's budget off where the trainer can run without one (`reinforce`).
 BUDGET_NONE = "none"
@@ -155,10 +158,69 @@ def calibrate(cost_at: Callable[[float], float], target: float, lo: float, hi: f
             a = mid
         else:
             b = mid
-    within = [p for p in tried if p[1] <= target + 1e-12]
+    within = [p for p in tried if p[1] <= target]
     if within:
         return max(within, key=lambda p: (p[1], p[0]))
     return min(tried, key=lambda p: (p[1], p[0]))
+
+
+def search_under_budget(outcome: Callable[[list[float]], tuple[float, float]], grids: list[np.ndarray],
+                        bounds: list[tuple[float, float]], budget: float, starts: list[list[float]],
+                        rounds: int = 4, slack: float = 0.02) -> list[float]:
+    """Several knobs of a policy (one per exit or control node) set together: the values that
+    score best with a mean cost at most `budget`, by coordinate search from the best of
+    `starts`. `outcome(knobs)` → (score, mean cost), the score a count of examples answered
+    right (or any "more is better" number); raising a knob must not lower the cost, as
+    raising a threshold or a node's bias towards dearer actions does.
+
+    Why: one global knob (a shared threshold, a tilt of the exit shares, one offset on every
+    node) can only trade the cheapest exits against the dearest; the budget is often best
+    spent by sending more examples to a middle exit or path. Each knob in turn takes every
+    value of its grid (`grids[i]`, e.g. quantiles of the scores it compares), alone or with
+    one other knob re-bisected in `bounds[j]` to the dearest cost within the budget; a move
+    is kept when it scores more (ties: the dearer) at a cost within [c − slack, budget], c the
+    best start's cost, so the budget is spent as the starts spend it. The result is never
+    worse on these examples than the best start, and within the budget when a start is; when
+    none is, the first start comes back unchanged.
+
+    Example:
+        >>> right = np.array([[1, 1], [1, 1], [0, 1], [0, 1]], bool)
+        >>> def outcome(k):  # one threshold: examples scoring at least k[0] leave early
+        ...     early = np.array([0.9, 0.8, 0.2, 0.1]) >= k[0]
+        ...     return float(np.where(early, right[:, 0], right[:, 1]).sum()), float(np.where(early, 0.2, 1.0).mean())
+        >>> search_under_budget(outcome, [np.array([0.15, 0.5, 0.85])], [(0.0, 1.0)], 0.6, [[0.15]])
+        [0.5]
+    """
+    def better(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        # Ties spend more of the budget: on unseen examples the extra compute can only help.
+        return a[0] > b[0] or (a[0] == b[0] and a[1] > b[1] + 1e-12)
+
+    best_knobs, best = None, (-math.inf, math.inf)
+    for start in starts:
+        r = outcome(list(start))
+        if r[1] <= budget and (best_knobs is None or better(r, best)):
+            best_knobs, best = [float(v) for v in start], r
+    if best_knobs is None:
+        return [float(v) for v in starts[0]]
+    floor = best[1] - slack
+    n = len(best_knobs)
+    for _ in range(rounds):
+        moved = False
+        for i in range(n):
+            for j in [None, *(j for j in range(n) if j != i)]:
+                for v in grids[i]:
+                    knobs = list(best_knobs)
+                    knobs[i] = float(v)
+                    if j is not None:
+                        def cost_at(u: float, knobs=knobs, j=j) -> float:
+                            return outcome(knobs[:j] + [u] + knobs[j + 1:])[1]
+                        knobs[j], _ = calibrate(cost_at, budget, *bounds[j], steps=24)
+                    r = outcome(knobs)
+                    if floor <= r[1] <= budget and better(r, best):
+                        best_knobs, best, moved = knobs, r, True
+        if not moved:
+            break
+    return best_knobs
 
 
 # --- data and routing -----------------------------------------------------------------------
