@@ -69,7 +69,7 @@ from ..paths import action_order, parameter_count, static_paths
 from ..policies import LearnedPolicy, evaluating
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
-from .toolkit import PathTable, budget_param, calibrate, check_budget
+from .toolkit import PathTable, budget_param, calibrate, check_budget, search_under_budget
 
 __all__ = ["CostSensitiveTrainer", "LOSSES", "MULTICLASS", "lambda_at"]
 
@@ -295,7 +295,7 @@ class CostSensitiveTrainer(Trainer):
             return fits[lam][1]
 
         try:
-            offset = 0.0
+            offset = [0.0] * len(self.controls)
             if self.params["lambda"] >= 0:
                 lam = float(self.params["lambda"])
                 fit_at(lam)
@@ -310,7 +310,7 @@ class CostSensitiveTrainer(Trainer):
         finally:
             executor.train(was_training)
         cost_fraction, accuracy = _argmax_outcome(executor, data.val, batch, stage.device)
-        stage.log(**{"lambda": lam, "offset": offset, "val_cost_fraction": cost_fraction, "val_accuracy": accuracy,
+        stage.log(**{"lambda": lam, "offset": " ".join(f"{o:.6g}" for o in offset), "val_cost_fraction": cost_fraction, "val_accuracy": accuracy,
                      "simulated_val_cost_fraction": float(simulated[0].mean()),
                      "lambdas_tried": len(fits), "approximate": " ".join(sorted(train.approximate | val.approximate)),
                      "seconds": round(time.perf_counter() - started, 3)})
@@ -376,9 +376,10 @@ class CostSensitiveTrainer(Trainer):
                     optimizer.step()
             module.eval()
 
-    def _calibrate_offset(self, modules: Mapping[str, nn.Module], cache: _SplitCache, budget: float) -> float:
+    def _calibrate_offset(self, modules: Mapping[str, nn.Module], cache: _SplitCache, budget: float) -> list[float]:
         """One offset t for all control nodes, bias += t · rank / (k − 1), bisected on validation
-        so that the mean cost meets the budget; folded into each node's final bias."""
+        so that the mean cost meets the budget; then one offset per node searched from it
+        (`_search_offsets`); folded into each node's final bias. Returns the offsets."""
         scores = {q: self._scores(modules[q], cache.inputs[q]) for q in self.controls}
         ranks = {}
         for q, k in zip(self.controls, self.widths):
@@ -387,7 +388,7 @@ class CostSensitiveTrainer(Trainer):
                 r[a] = position / max(k - 1, 1)
             ranks[q] = r if _last_bias(modules[q], k) is not None else torch.zeros(k)
         if not any(bool(r.any()) for r in ranks.values()):
-            return 0.0
+            return [0.0] * len(self.controls)
         spread = max(float(s.max() - s.min()) * max(k - 1, 1) for s, k in zip(scores.values(), self.widths))
         reach = spread + 1.0
 
@@ -413,12 +414,40 @@ class CostSensitiveTrainer(Trainer):
                 low = max(low, float(bound[dr < 0].max()))
         if low < high and np.array_equal(actions((low + high) / 2), chosen):
             t = (low + high) / 2
+        offsets = self._search_offsets(scores, ranks, cache, budget, t, reach)
         with torch.no_grad():
-            for q, k in zip(self.controls, self.widths):
+            for q, k, o in zip(self.controls, self.widths, offsets):
                 bias = _last_bias(modules[q], k)
                 if bias is not None:
-                    bias.add_((t * ranks[q]).to(bias.device, bias.dtype))
-        return float(t)
+                    bias.add_((o * ranks[q]).to(bias.device, bias.dtype))
+        return offsets
+
+    def _search_offsets(self, scores: Mapping[str, Tensor], ranks: Mapping[str, Tensor], cache: _SplitCache,
+                        budget: float, shared: float, reach: float) -> list[float]:
+        """One offset per control node, searched from the shared one (`search_under_budget`)
+        for the most right answers on validation within the budget: one offset on every node
+        can only trade the cheapest routes against the dearest. A node's grid is 64 quantiles
+        of the offsets at which some example's argmax changes."""
+        def actions(offsets: list[float]) -> np.ndarray:
+            return np.stack([(scores[q] + o * ranks[q]).argmax(1).numpy() for q, o in zip(self.controls, offsets)],
+                            axis=1)
+
+        def outcome(offsets: list[float]) -> tuple[float, float]:
+            fraction, _, correct = cache.routing_outcome(actions(offsets))
+            return float(correct.sum()), float(fraction.mean())
+
+        grids = []
+        for q in self.controls:
+            s, r = scores[q].double(), ranks[q].double()
+            dr = r[None, :] - r[:, None]  # [a, b]: r_b − r_a
+            if not bool((dr > 0).any()):
+                grids.append(np.array([shared]))  # no bias to move: the knob does nothing
+                continue
+            # a → b (dearer) once s_a − s_b < o · (r_b − r_a)
+            flips = ((s[:, :, None] - s[:, None, :]) / torch.where(dr > 0, dr, torch.ones_like(dr)))[:, dr > 0]
+            grids.append(np.unique(np.quantile(flips.flatten().numpy(), np.linspace(0.0, 1.0, 64))))
+        bounds = [(-reach, reach)] * len(self.controls)
+        return search_under_budget(outcome, grids, bounds, budget, [[shared] * len(self.controls)])
 
 
 def _argmax_outcome(executor: Executor, dataset, batch: int, device: torch.device) -> tuple[float, float]:
