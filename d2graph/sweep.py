@@ -402,7 +402,8 @@ def _sweep_seed(graph: Graph, source: Path, config, result: Sweep, folder: Path,
     for m in specs:
         stage_spec = next((s for s in own if s["trainer"] == m.trainer), None)
         params = {**_defaults(m.trainer), **(stage_spec["params"] if stage_spec else {}), **m.params}
-        has_budget = any(p.name == "budget" for p in TRAINERS.get(m.trainer).schema.params)
+        # A spec that sets the budget itself (`reinforce:budget=none:...`) is fitted at that budget only.
+        has_budget = "budget" not in m.params and any(p.name == "budget" for p in TRAINERS.get(m.trainer).schema.params)
         grid = [(f"{m.grid[0]}={v}", {m.grid[0]: v}) for v in m.grid[1]] if m.grid else [(None, {})]
         name = stage_spec["name"] if stage_spec else m.trainer
         applies = True
