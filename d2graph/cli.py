@@ -84,14 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="accuracy-cost curve: each budget, each baseline, each static path")
     s.add_argument("file", metavar="FILE")
-    s.add_argument("--budgets", type=_budgets, default=[0.2, 0.3, 0.5, 0.7],
-                   help="comma-separated cost fractions (default 0.2,0.3,0.5,0.7)")
+    s.add_argument("--budgets", type=_budgets, default=None,
+                   help="comma-separated cost fractions (default 0.2,0.3,0.5,0.7; with --param: none but "
+                        "the costs it reaches)")
     s.add_argument("--methods", type=_names, default=None,
-                   help="comma-separated policy trainers to compare (default: the file's own policy stages, "
-                        "threshold, uniform, oracle)")
+                   help="comma-separated policy trainers or method specs TRAINER:KEY=VALUE[:KEY=VALUE...] to "
+                        "compare (default: the file's own policy stages, threshold, uniform, oracle)")
     s.add_argument("--param", metavar="stage.NAME.KEY=V1,V2,...",
                    help="sweep a parameter of one of the file's policy stages (e.g. a λ) instead of budgets; "
                         "the other methods are calibrated to the costs it reaches")
+    s.add_argument("--seeds", type=_positive_int, default=1, metavar="N",
+                   help="repeat the sweep (backbone and policies) for seeds s, s+1, ..., s+N-1 and report the "
+                        "mean and standard deviation (default 1)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override the train block (repeatable)")
     s.add_argument("--out", metavar="DIR", help="the sweep folder (default runs/<graph>/sweep-<timestamp>)")
@@ -341,7 +345,7 @@ def cmd_sweep(args) -> int:
     _print_diagnostics(graph.warnings)
     echo = (lambda text: print(text, file=sys.stderr)) if not args.quiet else None
     result = sweep(graph, Path(args.file), budgets=args.budgets, methods=args.methods, param=args.param,
-                   overrides=args.overrides, out=args.out, echo=echo)
+                   overrides=args.overrides, out=args.out, seeds=args.seeds, echo=echo)
     print(result.table())
     print(f"sweep folder: {result.folder}")
     return EXIT_OK

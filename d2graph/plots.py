@@ -73,13 +73,15 @@ def _new_figure(nrows: int = 1):
 
 
 def tradeoff_plot(points: Iterable[Mapping[str, Any]], out_stem: str | Path, *, title: str,
-                  metric: str = "accuracy") -> list[Path]:
+                  metric: str = "accuracy", spread: str | None = None) -> list[Path]:
     """Draw `metric` against mean cost, one line per method (points sorted by cost).
 
     Each point is a dict with `method`, `cost_fraction` and `metric` (default "accuracy");
     `budget` is optional. Points of the method "static" are single static paths: drawn as
     unconnected points, each labelled with its `path` (or `label`). Points missing the
     metric are left out. The drawing does not depend on the order of the points.
+    `spread` names a key holding a half-width (e.g. a standard deviation over seeds): each
+    method's line then gets a shaded band of ± that much, the static paths error bars.
     Writes OUT_STEM.png and OUT_STEM.svg; returns their paths.
 
     Example:
@@ -100,8 +102,12 @@ def tradeoff_plot(points: Iterable[Mapping[str, Any]], out_stem: str | Path, *, 
             group = sorted(group, key=lambda p: (float(p["cost_fraction"]), float(p[metric])))
             xs = [float(p["cost_fraction"]) for p in group]
             ys = [float(p[metric]) for p in group]
+            widths = [float(p.get(spread) or 0.0) for p in group] if spread else None
             if method == STATIC:
                 ax.scatter(xs, ys, marker="s", s=22, color="0.35", label="static paths", zorder=3)
+                if widths and any(widths):
+                    ax.errorbar(xs, ys, yerr=widths, fmt="none", ecolor="0.35", elinewidth=0.8, capsize=2,
+                                zorder=3)
                 for p, x, y in zip(group, xs, ys):
                     text = p.get("path") or p.get("label")
                     if text:
@@ -110,6 +116,9 @@ def tradeoff_plot(points: Iterable[Mapping[str, Any]], out_stem: str | Path, *, 
                 continue
             ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.4, label=method,
                     color=palette[colour % len(palette)], zorder=4)
+            if widths:
+                ax.fill_between(xs, [y - w for y, w in zip(ys, widths)], [y + w for y, w in zip(ys, widths)],
+                                color=palette[colour % len(palette)], alpha=0.18, linewidth=0, zorder=2)
             colour += 1
         ax.set_xlabel("mean cost (fraction of the full graph)")
         ax.set_ylabel(metric.replace("_", " "))
