@@ -19,7 +19,7 @@ from d2graph.evaluate import per_example
 from d2graph.executor import compile
 from d2graph.runs import Interrupted, Run, Trained, derive_seed, resolve, train
 from d2graph.trainers import LearnedPolicy
-from d2graph.trainers.qlearning import QLearningTrainer, bag_reward, epsilon_at, minibag_size
+from d2graph.trainers.qlearning import QLearningTrainer, bag_reward, epsilon_at, full_targets, minibag_size
 
 from .conftest import ROOT, ctrl_c_after
 
@@ -167,6 +167,37 @@ def test_bags_of_one_learn_the_routing_that_bags_of_eight_do_not_in_as_many_step
     print("agreement with the known routing after 12 epochs:", agreement)
     assert agreement["auto"] >= 0.95
     assert agreement["8"] <= 0.85
+
+
+def test_full_backups_learn_the_known_routing_sooner_than_sampled_ones():
+    # `backup=full` fits every action's value on every example (one forced pass per path);
+    # `sampled` only the action the exploring run took, so the other waits for exploration.
+    short = ["policy.epochs=4", "policy.epsilon_decay=2", "policy.minibag=1"]
+    flag = _synthetic()[2]
+    agreement = {}
+    for backup in ("full", "sampled"):
+        trained = _fit(0.5, overrides=[*short, f"policy.backup={backup}"])
+        cheap = per_example(trained.executor, trained.data.val)["action.Q"] == 0
+        agreement[backup] = float(np.mean(cheap == flag))
+    print("agreement with the known routing after 4 epochs:", agreement)
+    assert agreement["full"] >= 0.75 and agreement["sampled"] <= 0.70
+
+
+def test_full_targets_take_the_best_continuation_that_agrees_with_the_choices_above():
+    # Two binary nodes in a chain, Q1 then Q2; four paths; rewards for two examples.
+    paths = [{"Q1": 0, "Q2": 0}, {"Q1": 0, "Q2": 1}, {"Q1": 1, "Q2": 0}, {"Q1": 1, "Q2": 1}]
+    rewards = torch.tensor([[0.1, 0.5], [0.4, 0.2], [0.3, 0.9], [0.6, 0.0]])
+    taken = {"Q1": torch.tensor([0, 1]), "Q2": torch.tensor([1, 0])}
+    t = full_targets(rewards, paths, taken, ["Q1", "Q2"], [2, 2])
+    # Q1: the best over Q2's actions for each of its own
+    assert t["Q1"].tolist() == [[pytest.approx(0.4), pytest.approx(0.6)], [pytest.approx(0.5), pytest.approx(0.9)]]
+    # Q2: only the paths with the Q1 action each example took
+    assert t["Q2"].tolist() == [[pytest.approx(0.1), pytest.approx(0.4)], [pytest.approx(0.9), pytest.approx(0.0)]]
+
+
+def test_full_backup_refuses_a_bag_of_several():
+    with pytest.raises(D2GraphError, match="minibag=1"):
+        _fit(0.5, overrides=["policy.epochs=1", "policy.minibag=8", "policy.backup=full"])
 
 
 def test_minibag_auto_is_one_for_accuracy_and_a_bag_for_f1():

@@ -67,12 +67,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..evaluate import evaluate
-from ..schema import Param, Schema
+from ..paths import static_paths
 from ..policies import LearnedPolicy
+from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
 from .supervised import function_parameters
+from .toolkit import every_control
 
-__all__ = ["QLearningTrainer", "bag_reward", "control_parameters", "epsilon_at", "minibag_size"]
+__all__ = ["FULL_BACKUP_PATHS", "QLearningTrainer", "bag_reward", "control_parameters", "epsilon_at",
+           "full_targets", "minibag_size"]
+
+FULL_BACKUP_PATHS = 16  # `backup=auto` computes every action's value when the graph has at most this many paths
 
 
 def control_parameters(executor) -> list[torch.nn.Parameter]:
@@ -137,6 +142,43 @@ def minibag_size(minibag: int | str, metric: str, batch: int) -> int:
     return 1 if metric == "accuracy" else min(32, batch)
 
 
+def full_targets(rewards: Tensor, paths: list[dict[str, int]], taken: dict[str, Tensor], controls: list[str],
+                 widths: list[int]) -> dict[str, Tensor]:
+    """Every action's target value for every example: the best reward of a path that takes
+    that action at the node and agrees with what the example did above it. float [N, k] per
+    control node (−inf where no path takes the action from there).
+
+    rewards  [P, N] each static path's reward for each example (forced passes)
+    paths    the paths' actions (control nodes that run on them)
+    taken    control node → the action each example took in the explored run, −1 if it did not run
+
+    This is Q-learning's backup with full information: the max over the continuations, not
+    the one the explored run happened to take, and a value for the actions not taken, so no
+    action's value waits for exploration to visit it.
+
+    Example:
+        >>> full_targets(torch.tensor([[0.25, 0.75], [0.5, 0.125]]), [{"Q": 0}, {"Q": 1}],
+        ...              {"Q": torch.tensor([0, 1])}, ["Q"], [2])["Q"].tolist()
+        [[0.25, 0.5], [0.75, 0.125]]
+    """
+    p, n = rewards.shape
+    out = {}
+    for i, q in enumerate(controls):
+        target = torch.full((n, widths[i]), -math.inf, dtype=rewards.dtype)
+        for path, actions in enumerate(paths):
+            if q not in actions:
+                continue
+            # the example's own choices at the nodes above q, where it made one
+            agrees = torch.ones(n, dtype=torch.bool)
+            for above in controls[:i]:
+                if above in actions:
+                    agrees &= (taken[above] == actions[above]) | (taken[above] < 0)
+            a = actions[q]
+            target[:, a] = torch.where(agrees, torch.maximum(target[:, a], rewards[path]), target[:, a])
+        out[q] = target
+    return out
+
+
 @register
 class QLearningTrainer(Trainer):
     name = "qlearning"
@@ -157,6 +199,10 @@ class QLearningTrainer(Trainer):
         Param("lr_scale", "number", 1.0, doc="the control nodes' learning rate, times the block's `lr`"),
         Param("bag", "choice", "sum", choices=("sum", "mean"),
               doc="the bag's action value: `sum` of the examples' Q (the paper) or their `mean`"),
+        Param("backup", "choice", "auto", choices=("auto", "full", "sampled"),
+              doc="`sampled`: each control node learns the value of the action it took (the paper); `full`: "
+                  "of every action, from one forced pass per static path and the best continuation; "
+                  f"`auto`: full for accuracy on graphs of at most {FULL_BACKUP_PATHS} paths"),
     ), doc="D²NN: control nodes learn Q-values of their actions from a mini-bag reward λ·A + (1 − λ)·E")
 
     def check_graph(self, graph) -> None:
@@ -196,6 +242,14 @@ class QLearningTrainer(Trainer):
         frozen = [w for w in function_parameters(executor) if w.requires_grad] if mix == 0 else []
         for w in frozen:
             w.requires_grad_(False)
+        paths = static_paths(executor.graph, max_paths=1 << 30)
+        backup = p["backup"]
+        if backup == "auto":
+            backup = "full" if m == 1 and len(paths) <= FULL_BACKUP_PATHS else "sampled"
+        if backup == "full" and m != 1:
+            raise trainer_error(self.name, f"`backup=full` values each example on its own, but the mini-bag has {m}",
+                                help="use `minibag=1` (or `auto` with the accuracy metric), or `backup=sampled`")
+        self.paths = [actions for actions, _ in paths] if backup == "full" else None
         try:
             self._train(executor, data, stage, optimizer, metric, m)
         finally:
@@ -221,7 +275,10 @@ class QLearningTrainer(Trainer):
                 scores = r.outputs[output]
                 with torch.no_grad():
                     reward = bag_reward(scores.argmax(dim=1), y, r.cost_fraction, m, lam, metric)
-                loss = self._q_loss(r, controls, reward, m, self.params["bag"] == "mean")
+                if self.paths is not None:
+                    loss = self._full_loss(executor, x, y, r, controls, lam)
+                else:
+                    loss = self._q_loss(r, controls, reward, m, self.params["bag"] == "mean")
                 if mix > 0:
                     loss = loss + mix * F.cross_entropy(scores, y)
                 if loss.requires_grad:  # not when a short last batch holds no bag and mix = 0
@@ -242,6 +299,30 @@ class QLearningTrainer(Trainer):
                             val_cost_fraction=round(report.cost_fraction, 6),
                             train_reward=round(total / bags, 6) if bags else None,
                             epsilon=round(epsilon, 6))
+
+    def _full_loss(self, executor, x, y, r, controls: list[str], lam: float) -> Tensor:
+        """Σ over control nodes of the mean squared error between every action's Q-value and
+        its full-backup target (`full_targets`), on the examples where the node ran."""
+        graph = executor.graph
+        output = graph.outputs[0].name
+        rewards = []
+        with torch.no_grad():
+            for actions in self.paths:
+                run = executor(x, mode="force", actions=every_control(graph, actions, len(y)))
+                right = (run.outputs[output].argmax(1) == y).float()
+                rewards.append(lam * right + (1.0 - lam) * (1.0 - run.cost_fraction.float()))
+        taken = {q: r.actions[q].cpu() for q in controls}
+        targets = full_targets(torch.stack(rewards).cpu(), self.paths, taken, controls,
+                               [len(graph[q].actions) for q in controls])
+        loss = r.output.new_zeros(())
+        for q in controls:
+            ran = taken[q] >= 0
+            if bool(ran.any()):
+                target = targets[q][ran].to(r.scores[q].device, r.scores[q].dtype)
+                known = torch.isfinite(target)  # an action no listed path takes from there has no target
+                error = torch.where(known, r.scores[q][ran.to(r.scores[q].device)] - target.nan_to_num(0.0, 0.0, 0.0), 0.0)
+                loss = loss + (error ** 2).sum() / known.sum().clamp(min=1)
+        return loss
 
     @staticmethod
     def _q_loss(r, controls: list[str], reward: Tensor, m: int, mean: bool = False) -> Tensor:
