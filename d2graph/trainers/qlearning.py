@@ -43,6 +43,12 @@ Guarantees:
     (`lr_scale`) and the number of steps matter more than the loss's size suggests.
     `bag=mean` divides the sum by m, so each value estimates r itself: on high_low with a
     weak backbone it found the best routing within 6 epochs where the sum had not.
+  - `backup=full` (`auto` for accuracy on graphs of at most FULL_BACKUP_PATHS static paths):
+    one forced pass per static path (no gradient) gives every path's reward for every
+    example, and each control node regresses the value of every action towards the best
+    reward of a path that takes it and agrees with the example's choices above the node
+    (`full_targets`): Q-learning's max backup with full information, so no action's value
+    waits for exploration. `sampled`: the paper's update above.
   - Function nodes learn jointly on the executed paths: cross-entropy of the graph's
     output on the same explored run. loss = q_loss + mix · ce_loss. With `mix = 0` the
     function nodes are frozen (left out of the optimiser; no gradient is computed for

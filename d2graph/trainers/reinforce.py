@@ -72,7 +72,7 @@ from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
 # The table of what every static path costs and predicts on validation, so that bisecting δ
 # needs no forward pass.
-from .toolkit import batches, budget_param, calibrate, check_budget, evaluating, path_table
+from .toolkit import batches, budget_param, calibrate, check_budget, evaluating, path_table, search_under_budget
 
 __all__ = ["BASELINES", "OffsetPolicy", "ReinforceTrainer"]
 
@@ -97,30 +97,38 @@ class OffsetPolicy(Policy):
 
     kind = "reinforce"
 
-    def __init__(self, offset: float, orders: Mapping[str, list[int]]):
+    def __init__(self, offset: float, orders: Mapping[str, list[int]], offsets: Mapping[str, float] | None = None):
         self.offset = float(offset)
         self.orders = {q: [int(a) for a in o] for q, o in orders.items()}
+        # Per control node, searched under the budget after `offset` (absent: `offset` for all).
+        self.offsets = {q: float(v) for q, v in offsets.items()} if offsets else None
 
-    def actions_at(self, offset: float, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """int64 CPU [B] per control node, from its scores [B, k] (from a mode "all" pass)."""
+    def actions_at(self, offset: float | Mapping[str, float], scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """int64 CPU [B] per control node, from its scores [B, k] (from a mode "all" pass);
+        `offset` is one number for every node or one per node."""
         out = {}
         for q, s in scores.items():
             order = self.orders[q]
             k = len(order)
             bonus = torch.empty(k, dtype=torch.float64)
             bonus[torch.tensor(order)] = torch.arange(k - 1, -1, -1, dtype=torch.float64)
-            out[q] = (s.detach().double().cpu() + offset * bonus).argmax(1)
+            o = offset[q] if isinstance(offset, Mapping) else offset
+            out[q] = (s.detach().double().cpu() + o * bonus).argmax(1)
         return out
 
     def decide(self, executor, x, y=None, generator=None):
         with torch.no_grad():
             scores = executor(x, mode="all").scores
-        return self.actions_at(self.offset, scores)
+        return self.actions_at(self.offsets or self.offset, scores)
 
     def state(self) -> dict[str, Any]:
-        return {"offset": self.offset, "orders": {q: list(o) for q, o in self.orders.items()}}
+        state = {"offset": self.offset, "orders": {q: list(o) for q, o in self.orders.items()}}
+        return state | ({"offsets": dict(self.offsets)} if self.offsets else {})
 
     def describe(self) -> str:
+        if self.offsets:
+            return "reinforce: the control nodes' scores, cheaper actions favoured per rank by " + \
+                ", ".join(f"{v:+.4g} at {q}" for q, v in self.offsets.items())
         return f"reinforce: the control nodes' scores, cheaper actions favoured by {self.offset:+.6g} per rank"
 
 
@@ -290,8 +298,28 @@ class ReinforceTrainer(Trainer):
         # calibrate wants a cost that grows with its parameter: t = −δ.
         t, cost = calibrate(lambda t: table.mean_cost(policy.actions_at(-t, scores)), self.budget, -bound, bound)
         policy.offset = -t
-        cost_rows, right = table.outcome(policy.actions_at(policy.offset, scores), np.arange(len(data.val)))
-        stage.log(offset=policy.offset, val_cost_fraction=float(cost_rows.mean()), val_accuracy=float(right.mean()),
+        examples = np.arange(len(data.val))
+        # Then one offset per node (t_q = −δ_q), from the shared one, for the most right
+        # answers within the budget: one δ can only trade the cheapest routes against the
+        # dearest. A node's grid: 64 quantiles of the offsets where an example changes action.
+        nodes = list(order)
+
+        def outcome(knobs: list[float]) -> tuple[float, float]:
+            cost_rows, right = table.outcome(policy.actions_at(dict(zip(nodes, (-v for v in knobs))), scores),
+                                             examples)
+            return float(right.sum()), float(cost_rows.mean())
+
+        grids = []
+        for q in nodes:
+            s = scores[q]
+            gaps = (s[:, :, None] - s[:, None, :]).flatten().numpy()  # where argmax flips, within ±spread
+            grids.append(np.unique(np.quantile(gaps, np.linspace(0.0, 1.0, 64))))
+        found = search_under_budget(outcome, grids, [(-bound, bound)] * len(nodes), self.budget, [[t] * len(nodes)])
+        if found != [t] * len(nodes):
+            policy.offsets = {q: -v for q, v in zip(nodes, found)}
+        cost_rows, right = table.outcome(policy.actions_at(policy.offsets or policy.offset, scores), examples)
+        stage.log(offset=policy.offset, offsets=" ".join(f"{q}={v:.6g}" for q, v in (policy.offsets or {}).items()),
+                  val_cost_fraction=float(cost_rows.mean()), val_accuracy=float(right.mean()),
                   alpha=stage.extra["alpha"])
         return policy
 
