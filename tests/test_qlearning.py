@@ -125,6 +125,13 @@ def _fit(lam: float = 0.5, *, seed: int = 0, overrides=(), run: Run | None = Non
     return train(graph, config, run, resume=resume, quiet=True, echo=None, start=start)
 
 
+def _agreement(lam: float, overrides) -> float:
+    """The share of validation examples routed as the known answer says (A exactly on the flagged ones)."""
+    trained = _fit(lam, overrides=overrides)
+    cheap = per_example(trained.executor, trained.data.val)["action.Q"] == 0
+    return float(np.mean(cheap == _synthetic()[2]))
+
+
 @functools.lru_cache(maxsize=None)
 def _sweep(lam: float):
     trained = _fit(lam)
@@ -158,12 +165,7 @@ def test_bags_of_one_learn_the_routing_that_bags_of_eight_do_not_in_as_many_step
     # `minibag=auto` means 1 for accuracy: each example fits its own outcome, where in a
     # bag of 8 it fits the outcome of 7 others too (same expectation, 8× the noise).
     short = ["policy.epochs=12", "policy.epsilon_decay=6"]
-    flag = _synthetic()[2]
-    agreement = {}
-    for minibag in ("auto", "8"):
-        trained = _fit(0.5, overrides=[*short, f"policy.minibag={minibag}"])
-        cheap = per_example(trained.executor, trained.data.val)["action.Q"] == 0
-        agreement[minibag] = float(np.mean(cheap == flag))
+    agreement = {minibag: _agreement(0.5, [*short, f"policy.minibag={minibag}"]) for minibag in ("auto", "8")}
     print("agreement with the known routing after 12 epochs:", agreement)
     assert agreement["auto"] >= 0.95
     assert agreement["8"] <= 0.85
@@ -173,12 +175,7 @@ def test_full_backups_learn_the_known_routing_sooner_than_sampled_ones():
     # `backup=full` fits every action's value on every example (one forced pass per path);
     # `sampled` only the action the exploring run took, so the other waits for exploration.
     short = ["policy.epochs=4", "policy.epsilon_decay=2", "policy.minibag=1"]
-    flag = _synthetic()[2]
-    agreement = {}
-    for backup in ("full", "sampled"):
-        trained = _fit(0.5, overrides=[*short, f"policy.backup={backup}"])
-        cheap = per_example(trained.executor, trained.data.val)["action.Q"] == 0
-        agreement[backup] = float(np.mean(cheap == flag))
+    agreement = {backup: _agreement(0.5, [*short, f"policy.backup={backup}"]) for backup in ("full", "sampled")}
     print("agreement with the known routing after 4 epochs:", agreement)
     assert agreement["full"] >= 0.75 and agreement["sampled"] <= 0.70
 

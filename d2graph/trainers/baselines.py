@@ -276,17 +276,22 @@ def _policy_seed(stage, name: str) -> int:
 UNIFORM_REPLICAS = 32  # random draws per validation example when calibrating `uniform`
 
 
+def _uniform_choice(p: float, order: list[int]) -> tuple[int, int, float]:
+    """(order[⌊t⌋], order[⌈t⌉], frac(t)) at position t = p·(k−1) of an action order."""
+    k = len(order)
+    t = min(max(p, 0.0), 1.0) * (k - 1)
+    low = min(int(math.floor(t)), k - 1)
+    return order[low], order[min(low + 1, k - 1)], t - low
+
+
 def _uniform_actions(p: float, orders: Mapping[str, list[int]], u: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Position t = p·(k−1) in a control node's action order: order[⌊t⌋] with probability
     1 − frac(t), order[⌈t⌉] with frac(t). The same u for every p makes each example's cost
     grow with p (common random numbers), so p can be bisected."""
     out = {}
     for q, order in orders.items():
-        k = len(order)
-        t = min(max(p, 0.0), 1.0) * (k - 1)
-        low = min(int(math.floor(t)), k - 1)
-        high = min(low + 1, k - 1)
-        out[q] = torch.where(u[q] < t - low, order[high], order[low])
+        low, high, frac = _uniform_choice(p, order)
+        out[q] = torch.where(u[q] < frac, high, low)
     return out
 
 
@@ -316,13 +321,9 @@ def uniform_expected_cost(graph: Graph, orders: Mapping[str, list[int]]):
     def cost(p: float) -> float:
         chance = {}
         for q, order in orders.items():
-            k = len(order)
-            t = min(max(p, 0.0), 1.0) * (k - 1)
-            low = min(int(math.floor(t)), k - 1)
-            high = min(low + 1, k - 1)
-            chance[q] = {}
-            chance[q][order[low]] = chance[q].get(order[low], 0.0) + 1.0 - (t - low)
-            chance[q][order[high]] = chance[q].get(order[high], 0.0) + (t - low)
+            low, high, frac = _uniform_choice(p, order)
+            chance[q] = {low: 1.0 - frac}
+            chance[q][high] = chance[q].get(high, 0.0) + frac
         return float(sum(math.prod(chance[q].get(a, 0.0) for q, a in actions.items()) * c
                          for actions, c in combos))
 
