@@ -74,7 +74,7 @@ from torch import Tensor
 
 from ..evaluate import evaluate
 from ..paths import static_paths
-from ..policies import LearnedPolicy
+from ..policies import LearnedPolicy, evaluating
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
 from .supervised import function_parameters
@@ -167,7 +167,7 @@ def full_targets(rewards: Tensor, paths: list[dict[str, int]], taken: dict[str, 
         ...              {"Q": torch.tensor([0, 1])}, ["Q"], [2])["Q"].tolist()
         [[0.25, 0.5], [0.75, 0.125]]
     """
-    p, n = rewards.shape
+    n = rewards.shape[1]
     out = {}
     for i, q in enumerate(controls):
         target = torch.full((n, widths[i]), -math.inf, dtype=rewards.dtype)
@@ -312,7 +312,9 @@ class QLearningTrainer(Trainer):
         graph = executor.graph
         output = graph.outputs[0].name
         rewards = []
-        with torch.no_grad():
+        # Eval mode, as the policy will be used: dropout off, and batch-norm statistics are
+        # neither used from these passes nor updated by them.
+        with evaluating(executor):
             for actions in self.paths:
                 run = executor(x, mode="force", actions=every_control(graph, actions, len(y)))
                 right = (run.outputs[output].argmax(1) == y).float()
