@@ -193,3 +193,12 @@ def test_trainer_plugins_register_from_entry_points(monkeypatch):
         assert trainers.load_plugins() == ["plugged"]
     graph, diagnostics = d2graph.check(text)
     assert graph is not None and graph.train.stages[1].trainer == "plugged"
+
+
+def test_a_cosine_schedule_decays_the_learning_rate_and_resumes_exactly():
+    from d2graph.trainers.supervised import learning_rate_at
+
+    rates = [learning_rate_at(t, 8, 0.01, "cosine") for t in range(9)]
+    assert rates[0] == 0.01 and rates[-1] == pytest.approx(0.0, abs=1e-15)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert learning_rate_at(5, 8, 0.01, "constant") == 0.01

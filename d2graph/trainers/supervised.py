@@ -3,7 +3,7 @@
 In:  an executor, the data, a stage context (d2graph.runs.Stage).
 Out: the function nodes' weights trained in place; the policy is left as it was.
 Guarantees: with `routing=all` (the default) every node runs on every example (executor
-mode `all`) and each head — a function node feeding an output (`base.heads`) — gets its
+mode `all`) and each head — a function node feeding an output (`paths.heads`) — gets its
 own cross-entropy; the loss is their weighted mean, as in BranchyNet and SDN, so every exit
 of a cascade or an early-exit chain is a usable classifier before any policy is learned.
 With `routing=random` each example takes uniformly random actions (mode `explore`, ε = 1)
@@ -14,14 +14,17 @@ mode would teach branches to lean on each other. Control nodes are not trained h
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from ..paths import heads
+from ..policies import evaluating
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
 
-__all__ = ["Supervised", "function_parameters", "head_accuracies"]
+__all__ = ["SupervisedTrainer", "function_parameters", "head_accuracies", "learning_rate_at"]
 
 
 def function_parameters(executor) -> list[torch.nn.Parameter]:
@@ -30,24 +33,35 @@ def function_parameters(executor) -> list[torch.nn.Parameter]:
     return [p for name, module in executor.nodes.items() if graph[name].kind == "node" for p in module.parameters()]
 
 
-@torch.inference_mode()
 def head_accuracies(executor, dataset, names: list[str], batch: int, device) -> dict[str, float]:
     """Accuracy of each named head on `dataset`, every node running on every example."""
-    was_training = executor.training
-    executor.eval()
     correct = dict.fromkeys(names, 0)
     x_all, y_all = dataset.tensors
-    for i in range(0, len(y_all), batch):
-        x, y = x_all[i:i + batch].to(device), y_all[i:i + batch].to(device)
-        r = executor(x, mode="all", keep=names)
-        for h in names:
-            correct[h] += int((r.values[h][1].argmax(dim=1) == y).sum())
-    executor.train(was_training)
+    with evaluating(executor):
+        for i in range(0, len(y_all), batch):
+            x, y = x_all[i:i + batch].to(device), y_all[i:i + batch].to(device)
+            r = executor(x, mode="all", keep=names)
+            for h in names:
+                correct[h] += int((r.values[h][1].argmax(dim=1) == y).sum())
     return {h: correct[h] / max(len(y_all), 1) for h in names}
 
 
+def learning_rate_at(step: int, total: int, base: float, schedule: str) -> float:
+    """The learning rate at global step `step` of `total`: `base` (constant), or cosine
+    decay from `base` to 0 over the stage (`cosine`). A function of the step alone, so a
+    resumed run takes the same rates.
+
+    Example:
+        >>> learning_rate_at(0, 100, 0.01, "cosine"), learning_rate_at(50, 100, 0.01, "cosine")
+        (0.01, 0.005)
+    """
+    if schedule == "constant" or total <= 0:
+        return base
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
 @register
-class Supervised(Trainer):
+class SupervisedTrainer(Trainer):
     name = "supervised"
     role = "backbone"
     schema = Schema("supervised", (
@@ -55,6 +69,8 @@ class Supervised(Trainer):
         Param("routing", "choice", "all", choices=("all", "random"),
               doc="`all`: every head learns on every example; `random`: random routes, loss on the output"),
         Param("weights", "numbers", [], doc="loss weight per head in `heads` order; [] = equal weights"),
+        Param("schedule", "choice", "constant", choices=("constant", "cosine"),
+              doc="learning rate over the stage: the block's `lr` throughout, or cosine decay from it to 0"),
     ), doc="trains the function nodes with cross-entropy on every head (BranchyNet/SDN)")
 
     def check_graph(self, graph) -> None:
@@ -75,9 +91,15 @@ class Supervised(Trainer):
         weights = (weights / weights.sum()).tolist()
         routing = self.params["routing"]
         optimizer = stage.optimizer(function_parameters(executor))
+        base_lr = optimizer.defaults["lr"]
+        steps = math.ceil(len(data.train) / stage.batch)
         for epoch in stage.epochs(self.params["epochs"]):
             executor.train()
             for x, y in stage.batches(data.train, epoch):
+                lr = learning_rate_at(epoch * steps + stage.steps_done, self.params["epochs"] * steps, base_lr,
+                                      self.params["schedule"])
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 if routing == "all":
                     r = executor(x, mode="all", keep=names)
                     # In `all` mode every head ran on every example: values are full batches.
