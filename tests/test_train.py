@@ -195,7 +195,7 @@ def test_trainer_plugins_register_from_entry_points(monkeypatch):
     assert graph is not None and graph.train.stages[1].trainer == "plugged"
 
 
-def test_a_cosine_schedule_decays_the_learning_rate_and_resumes_exactly():
+def test_a_cosine_schedule_decays_the_learning_rate_to_zero_by_the_last_step():
     from d2graph.trainers.supervised import learning_rate_at
 
     rates = [learning_rate_at(t, 8, 0.01, "cosine") for t in range(9)]
