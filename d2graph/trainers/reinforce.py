@@ -42,7 +42,8 @@ batch cost − b)), so training aims at the budget; then, as with the calibrated
 budget is made a cap on the validation split: the returned `OffsetPolicy` adds δ·(k − 1 − r)
 to the score of the action of rank r in each control node's action order (2 actions: δ on
 "stop"), and δ is bisected (`toolkit.calibrate`) to the dearest routing whose mean validation cost
-is at most b. Deciding needs the control nodes' scores on every example: one mode "all" pass
+is at most b; then one δ per control node is searched from it (`toolkit.search_under_budget`)
+for the most right validation answers within b. Deciding needs the control nodes' scores on every example: one mode "all" pass
 gives them (as for `ThresholdPolicy`, the reported cost is that of the forced pass that follows).
 
 Guarantees:
