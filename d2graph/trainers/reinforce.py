@@ -67,20 +67,49 @@ from torch import Tensor
 from ..evaluate import evaluate
 from ..executor import Executor
 from ..ir import Graph
-from ..paths import action_order, parameter_count
+from ..paths import action_order, parameter_count, static_paths
 from ..policies import LearnedPolicy, Policy, register_policy
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
 # The table of what every static path costs and predicts on validation, so that bisecting δ
 # needs no forward pass.
-from .toolkit import batches, budget_param, calibrate, check_budget, evaluating, path_table, search_under_budget
+from .toolkit import (
+    batches, budget_param, calibrate, check_budget, evaluating, every_control, path_table, search_under_budget,
+)
 
-__all__ = ["BASELINES", "OffsetPolicy", "ReinforceTrainer"]
+__all__ = ["BASELINES", "EXACT_PATHS", "OffsetPolicy", "ReinforceTrainer", "expected_reward"]
+
+EXACT_PATHS = 16  # `gradient=auto` takes the exact expected reward on graphs of at most this many paths
 
 BASELINES = ("moving", "learned", "none")
 
 
 # --- the calibrated policy ------------------------------------------------------------------
+
+
+def expected_reward(executor: Executor, x: Tensor, y: Tensor, paths: list[dict[str, int]], controls: list[str],
+                    output: str, alpha: float) -> Tensor:
+    """Each example's expected reward under the control nodes' softmax policy, E[−CE − α·cost]
+    = Σ_P Π_{q on P} π_q(a_q | x) · R_P(x), float [B], differentiable in the control nodes'
+    scores (the rewards R_P are constants). One forced pass per static path P gives R_P and
+    the scores each control node on P sees there.
+
+    Why: REINFORCE estimates this gradient from one sampled route per example, and its noise
+    let the policy collapse onto one path (every α of the Guan cascade sweep gave one path for
+    every example); with a handful of paths the expectation itself is cheap.
+    """
+    total = x.new_zeros(len(y), dtype=torch.float32)
+    for actions in paths:
+        r = executor(x, mode="force", actions=every_control(executor.graph, actions, len(y)))
+        with torch.no_grad():
+            ce = F.cross_entropy(r.outputs[output].float(), y, reduction="none")
+            reward = -ce - alpha * r.cost_fraction.float()
+        log_p = total.new_zeros(len(y))
+        for q in controls:
+            if q in actions:
+                log_p = log_p + F.log_softmax(r.scores[q].float(), 1)[:, actions[q]]
+        total = total + log_p.exp() * reward
+    return total
 
 
 @register_policy
@@ -155,6 +184,10 @@ class ReinforceTrainer(Trainer):
         Param("freeze", "bool", False,
               doc="train the control nodes only, keeping the classifiers (function nodes) as they are"),
         Param("entropy", "number", 0.0, doc="weight of a bonus for the entropy of the control nodes' choices"),
+        Param("gradient", "choice", "auto", choices=("auto", "exact", "sampled"),
+              doc="the policy gradient: `sampled` (REINFORCE on the sampled route, the paper), `exact` (the "
+                  "expected reward over every static path, one forced pass each), `auto`: exact on graphs of "
+                  f"at most {EXACT_PATHS} paths"),
     ), doc="stop policies and classifiers trained jointly with REINFORCE on −loss − α·cost (Guan et al.)")
 
     def __init__(self, **params: Any):
@@ -202,6 +235,9 @@ class ReinforceTrainer(Trainer):
             groups.append({"params": [values]})
         optimizer = stage.optimizer(groups)
 
+        paths = static_paths(graph, max_paths=1 << 30)
+        exact = p["gradient"] == "exact" or (p["gradient"] == "auto" and len(paths) <= EXACT_PATHS)
+        self.paths = [actions for actions, _ in paths] if exact else None
         frozen = [w for w in function_params if w.requires_grad] if freeze else []
         for w in frozen:  # no gradient is needed through the classifiers' weights
             w.requires_grad_(False)
@@ -249,7 +285,10 @@ class ReinforceTrainer(Trainer):
         log_probs = torch.stack([r.log_probs[q] for q in controls], 1)  # [B, Q], 0 where q did not act
         acted = torch.stack([r.actions[q] >= 0 for q in controls], 1).to(ce.dtype)
         loss = ce.new_zeros(())
-        if values is not None:
+        if self.paths is not None:
+            # The exact gradient of the expected reward: no sampling noise, no baseline needed.
+            loss = loss - expected_reward(executor, x, y, self.paths, controls, output, alpha).mean()
+        elif values is not None:
             if not extra["values_started"]:  # start each b_q at its examples' mean reward
                 with torch.no_grad():
                     seen = acted.sum(0)
