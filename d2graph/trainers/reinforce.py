@@ -30,6 +30,10 @@ works, cascades, early exits, k-way choices and trees alike. Baselines b (`basel
            acts, so b_q adds no bias; it is the expected reward of the examples that reach q
            (the hard ones, for a late stop node). Started at the first batch's mean reward.
   none     b = 0.
+With `gradient=exact` (`auto` on graphs of at most EXACT_PATHS static paths) the control
+nodes follow instead the exact gradient of the expected reward over every static path,
+Σ_P Π_q π_q(a_q | x) · R_P(x), each path's reward and scores from one forced pass
+(`expected_reward`): no sampling noise, and no baseline is needed.
 The classifiers learn at the same time from the cross-entropy of the routed output (each
 example trains the head that answered it), the paper's joint training; `freeze=true` trains
 only the control nodes (the ANN setting Guan et al. compare against): the function nodes are
