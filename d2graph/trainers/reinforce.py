@@ -187,7 +187,7 @@ class ReinforceTrainer(Trainer):
         Param("decay", "fraction", 0.9, doc="weight of the old value in the moving-average baseline"),
         Param("freeze", "bool", False,
               doc="train the control nodes only, keeping the classifiers (function nodes) as they are"),
-        Param("entropy", "number", 0.0, doc="weight of a bonus for the entropy of the control nodes' choices"),
+        Param("entropy", "number", 0.05, doc="weight of a bonus for the entropy of the control nodes' choices (keeps the policy from settling on one path before it tells examples apart)"),
         Param("gradient", "choice", "auto", choices=("auto", "exact", "sampled"),
               doc="the policy gradient: `sampled` (REINFORCE on the sampled route, the paper), `exact` (the "
                   "expected reward over every static path, one forced pass each), `auto`: exact on graphs of "
