@@ -243,3 +243,31 @@ def test_a_couple_of_steps_on_each_example(name, params):
         assert report.cost_fraction <= params["budget"] + 1e-9
     else:
         assert isinstance(trained.policy, LearnedPolicy)
+
+
+def test_the_exact_gradient_is_the_gradient_of_the_expected_reward(graph, backbone):
+    # Two paths: stop at A (Q = 0) or run B (Q = 1). expected_reward must be
+    # π(0)·R_A + π(1)·R_B per example, with R from forced passes and π from Q's softmax.
+    from d2graph.paths import static_paths
+    from d2graph.trainers.reinforce import expected_reward
+
+    base, weights = backbone
+    executor = base.executor
+    executor.load_state_dict(weights)
+    executor.eval()
+    x, y = base.data.val.tensors[0][:64], base.data.val.tensors[1][:64]
+    paths = [actions for actions, _ in static_paths(graph)]
+    got = expected_reward(executor, x, y, paths, ["Q"], "y", 0.5)
+    pi = torch.softmax(executor.nodes["Q"](x).float(), 1)
+    want = 0.0
+    for a in (0, 1):
+        r = executor(x, mode="force", actions={"Q": torch.full((64,), a)})
+        reward = -torch.nn.functional.cross_entropy(r.outputs["y"].float(), y, reduction="none") \
+            - 0.5 * r.cost_fraction.float()
+        want = want + pi[:, a] * reward.detach()
+    assert torch.allclose(got, want, atol=1e-5)
+    # and it is differentiable in the policy's weights (the rewards are constants)
+    executor.zero_grad()
+    got.mean().backward()
+    assert executor.nodes["Q"][0].weight.grad is not None
+    assert float(executor.nodes["Q"][0].weight.grad.abs().sum()) > 0
