@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
-from .diagnostics import D2GraphError, Diagnostic
+from .diagnostics import D2GraphError, Diagnostic, did_you_mean
 from .files import write_atomic
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"d2graph {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    p.subcommands = sub.choices  # name → parser: a wrong flag is reported by its command's parser
 
     c = sub.add_parser("check", help="check .d2 files and report every problem")
     c.add_argument("files", nargs="+", metavar="FILE")
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     pol = sub.add_parser("policy", help="policies on per-exit predictions: export them from a run, fit on them")
     psub = pol.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=_Parser)
     psub.required = True
+    pol.subcommands = psub.choices
     pe = psub.add_parser("export", help="write a run's per-exit predictions in the MSDNet/EENet layout")
     pe.add_argument("run", metavar="RUN", help="a run folder of a multi-exit chain")
     pe.add_argument("--out", required=True, metavar="DIR", help="the predictions folder to write")
@@ -145,8 +147,36 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """The message for arguments `parser` (a command's) does not know: a did-you-mean among its
+    flags, or, for a train-block setting or a stage parameter, the `--set` that changes it."""
+    flags = [f for action in parser._actions for f in action.option_strings]  # (see below)
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    first = next((e for e in extras if e.startswith("--")), None)
+    if first is None:
+        return message
+    name = first[2:].split("=", 1)[0]
+    if "--set" in flags:  # `train`, `sweep`: what the train block sets is changed with --set
+        from .schema import TRAIN_SETTINGS, TRAINERS  # plain data; no torch
+
+        settings = [param.name for param in TRAIN_SETTINGS.params]
+        stage_params = {param.name for trainer in TRAINERS.names() for param in TRAINERS.get(trainer).schema.params}
+        if name in settings:
+            return message + f" (a train-block setting: `--set {name}=VALUE`)"
+        if name in stage_params:
+            return message + f" (a stage parameter: `--set STAGE.{name}=VALUE`, e.g. `--set backbone.{name}=3`)"
+    # argparse keeps a parser's arguments in `_actions`; it has no public list of its flags.
+    return message + did_you_mean(first.split("=", 1)[0], flags)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # reported by the command that was given them, with its own usage
+        command = parser.subcommands[args.command]
+        if getattr(args, "policy_command", None):
+            command = command.subcommands[args.policy_command]
+        command.error(_unrecognized(command, extras))
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -105,3 +105,19 @@ def test_bench_prints_a_row_per_static_path(capsys):
     assert main(["bench", str(ROOT / "examples" / "high_low.d2"), "--batch", "4", "--rounds", "1"]) == 0
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "---" not in ln]
     assert len(rows) == 1 + 3  # header, dynamic, two static paths
+
+
+@pytest.mark.parametrize("argv, usage, hint", [
+    (["check", "--irr", "x.d2"], "usage: d2graph check", "(did you mean `--ir`?)"),
+    (["train", "--epochs", "3", "x.d2"], "usage: d2graph train", "`--set STAGE.epochs=VALUE`"),
+    (["train", "--seed", "3", "x.d2"], "usage: d2graph train", "`--set seed=VALUE`"),
+    (["sweep", "--lr=0.1", "x.d2"], "usage: d2graph sweep", "`--set lr=VALUE`"),
+    (["policy", "fit", "--predictions", "p", "--budget", "0.5", "--sed", "1"], "usage: d2graph policy fit",
+     "(did you mean `--seed`?)"),
+])
+def test_a_wrong_flag_is_reported_by_its_command_with_a_hint(argv, usage, hint, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage) and hint in err and "Traceback" not in err
