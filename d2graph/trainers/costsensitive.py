@@ -310,7 +310,8 @@ class CostSensitiveTrainer(Trainer):
         finally:
             executor.train(was_training)
         cost_fraction, accuracy = _argmax_outcome(executor, data.val, batch, stage.device)
-        stage.log(**{"lambda": lam, "offset": " ".join(f"{o:.6g}" for o in offset), "val_cost_fraction": cost_fraction, "val_accuracy": accuracy,
+        stage.log(**{"lambda": lam, "offset": " ".join(f"{o:.6g}" for o in offset),
+                     "val_cost_fraction": cost_fraction, "val_accuracy": accuracy,
                      "simulated_val_cost_fraction": float(simulated[0].mean()),
                      "lambdas_tried": len(fits), "approximate": " ".join(sorted(train.approximate | val.approximate)),
                      "seconds": round(time.perf_counter() - started, 3)})

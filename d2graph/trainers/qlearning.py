@@ -328,7 +328,8 @@ class QLearningTrainer(Trainer):
             if bool(ran.any()):
                 target = targets[q][ran].to(r.scores[q].device, r.scores[q].dtype)
                 known = torch.isfinite(target)  # an action no listed path takes from there has no target
-                error = torch.where(known, r.scores[q][ran.to(r.scores[q].device)] - target.nan_to_num(0.0, 0.0, 0.0), 0.0)
+                scores = r.scores[q][ran.to(r.scores[q].device)]
+                error = torch.where(known, scores - target.nan_to_num(0.0, 0.0, 0.0), 0.0)
                 loss = loss + (error ** 2).sum() / known.sum().clamp(min=1)
         return loss
 

@@ -47,7 +47,8 @@ budget is made a cap on the validation split: the returned `OffsetPolicy` adds �
 to the score of the action of rank r in each control node's action order (2 actions: δ on
 "stop"), and δ is bisected (`toolkit.calibrate`) to the dearest routing whose mean validation cost
 is at most b; then one δ per control node is searched from it (`toolkit.search_under_budget`)
-for the most right validation answers within b. Deciding needs the control nodes' scores on every example: one mode "all" pass
+for the most right validation answers within b. Deciding needs the control nodes' scores on
+every example: one mode "all" pass
 gives them (as for `ThresholdPolicy`, the reported cost is that of the forced pass that follows).
 
 Guarantees:
@@ -187,7 +188,9 @@ class ReinforceTrainer(Trainer):
         Param("decay", "fraction", 0.9, doc="weight of the old value in the moving-average baseline"),
         Param("freeze", "bool", False,
               doc="train the control nodes only, keeping the classifiers (function nodes) as they are"),
-        Param("entropy", "number", 0.05, doc="weight of a bonus for the entropy of the control nodes' choices (keeps the policy from settling on one path before it tells examples apart)"),
+        Param("entropy", "number", 0.05,
+              doc="weight of a bonus for the entropy of the control nodes' choices (keeps the policy from "
+                  "settling on one path before it tells examples apart)"),
         Param("gradient", "choice", "auto", choices=("auto", "exact", "sampled"),
               doc="the policy gradient: `sampled` (REINFORCE on the sampled route, the paper), `exact` (the "
                   "expected reward over every static path, one forced pass each), `auto`: exact on graphs of "
