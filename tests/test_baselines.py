@@ -142,7 +142,9 @@ def test_threshold_beats_uniform_at_the_same_budget(splits, early_exit):
         uniform, _ = fit(UniformTrainer(budget=budget), early_exit, splits)
         t_cost, t_accuracy = routed(early_exit, threshold, splits.test)
         u_cost, u_accuracy = routed(early_exit, uniform, splits.test)
-        assert abs(t_cost - budget) < 0.05 and abs(u_cost - budget) < 0.05
+        # 300 test examples and a full path 17× the first exit: 30 examples more or less past
+        # an exit than on validation move the test cost by 0.07.
+        assert abs(t_cost - budget) < 0.1 and abs(u_cost - budget) < 0.1
         assert t_accuracy > u_accuracy + 0.02, (budget, t_accuracy, u_accuracy)
 
 
@@ -182,7 +184,7 @@ def test_oracle_with_a_budget_spends_at_most_it(splits, early_exit):
 
 def test_static_picks_the_most_accurate_path_within_the_budget(splits, early_exit):
     paths = static_path_results(early_exit, splits.val, 256)
-    assert [round(r["cost_fraction"], 3) for r in paths] == [1.0, 0.532, 0.107]  # dearest first
+    assert [round(r["cost_fraction"], 3) for r in paths] == [1.0, 0.289, 0.058]  # dearest first
     assert paths[0]["nodes"] == ["B1", "H1", "Q1", "B2", "H2", "Q2", "B3"]
     full, logged = fit(StaticTrainer(budget=1.0), early_exit, splits)
     assert full.actions == paths[0]["actions"] == {"Q1": 1, "Q2": 1}  # trained: the deepest exit wins
