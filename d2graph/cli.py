@@ -313,6 +313,9 @@ def cmd_train(args) -> int:
             print(config.text(), end="")
             return EXIT_OK
         run = Run.create(graph, read_source(args.file), config, args.out)
+        if run.restarted:
+            print(f"note: {run.folder} held a run that stopped before its first checkpoint; starting it again there",
+                  file=sys.stderr)
     _print_diagnostics(graph.warnings)
     echo = (lambda text: print(text, file=sys.stderr)) if not args.quiet else None
     if echo:

@@ -202,6 +202,7 @@ class Run:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self._rows: list[dict[str, Any]] | None = None
+        self.restarted = False  # `create` reused a folder whose run never reached a checkpoint
 
     @classmethod
     def create(cls, graph: Graph, source: str, config: Config, out: str | Path | None = None) -> Run:
@@ -211,21 +212,43 @@ class Run:
             while folder.exists():
                 i += 1
                 folder = base.with_name(f"{base.name}-{i}")
-        else:
+        restarted = False
+        if out is not None:
             folder = Path(out)
             if (folder / "config.json").exists():
-                raise config_error("E922", f"{folder} already holds a run",
-                                   help=f"continue it with `d2graph train --resume {folder}`, or choose another --out")
+                if any(folder.glob("*.pt")):
+                    raise config_error("E922", f"{folder} already holds a run",
+                                       help=f"continue it with `d2graph train --resume {folder}`, "
+                                            "or choose another --out")
+                # No checkpoint: the run stopped before training did (a graph that did not fit its
+                # data, a trainer that refused it). There is nothing to resume; start over in it.
+                cls._clear(folder, graph.name)
+                restarted = True
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise config_error("E922", f"cannot create the run folder {folder}: {e.strerror}",
                                help="choose another folder with --out") from None
         run = cls(folder)
+        run.restarted = restarted
         write_atomic(folder / f"{graph.name}.d2", source)
         write_atomic(folder / "config.json", config.text())
         run._rows = []
         return run
+
+    @staticmethod
+    def _clear(folder: Path, name: str) -> None:
+        """Remove what a run that never reached a checkpoint left in `folder`: its config, metrics
+        and source copy (under its own graph name, which may not be `name`)."""
+        try:
+            old = json.loads((folder / "config.json").read_text()).get("graph")
+        except (OSError, ValueError, AttributeError):
+            old = None
+        stale = ["config.json", "metrics.jsonl", "metrics.csv"]
+        if isinstance(old, str) and old.isidentifier() and old != name:
+            stale.append(f"{old}.d2")
+        for file in stale:
+            (folder / file).unlink(missing_ok=True)
 
     @classmethod
     def open(cls, folder: str | Path) -> Run:
@@ -579,6 +602,10 @@ def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool 
     `run`. `resume=True` continues from `run/last.pt`. `stages` limits the stages run (the
     sweep trains the backbone once, then each policy stage). Raises `Interrupted` on Ctrl-C
     (after saving `last.pt`) and D2GraphError on mistakes in the config, data or run."""
+    if resume and not any(run.folder.glob("*.pt")):  # checked first: the data may be what stopped it
+        raise config_error("E922", f"{run.folder} has no checkpoint: the run stopped before training started",
+                           help="there is nothing to resume; start it again with `d2graph train FILE --out "
+                                f"{run.folder}`, which reuses the folder")
     device = pick_device(config.settings["device"])
     seed = int(config.settings["seed"])
     trainers = make_trainers(config, graph)

@@ -78,6 +78,39 @@ def test_a_run_folder_is_not_overwritten(run, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
+def _broken_early_exit(tmp_path):
+    """early_exit.d2 with heads too narrow for its 10 classes (E906 when training starts)."""
+    path = tmp_path / "early_exit.d2"
+    path.write_text((ROOT / "examples" / "early_exit.d2").read_text().replace("let classes = 10", "let classes = 5"))
+    return path
+
+
+def test_a_run_that_failed_before_training_does_not_block_its_retry(tmp_path, capsys):
+    path, out = _broken_early_exit(tmp_path), tmp_path / "run"
+    argv = ["train", str(path), *SMALL, "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    assert "[E906]" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out)]) == 2  # nothing to resume: said so, with the way out
+    err = capsys.readouterr().err
+    assert "[E922]" in err and "before training started" in err and f"--out {out}" in err
+    path.write_text((ROOT / "examples" / "early_exit.d2").read_text())  # fixed
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "starting it again" in err and "already holds a run" not in err
+    assert "let classes = 10" in (out / "early_exit.d2").read_text() and (out / "last.pt").is_file()
+    assert main(argv) == 2 and "already holds a run" in capsys.readouterr().err  # a real run is kept
+
+
+def test_a_sweep_that_failed_before_training_does_not_block_its_retry(tmp_path, capsys):
+    path, out = _broken_early_exit(tmp_path), tmp_path / "sweep"
+    argv = ["sweep", str(path), *SMALL, "--budgets", "0.5", "--methods", "uniform", "--out", str(out)]
+    assert main(argv) == 2
+    assert "[E906]" in capsys.readouterr().err
+    path.write_text((ROOT / "examples" / "early_exit.d2").read_text())
+    assert main(argv) == 0
+    assert "starting it again" in capsys.readouterr().err and (out / "curve.csv").is_file()
+
+
 def test_render_stats_draws_execution_rates(run, tmp_path, capsys):
     out = tmp_path / "g.dot"
     assert main(["render", EARLY, "-o", str(out), "--stats", str(run)]) == 0
