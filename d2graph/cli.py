@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("files", nargs="+", metavar="FILE")
     r.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="OUT.svg, OUT.png or OUT.dot; with several files, a folder (one drawing each)")
-    r.add_argument("--format", choices=("svg", "png", "dot"), default="svg",
-                   help="the drawing format when OUT is a folder (default svg)")
+    r.add_argument("--format", choices=("svg", "png", "dot"), default=None,
+                   help="the drawing format when OUT is a folder (default svg); a file OUT's extension picks its own")
     r.add_argument("--stats", metavar="RUN",
                    help="a run folder: draw each node's execution rate and the traffic on each edge")
     r.add_argument("--allow-imports", action="store_true", help="allow module(\"pkg.mod:Class\") layers")
@@ -266,17 +266,25 @@ def cmd_fmt(args) -> int:
 
 def cmd_render(args) -> int:
     from .check import load
-    from .render import render
+    from .render import FORMATS, render
 
     out = Path(args.output)
-    to_folder = len(args.files) > 1 or out.is_dir() or args.output.endswith(("/", "\\"))
-    if to_folder:
-        out.mkdir(parents=True, exist_ok=True)
+    said_folder = out.is_dir() or args.output.endswith(("/", "\\"))
+    to_folder = len(args.files) > 1 or said_folder
+    if to_folder and not said_folder and (out.suffix.lower() in FORMATS or out.exists()):
+        raise _usage(f"-o {args.output} names a file, but {len(args.files)} files are given: with several files, "
+                     "-o must be a folder (one drawing each)",
+                     f"give a folder, e.g. `-o {out.with_suffix('')}/` (the format is --format, default svg), "
+                     "or draw one file at a time")
+    if not to_folder and args.format is not None and out.suffix.lower() != f".{args.format}":
+        raise _usage(f"--format {args.format} does not match -o {args.output}: a file's own extension picks its format",
+                     f"write `-o {out.with_suffix('.' + args.format)}`"
+                     + (f", or `-o {out}/` for a folder" if not out.suffix else ", or leave out --format"))
     graphs = [load(f, allow_imports=args.allow_imports) for f in args.files]  # all checked before drawing
     stats = _run_stats(args.stats, graphs) if args.stats else None
     for path, graph in zip(args.files, graphs):
         _print_diagnostics(graph.warnings)
-        target = out / f"{Path(path).stem}.{args.format}" if to_folder else out
+        target = out / f"{Path(path).stem}.{args.format or 'svg'}" if to_folder else out
         print(f"wrote {render(graph, target, stats)}")
     return EXIT_OK
 

@@ -62,6 +62,26 @@ def test_render_several_files_into_a_folder(tmp_path):
         assert "<svg" in svg
 
 
+@pytest.mark.parametrize("output", ["x.svg", "x.png", "existing-file"])
+def test_render_several_files_to_a_file_name_is_refused(output, tmp_path, capsys):
+    """Several files need a folder: `-o x.svg` used to become a folder named x.svg."""
+    (tmp_path / "existing-file").write_text("keep me")
+    out = tmp_path / output
+    assert main(["render", *map(str, EXAMPLES[:2]), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "[E920]" in err and "-o must be a folder" in err and "Traceback" not in err
+    assert not out.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["existing-file"]
+
+
+def test_render_format_picks_the_folder_drawings_and_must_agree_with_a_file(tmp_path, capsys):
+    assert main(["render", *map(str, EXAMPLES[:2]), "-o", str(tmp_path / "x.dot") + "/", "--format", "dot"]) == 0
+    assert sorted(p.name for p in (tmp_path / "x.dot").iterdir()) == sorted(f"{p.stem}.dot" for p in EXAMPLES[:2])
+    assert main(["render", str(EXAMPLES[0]), "-o", str(tmp_path / "g.svg"), "--format", "dot"]) == 2
+    err = capsys.readouterr().err
+    assert "[E920]" in err and "--format dot does not match" in err and "g.dot" in err
+    assert main(["render", str(EXAMPLES[0]), "-o", str(tmp_path / "g.dot"), "--format", "dot"]) == 0
+
+
 def test_fmt_check_and_rewrite(tmp_path, capsys):
     f = tmp_path / "g.d2"
     messy = "graph g {input x [4]\n\n\n   output y\nx->y # done\n}"
