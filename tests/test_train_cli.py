@@ -160,3 +160,17 @@ def test_policy_export_and_fit_on_predictions(run, tmp_path, capsys):
     assert main(["policy", "fit", "--predictions", str(tmp_path / "none"), "--budget", "0.5"]) == 2
     assert "[E924]" in capsys.readouterr().err
     assert main(["policy", "fit", "--predictions", str(preds), "--budget", "0.5", "--trainer", "oracle"]) == 2
+
+
+def test_policy_export_of_a_graph_without_exits_names_no_trainer(tmp_path, capsys):
+    """Export refuses a graph that is not a multi-exit chain in its own words, not as an error of
+    the eenet trainer, which the user did not ask for."""
+    path = tmp_path / "plain.d2"
+    path.write_text("graph plain {\n  input x [1, 8, 8]\n  output y\n  node A = flatten, fc(10)\n  x -> A -> y\n"
+                    "  train {\n    data = digits\n    stage backbone = supervised(epochs=1)\n  }\n}\n")
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["policy", "export", str(tmp_path / "run"), "--out", str(tmp_path / "preds")]) == 2
+    err = capsys.readouterr().err
+    assert "[E921]" in err and "no per-exit predictions" in err and "has no control node" in err
+    assert "eenet" not in err and "Traceback" not in err and not (tmp_path / "preds").exists()
