@@ -441,15 +441,19 @@ def _load_run(folder, checkpoint: str) -> dict:
 
     run = Run.open(folder)
     path = run.folder / f"{checkpoint}.pt" if checkpoint in ("last", "best") else Path(checkpoint)
-    return _restore(load(run.source), run.config, run.source.resolve().parent, path)
+    other = {"last": "best", "best": "last"}.get(checkpoint)
+    help = (f"try the run's other checkpoint: `--checkpoint {other}`" if other and (run.folder / f"{other}.pt").is_file()
+            else None)
+    return _restore(load(run.source), run.config, run.source.resolve().parent, path, help=help)
 
 
-def _restore(graph, config, root: Path, path: Path) -> dict:
+def _restore(graph, config, root: Path, path: Path, help: str | None = None) -> dict:
     from .executor import compile
     from .runs import load_checkpoint, load_data
     from .policies import load_policy
 
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, help=help or "`--checkpoint` takes last, best (of a run folder) or a .pt file "
+                                               "that `d2graph train` wrote")
     executor = compile(graph)
     try:
         executor.load_state_dict(state["weights"])

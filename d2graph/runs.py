@@ -314,27 +314,26 @@ class Run:
         with atomic_path(self.folder / f"{name}.pt") as tmp:
             torch.save(state, tmp)
 
-    def load(self, name: str = "last") -> dict[str, Any]:
-        path = self.folder / f"{name}.pt"
-        return load_checkpoint(path)
+    def load(self, name: str = "last", *, help: str | None = None) -> dict[str, Any]:
+        return load_checkpoint(self.folder / f"{name}.pt", help=help)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, help: str | None = None) -> dict[str, Any]:
     """A checkpoint written by `Run.save`, loaded with `weights_only=True`; E922 if it is
-    missing, corrupt or not ours."""
+    missing, damaged or not ours. `help` says what the caller's user can do instead (default:
+    name what a d2graph checkpoint is)."""
     path = Path(path)
     if not path.is_file():
         raise config_error("E922", f"no checkpoint {path}",
                            help="a run writes last.pt after its first epoch or stage; best.pt when a stage validates")
+    damaged = config_error("E922", f"{path} is not a d2graph checkpoint, or it is damaged (truncated or overwritten)",
+                           help=help or "give a checkpoint that `d2graph train` wrote: a run folder's last.pt or best.pt")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for a damaged file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise config_error("E922", f"checkpoint {path} is damaged or not a d2graph checkpoint ({first[:160]})",
-                           help="resume from the other checkpoint (last.pt / best.pt) or start a new run") from None
+    except Exception:  # torch raises many kinds, with long texts about its own internals, for a damaged file
+        raise damaged from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "weights" not in state:
-        raise config_error("E922", f"{path} is not a d2graph checkpoint (format {CHECKPOINT_FORMAT})",
-                           help="d2graph writes its checkpoints as last.pt and best.pt in a run folder")
+        raise damaged
     return state
 
 
@@ -622,7 +621,11 @@ def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool 
     resume_state = None
     first = 0
     if resume:
-        resume_state = run.load("last")
+        best = f"; its best.pt may be intact: `d2graph eval {run.folder} --checkpoint best`" \
+            if (run.folder / "best.pt").is_file() else ""
+        resume_state = run.load("last", help="--resume continues only from last.pt, so this run cannot be "
+                                             "continued: start it again with the command that made it and another "
+                                             f"--out{best}")
         if resume_state.get("graph") != graph.name:
             raise config_error("E922", f"{run.folder}/last.pt belongs to graph `{resume_state.get('graph')}`, "
                                f"not `{graph.name}`", help="resume a run of this graph")

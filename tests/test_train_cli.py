@@ -73,6 +73,28 @@ def test_a_damaged_checkpoint_is_E922(run, tmp_path, capsys):
     assert "[E922]" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", [lambda b: b[:100], lambda b: b"garbage, not a checkpoint\n"])
+def test_a_damaged_checkpoint_is_named_with_the_choices_that_exist(damage, run, tmp_path, capsys):
+    """One clean sentence (no torch internals cut mid-sentence) and only advice that works:
+    `--resume` has no choice of checkpoint; `eval` does."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "last.pt").write_bytes(damage((run / "last.pt").read_bytes()))
+    assert main(["eval", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert f"error[E922]: {copy / 'last.pt'} is not a d2graph checkpoint, or it is damaged" in err
+    assert "`--checkpoint best`" in err and "Pytorch" not in err and "miniz" not in err
+    assert main(["eval", str(copy), "--checkpoint", "best"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(copy), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "not a d2graph checkpoint, or it is damaged" in err and "Pytorch" not in err
+    assert "continues only from last.pt" in err and f"d2graph eval {copy} --checkpoint best" in err
+    assert "other checkpoint" not in err and "Traceback" not in err
+
+
 def test_a_run_folder_is_not_overwritten(run, capsys):
     assert main(["train", EARLY, *SMALL, "--out", str(run)]) == 2
     assert "already holds a run" in capsys.readouterr().err
