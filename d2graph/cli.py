@@ -442,8 +442,8 @@ def _load_run(folder, checkpoint: str) -> dict:
     run = Run.open(folder)
     path = run.folder / f"{checkpoint}.pt" if checkpoint in ("last", "best") else Path(checkpoint)
     other = {"last": "best", "best": "last"}.get(checkpoint)
-    help = (f"try the run's other checkpoint: `--checkpoint {other}`" if other and (run.folder / f"{other}.pt").is_file()
-            else None)
+    intact = other is not None and (run.folder / f"{other}.pt").is_file()
+    help = f"try the run's other checkpoint: `--checkpoint {other}`" if intact else None
     return _restore(load(run.source), run.config, run.source.resolve().parent, path, help=help)
 
 

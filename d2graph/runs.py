@@ -327,7 +327,7 @@ def load_checkpoint(path: str | Path, *, help: str | None = None) -> dict[str, A
         raise config_error("E922", f"no checkpoint {path}",
                            help="a run writes last.pt after its first epoch or stage; best.pt when a stage validates")
     damaged = config_error("E922", f"{path} is not a d2graph checkpoint, or it is damaged (truncated or overwritten)",
-                           help=help or "give a checkpoint that `d2graph train` wrote: a run folder's last.pt or best.pt")
+                           help=help or "give a checkpoint that `d2graph train` wrote (a run's last.pt or best.pt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # torch raises many kinds, with long texts about its own internals, for a damaged file
