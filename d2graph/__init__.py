@@ -24,29 +24,58 @@ Example:
 
 from __future__ import annotations
 
-# The stage modules are imported first on purpose: the functions below share their
-# names (`check`, `render`), and defining them last makes `d2graph.check` the function.
-from . import check as _check_module, executor as _executor_module, render as _render_module  # noqa: F401
-from . import data as _data  # noqa: F401  (registers the built-in data sets the checker accepts)
-from . import trainers as _trainers  # noqa: F401  (registers the trainers, plugins included)
-from . import evaluate as _evaluate_module, runs as _runs_module
+import sys
+import types
+from typing import TYPE_CHECKING
+
 from .diagnostics import D2GraphError, Diagnostic, Span
-from .executor import Executor, Result
-from .ir import Graph, Node
-from .syntax import parse
+from .schema import DATASETS, TRAINERS
+
+if TYPE_CHECKING:  # for the annotations only; at run time these load on first use (below)
+    from .executor import Executor
+    from .ir import Graph
 
 __version__ = "0.1.0"
+
+# Nothing here imports torch: `import d2graph` (and so every `d2graph` command, `fmt` and
+# `--version` included) stays quick, and each function below imports its stage when called
+# (the imports inside functions are there for that). The stages that register data sets and
+# trainers are imported at the checker's first lookup of one.
+DATASETS.provided_by(f"{__name__}.data")
+TRAINERS.provided_by(f"{__name__}.trainers")
+
+# Names the package re-exports from its stages, imported at first use (PEP 562).
+_LAZY = {"Executor": "executor", "Result": "executor", "Graph": "ir", "Node": "ir", "parse": "syntax"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib  # (only for a name not yet looked up)
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def load(path, *, allow_imports: bool = False) -> Graph:
     """Read, parse and check a .d2 file; raise D2GraphError carrying every error."""
-    return _check_module.load(path, allow_imports=allow_imports)
+    from .check import load
+
+    return load(path, allow_imports=allow_imports)
 
 
 def check(text: str, filename: str = "<input>", *, allow_imports: bool = False):
     """Check .d2 source text: (Graph or None, list of diagnostics, errors and warnings)."""
+    from .check import check
+    from .syntax import parse
+
     try:
-        return _check_module.check(parse(text, filename), allow_imports=allow_imports)
+        return check(parse(text, filename), allow_imports=allow_imports)
     except D2GraphError as e:
         return None, list(e.diagnostics)
 
@@ -58,14 +87,18 @@ def format(text: str, filename: str = "<input>") -> str:  # noqa: A001 - the ver
     return format_source(text, filename)
 
 
-def compile(graph: Graph) -> "Executor":  # noqa: A001 - the verb users expect
+def compile(graph: Graph) -> Executor:  # noqa: A001 - the verb users expect
     """Compile a checked graph into an nn.Module that routes each example (see executor.py)."""
-    return _executor_module.compile(graph)
+    from .executor import compile
+
+    return compile(graph)
 
 
 def render(graph: Graph, out, stats=None):
     """Draw a checked graph to .svg, .png or .dot (the DOT is always written)."""
-    return _render_module.render(graph, out, stats)
+    from .render import render
+
+    return render(graph, out, stats)
 
 
 def train(graph: Graph, overrides=(), *, out=None, quiet: bool = True, source=None):
@@ -73,19 +106,36 @@ def train(graph: Graph, overrides=(), *, out=None, quiet: bool = True, source=No
     run folder there (the source copied from `source`, a path). Returns `runs.Trained`."""
     from pathlib import Path
 
-    config = _runs_module.resolve(graph, list(overrides))
+    from .runs import Run, resolve, train
+
+    config = resolve(graph, list(overrides))
     run = None
     if out is not None:
         text = Path(source).read_text() if source is not None else ""
-        run = _runs_module.Run.create(graph, text, config, out)
+        run = Run.create(graph, text, config, out)
     root = Path(source).resolve().parent if source is not None else None
-    return _runs_module.train(graph, config, run, root=root, quiet=quiet, echo=None if quiet else print)
+    return train(graph, config, run, root=root, quiet=quiet, echo=None if quiet else print)
 
 
 def evaluate(executor, dataset, policy=None, *, classes: int, batch: int = 256, generator=None):
     """Accuracy, mean cost, node rates, paths and exits of `executor` on a TensorDataset."""
-    return _evaluate_module.evaluate(executor, dataset, policy, classes=classes, batch=batch, generator=generator)
+    from .evaluate import evaluate
 
+    return evaluate(executor, dataset, policy, classes=classes, batch=batch, generator=generator)
+
+
+class _Package(types.ModuleType):
+    """This package, keeping its verbs `check`, `render` and `evaluate` when the stages of the
+    same names are imported: the import system sets a submodule on its package as an attribute,
+    which would replace the function (`d2graph.check(text)` would then call a module)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and callable(self.__dict__.get(name)):
+            return  # the submodule stays reachable as sys.modules["d2graph.<name>"]
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = ["D2GraphError", "Diagnostic", "Executor", "Graph", "Node", "Result", "Span", "check", "compile",
            "evaluate", "format", "load", "parse", "render", "train"]

@@ -630,6 +630,11 @@ class _Checker:
         found: dict[str, list] = {}
         budget = [TOTALITY_LIMIT]
         ever_ran: set[str] = set()
+        # For each `select` merge: the inputs it took on some combination, and for each input,
+        # the earlier inputs present on every combination it is present on (None: never present).
+        selects = [n for n in order if self.decls[n].attrs.get("merge") == "select" and len(inputs_of.get(n, [])) > 1]
+        taken: dict[str, set[int]] = {n: set() for n in selects}
+        shadowed: dict[str, list[set[int] | None]] = {n: [None] * len(inputs_of[n]) for n in selects}
 
         def runs(name: str, present: dict, chosen: dict) -> bool:
             if name in controllers and not any(chosen.get(c.source) == c.action for c in controllers[name]):
@@ -655,6 +660,15 @@ class _Checker:
                 i += 1
             budget[0] -= 1
             ever_ran.update(n for n, ran in present.items() if ran)
+            for n in selects:
+                if not present[n]:
+                    continue
+                ok = [present[e.source] or e.default is not None for e in inputs_of[n]]
+                taken[n].add(ok.index(True))
+                for j in range(1, len(ok)):
+                    if ok[j]:
+                        earlier = {i for i in range(j) if ok[i]}
+                        shadowed[n][j] = earlier if shadowed[n][j] is None else shadowed[n][j] & earlier
             for o in outputs:
                 if not present[o] and o not in found:
                     found[o] = (trail, dict(present))
@@ -667,6 +681,8 @@ class _Checker:
                               self.decls[name].name_span, "dead on every path",
                               help="an input of it is null whenever it is activated: add a `default` to that "
                               "edge, or `merge=select`")
+            for n in selects:
+                self.warn_unselectable(n, taken[n], shadowed[n])
         for o in outputs:
             if o not in found:
                 continue
@@ -687,6 +703,33 @@ class _Checker:
             self.warn("W701", f"totality was checked on the first {TOTALITY_LIMIT:,} action combinations only",
                       self.file.graphs[0].name.span, "too many combinations to check them all",
                       help="the graph is valid on every combination tried")
+
+    def warn_unselectable(self, name: str, taken: set[int], shadowed: list[set[int] | None]) -> None:
+        """W703: an input of a `select` merge that is never the first present one, on any
+        combination of actions, because an input listed before it is present whenever it is
+        (its node runs, if nothing else reads it, for nothing)."""
+        edges = self.inputs_of[name]
+        for j, earlier in enumerate(shadowed):
+            if j in taken or earlier is None:  # taken, or never present (W702's business)
+                continue
+            e = edges[j]
+            if earlier:
+                first = edges[min(earlier)]
+                why = (f"`{first.source}`, listed before it, has a default and so is always present"
+                       if first.default is not None else f"`{first.source}`, listed before it, is present "
+                                                         f"whenever `{e.source}` is")
+                order = [x.source for x in edges[:min(earlier)]] + [e.source] + \
+                        [x.source for k, x in enumerate(edges) if k >= min(earlier) and k != j]
+                fix = f"list `{e.source}` before `{first.source}` (`{', '.join(order)} -> {name}`)"
+                if first.default is not None:
+                    fix = f"drop the default of `{first.source} -> {name}` or " + fix
+            else:  # several earlier inputs between them cover it
+                why = f"on every combination of actions, an input listed before it is present whenever `{e.source}` is"
+                fix = f"list `{e.source}` earlier"
+            self.warn("W703", f"input `{e.source}` of `{name}` [merge=select] is never selected: {why}", e.span,
+                      "never the first present input",
+                      help=f"`select` takes the first present input in the order the edges are listed: {fix} "
+                           "to prefer it when it is present, or remove this edge")
 
     # --- train block: R8 for data sets and trainers ---------------------------------------------
 

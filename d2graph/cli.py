@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("files", nargs="+", metavar="FILE")
     r.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="OUT.svg, OUT.png or OUT.dot; with several files, a folder (one drawing each)")
-    r.add_argument("--format", choices=("svg", "png", "dot"), default="svg",
-                   help="the drawing format when OUT is a folder (default svg)")
+    r.add_argument("--format", choices=("svg", "png", "dot"), default=None,
+                   help="the drawing format when OUT is a folder (default svg); a file OUT's extension picks its own")
     r.add_argument("--stats", metavar="RUN",
                    help="a run folder: draw each node's execution rate and the traffic on each edge")
     r.add_argument("--allow-imports", action="store_true", help="allow module(\"pkg.mod:Class\") layers")
@@ -266,17 +266,25 @@ def cmd_fmt(args) -> int:
 
 def cmd_render(args) -> int:
     from .check import load
-    from .render import render
+    from .render import FORMATS, render
 
     out = Path(args.output)
-    to_folder = len(args.files) > 1 or out.is_dir() or args.output.endswith(("/", "\\"))
-    if to_folder:
-        out.mkdir(parents=True, exist_ok=True)
+    said_folder = out.is_dir() or args.output.endswith(("/", "\\"))
+    to_folder = len(args.files) > 1 or said_folder
+    if to_folder and not said_folder and (out.suffix.lower() in FORMATS or out.exists()):
+        raise _usage(f"-o {args.output} names a file, but {len(args.files)} files are given: with several files, "
+                     "-o must be a folder (one drawing each)",
+                     f"give a folder, e.g. `-o {out.with_suffix('')}/` (the format is --format, default svg), "
+                     "or draw one file at a time")
+    if not to_folder and args.format is not None and out.suffix.lower() != f".{args.format}":
+        raise _usage(f"--format {args.format} does not match -o {args.output}: a file's own extension picks its format",
+                     f"write `-o {out.with_suffix('.' + args.format)}`"
+                     + (f", or `-o {out}/` for a folder" if not out.suffix else ", or leave out --format"))
     graphs = [load(f, allow_imports=args.allow_imports) for f in args.files]  # all checked before drawing
     stats = _run_stats(args.stats, graphs) if args.stats else None
     for path, graph in zip(args.files, graphs):
         _print_diagnostics(graph.warnings)
-        target = out / f"{Path(path).stem}.{args.format}" if to_folder else out
+        target = out / f"{Path(path).stem}.{args.format or 'svg'}" if to_folder else out
         print(f"wrote {render(graph, target, stats)}")
     return EXIT_OK
 
@@ -313,6 +321,9 @@ def cmd_train(args) -> int:
             print(config.text(), end="")
             return EXIT_OK
         run = Run.create(graph, read_source(args.file), config, args.out)
+        if run.restarted:
+            print(f"note: {run.folder} held a run that stopped before its first checkpoint; starting it again there",
+                  file=sys.stderr)
     _print_diagnostics(graph.warnings)
     echo = (lambda text: print(text, file=sys.stderr)) if not args.quiet else None
     if echo:
@@ -430,15 +441,19 @@ def _load_run(folder, checkpoint: str) -> dict:
 
     run = Run.open(folder)
     path = run.folder / f"{checkpoint}.pt" if checkpoint in ("last", "best") else Path(checkpoint)
-    return _restore(load(run.source), run.config, run.source.resolve().parent, path)
+    other = {"last": "best", "best": "last"}.get(checkpoint)
+    intact = other is not None and (run.folder / f"{other}.pt").is_file()
+    help = f"try the run's other checkpoint: `--checkpoint {other}`" if intact else None
+    return _restore(load(run.source), run.config, run.source.resolve().parent, path, help=help)
 
 
-def _restore(graph, config, root: Path, path: Path) -> dict:
+def _restore(graph, config, root: Path, path: Path, help: str | None = None) -> dict:
     from .executor import compile
     from .runs import load_checkpoint, load_data
     from .policies import load_policy
 
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, help=help or "`--checkpoint` takes last, best (of a run folder) or a .pt file "
+                                               "that `d2graph train` wrote")
     executor = compile(graph)
     try:
         executor.load_state_dict(state["weights"])

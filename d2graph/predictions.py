@@ -103,22 +103,29 @@ def _output_classes(graph: Graph) -> int | None:
     return outputs[0].out_shape[0] if outputs and len(outputs[0].out_shape) == 1 else None
 
 
-def _chain(graph: Graph, trainer: str) -> tuple[list[Exit], list[float]]:
-    """The exits and the cost of exiting at each, or E921 saying why `graph` is no chain."""
+def _chain(graph: Graph, trainer: str | None) -> tuple[list[Exit], list[float]]:
+    """The exits and the cost of exiting at each, or E921 saying why `graph` is no chain: in
+    the name of `trainer`, or (None) of the per-exit predictions asked for."""
+
+    def refuse(message: str, help: str) -> D2GraphError:
+        if trainer is not None:
+            return trainer_error(trainer, message, help=help)
+        return D2GraphError([Diagnostic("E921", f"no per-exit predictions: {message}", None, "", help=help)])
+
     see = "see examples/early_exit.d2: `Q1 => skip | B2` exits through H1 or runs block 2"
     controls = graph.control_nodes
     if not controls:
-        raise trainer_error(trainer, f"graph `{graph.name}` has no control node, so it has no exit to choose",
-                            help="a multi-exit chain has a control node before each deeper stage; " + see)
+        raise refuse(f"graph `{graph.name}` has no control node, so it has no exit to choose",
+                     help="a multi-exit chain has a control node before each deeper stage; " + see)
     stop, go = {}, {}
     for q in controls:
         actions = " | ".join(a or "skip" for a in q.actions)
         if len(q.actions) != 2 or q.actions.count(None) != 1:
             what = (f"has {len(q.actions)} actions ({actions})" if len(q.actions) != 2 else
                     f"has no `skip` action ({actions})" if None not in q.actions else "has two `skip` actions")
-            raise trainer_error(trainer, f"control node `{q.name}` {what}: it is not an exit decision",
-                                help="each control node of a multi-exit chain chooses between `skip` (exit "
-                                     "here) and one node that continues; " + see)
+            raise refuse(f"control node `{q.name}` {what}: it is not an exit decision",
+                         help="each control node of a multi-exit chain chooses between `skip` (exit "
+                              "here) and one node that continues; " + see)
         stop[q.name] = q.actions.index(None)
         go[q.name] = 1 - stop[q.name]
     classes = _output_classes(graph)
@@ -126,13 +133,13 @@ def _chain(graph: Graph, trainer: str) -> tuple[list[Exit], list[float]]:
     paths = sorted(path_costs(graph), key=lambda p: p[2])
     for q, h in reads.items():
         if h is None:
-            raise trainer_error(trainer, f"control node `{q}` reads no exit head: no classifier's scores are "
-                                         f"known when it decides to exit",
-                                help=f"feed the head `{q}` would exit through into it (e.g. `H1 -> {q}`); " + see)
+            raise refuse(f"control node `{q}` reads no exit head: no classifier's scores are "
+                         f"known when it decides to exit",
+                         help=f"feed the head `{q}` would exit through into it (e.g. `H1 -> {q}`); " + see)
     m = len(controls)
-    not_chain = trainer_error(
-        trainer, f"graph `{graph.name}` is not a chain of exits: its {len(paths)} static paths are not 'exit at "
-                 f"the 1st, 2nd, … control node, or run to the end'",
+    not_chain = refuse(
+        f"graph `{graph.name}` is not a chain of exits: its {len(paths)} static paths are not 'exit at "
+        f"the 1st, 2nd, … control node, or run to the end'",
         help="each control node must decide whether to exit or continue to the next one; " + see)
     if len(paths) != m + 1:
         raise not_chain
@@ -147,18 +154,18 @@ def _chain(graph: Graph, trainer: str) -> tuple[list[Exit], list[float]]:
     shallow = [reads[q] for q in order]
     final = [h for h in heads_of(graph) if h not in shallow]
     if len(set(shallow)) != m or len(final) != 1:
-        raise trainer_error(trainer, f"the exits of `{graph.name}` are not one head each: the control nodes "
-                                     f"read {', '.join(shallow)} and the heads not read by any are "
-                                     f"{', '.join(final) or 'none'}",
-                            help="each exit decision reads its own head, and one more head (the last exit) "
-                                 "answers for the examples that never exit; " + see)
+        raise refuse(f"the exits of `{graph.name}` are not one head each: the control nodes "
+                     f"read {', '.join(shallow)} and the heads not read by any are "
+                     f"{', '.join(final) or 'none'}",
+                     help="each exit decision reads its own head, and one more head (the last exit) "
+                          "answers for the examples that never exit; " + see)
     exits = [Exit(q, reads[q], stop[q], go[q]) for q in order] + [Exit(None, final[0])]
     out = graph.outputs[0]
     for exit, (_, nodes, _) in zip(exits, paths):
         present = [e.source for e in out.inputs if e.source in nodes or e.default is not None]
         if out.merge != "select" or not present or present[0] != exit.head:
-            raise trainer_error(
-                trainer, f"output `{out.name}` does not answer with `{exit.head}` on the path that exits there",
+            raise refuse(
+                f"output `{out.name}` does not answer with `{exit.head}` on the path that exits there",
                 help=f"give `{out.name}` [merge=select] and list its heads deepest first, e.g. "
                      f"`{', '.join(e.head for e in reversed(exits))} -> {out.name}`")
     return exits, [float(cost) for _, _, cost in paths]
@@ -339,18 +346,19 @@ def head_probs(result: Result, heads: Sequence[str]) -> Tensor:
 
 
 def from_executor(executor: Executor, splits, batch: int = 256,
-                  which: Iterable[str] = ("val", "test")) -> Predictions:
+                  which: Iterable[str] = ("val", "test"), trainer: str | None = None) -> Predictions:
     """The predictions of every exit of `executor`'s multi-exit chain on `splits` (a
     `d2graph.data.Splits`, or anything with `.val` / `.test` TensorDatasets): one mode="all"
     pass per batch, keeping only the heads; costs from the static paths. A split left out
-    of `which` is empty (N = 0). E921 when the graph is not a multi-exit chain.
+    of `which` is empty (N = 0). E921 when the graph is not a multi-exit chain (in the name
+    of `trainer` when one asks for the predictions).
 
     Example:
         >>> pred = from_executor(trained.executor, trained.data)              # doctest: +SKIP
         >>> pred.val_probs.shape, pred.fractions                              # doctest: +SKIP
     """
     graph = executor.graph
-    exits, costs = _chain(graph, "eenet")
+    exits, costs = _chain(graph, trainer)
     heads = [e.head for e in exits]
     param = next(executor.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")

@@ -202,6 +202,7 @@ class Run:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self._rows: list[dict[str, Any]] | None = None
+        self.restarted = False  # `create` reused a folder whose run never reached a checkpoint
 
     @classmethod
     def create(cls, graph: Graph, source: str, config: Config, out: str | Path | None = None) -> Run:
@@ -211,21 +212,43 @@ class Run:
             while folder.exists():
                 i += 1
                 folder = base.with_name(f"{base.name}-{i}")
-        else:
+        restarted = False
+        if out is not None:
             folder = Path(out)
             if (folder / "config.json").exists():
-                raise config_error("E922", f"{folder} already holds a run",
-                                   help=f"continue it with `d2graph train --resume {folder}`, or choose another --out")
+                if any(folder.glob("*.pt")):
+                    raise config_error("E922", f"{folder} already holds a run",
+                                       help=f"continue it with `d2graph train --resume {folder}`, "
+                                            "or choose another --out")
+                # No checkpoint: the run stopped before training did (a graph that did not fit its
+                # data, a trainer that refused it). There is nothing to resume; start over in it.
+                cls._clear(folder, graph.name)
+                restarted = True
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise config_error("E922", f"cannot create the run folder {folder}: {e.strerror}",
                                help="choose another folder with --out") from None
         run = cls(folder)
+        run.restarted = restarted
         write_atomic(folder / f"{graph.name}.d2", source)
         write_atomic(folder / "config.json", config.text())
         run._rows = []
         return run
+
+    @staticmethod
+    def _clear(folder: Path, name: str) -> None:
+        """Remove what a run that never reached a checkpoint left in `folder`: its config, metrics
+        and source copy (under its own graph name, which may not be `name`)."""
+        try:
+            old = json.loads((folder / "config.json").read_text()).get("graph")
+        except (OSError, ValueError, AttributeError):
+            old = None
+        stale = ["config.json", "metrics.jsonl", "metrics.csv"]
+        if isinstance(old, str) and old.isidentifier() and old != name:
+            stale.append(f"{old}.d2")
+        for file in stale:
+            (folder / file).unlink(missing_ok=True)
 
     @classmethod
     def open(cls, folder: str | Path) -> Run:
@@ -291,27 +314,26 @@ class Run:
         with atomic_path(self.folder / f"{name}.pt") as tmp:
             torch.save(state, tmp)
 
-    def load(self, name: str = "last") -> dict[str, Any]:
-        path = self.folder / f"{name}.pt"
-        return load_checkpoint(path)
+    def load(self, name: str = "last", *, help: str | None = None) -> dict[str, Any]:
+        return load_checkpoint(self.folder / f"{name}.pt", help=help)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, help: str | None = None) -> dict[str, Any]:
     """A checkpoint written by `Run.save`, loaded with `weights_only=True`; E922 if it is
-    missing, corrupt or not ours."""
+    missing, damaged or not ours. `help` says what the caller's user can do instead (default:
+    name what a d2graph checkpoint is)."""
     path = Path(path)
     if not path.is_file():
         raise config_error("E922", f"no checkpoint {path}",
                            help="a run writes last.pt after its first epoch or stage; best.pt when a stage validates")
+    damaged = config_error("E922", f"{path} is not a d2graph checkpoint, or it is damaged (truncated or overwritten)",
+                           help=help or "give a checkpoint that `d2graph train` wrote (a run's last.pt or best.pt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for a damaged file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise config_error("E922", f"checkpoint {path} is damaged or not a d2graph checkpoint ({first[:160]})",
-                           help="resume from the other checkpoint (last.pt / best.pt) or start a new run") from None
+    except Exception:  # torch raises many kinds, with long texts about its own internals, for a damaged file
+        raise damaged from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "weights" not in state:
-        raise config_error("E922", f"{path} is not a d2graph checkpoint (format {CHECKPOINT_FORMAT})",
-                           help="d2graph writes its checkpoints as last.pt and best.pt in a run folder")
+        raise damaged
     return state
 
 
@@ -579,6 +601,10 @@ def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool 
     `run`. `resume=True` continues from `run/last.pt`. `stages` limits the stages run (the
     sweep trains the backbone once, then each policy stage). Raises `Interrupted` on Ctrl-C
     (after saving `last.pt`) and D2GraphError on mistakes in the config, data or run."""
+    if resume and not any(run.folder.glob("*.pt")):  # checked first: the data may be what stopped it
+        raise config_error("E922", f"{run.folder} has no checkpoint: the run stopped before training started",
+                           help="there is nothing to resume; start it again with `d2graph train FILE --out "
+                                f"{run.folder}`, which reuses the folder")
     device = pick_device(config.settings["device"])
     seed = int(config.settings["seed"])
     trainers = make_trainers(config, graph)
@@ -595,7 +621,11 @@ def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool 
     resume_state = None
     first = 0
     if resume:
-        resume_state = run.load("last")
+        best = f"; its best.pt may be intact: `d2graph eval {run.folder} --checkpoint best`" \
+            if (run.folder / "best.pt").is_file() else ""
+        resume_state = run.load("last", help="--resume continues only from last.pt, so this run cannot be "
+                                             "continued: start it again with the command that made it and another "
+                                             f"--out{best}")
         if resume_state.get("graph") != graph.name:
             raise config_error("E922", f"{run.folder}/last.pt belongs to graph `{resume_state.get('graph')}`, "
                                f"not `{graph.name}`", help="resume a run of this graph")

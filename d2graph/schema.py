@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -226,23 +227,38 @@ class Registry:
 
     what: str
     entries: dict[str, Any] = field(default_factory=dict)
+    providers: list[str] = field(default_factory=list)  # modules whose import registers entries
 
     def register(self, name: str, entry: Any) -> None:
         self.entries[name] = entry
 
+    def provided_by(self, module: str) -> None:
+        """Name a module (dotted path) that registers entries here when imported. It is imported
+        at the first lookup, not now: the data sets and trainers import torch, which a command
+        that never looks one up (`d2graph fmt`, `--version`) should not wait for."""
+        self.providers.append(module)
+
     def get(self, name: str):
+        self._fill()
         return self.entries.get(name)
 
     def names(self) -> list[str]:
+        self._fill()
         return sorted(self.entries)
 
     def __contains__(self, name: str) -> bool:
+        self._fill()
         return name in self.entries
+
+    def _fill(self) -> None:
+        while self.providers:  # taken off first: a provider's own lookups while it loads see what it has
+            importlib.import_module(self.providers.pop(0))
 
 
 # Registries filled by the stages that own them: data sets (d2graph.data) and trainers
 # (d2graph.trainers, plus the entry-point group "d2graph.trainers"). The checker only
-# reads them, so the language stage never imports a later stage.
+# reads them, so the language stage never imports a later stage; the package's
+# __init__ names those stages as providers, imported at the first lookup.
 DATASETS = Registry("data set")
 TRAINERS = Registry("trainer")
 

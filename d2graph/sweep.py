@@ -336,6 +336,8 @@ def _sweep_seed(graph: Graph, source: Path, config, result: Sweep, folder: Path,
         specs = [parse_method(m) for m in dict.fromkeys([s["trainer"] for s in own] + list(DEFAULT_METHODS))]
     seed = int(config.settings["seed"])
     run = Run.create(graph, source.read_text(), config, folder)
+    if run.restarted:
+        say(f"note: {run.folder} held a sweep that stopped before its first checkpoint; starting it again there")
     say(f"sweep folder: {run.folder}")
 
     backbone = [i for i, role in enumerate(roles) if role == "backbone"]
@@ -347,7 +349,6 @@ def _sweep_seed(graph: Graph, source: Path, config, result: Sweep, folder: Path,
     classes = base.data.classes
     batch = max(int(config.settings["batch"]), 256)
     rows: list[dict[str, Any]] = []
-    skipped: set[str] = set()
 
     def report(policy, split):
         generator = torch.Generator().manual_seed(derive_seed(seed, -2))

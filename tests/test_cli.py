@@ -62,6 +62,26 @@ def test_render_several_files_into_a_folder(tmp_path):
         assert "<svg" in svg
 
 
+@pytest.mark.parametrize("output", ["x.svg", "x.png", "existing-file"])
+def test_render_several_files_to_a_file_name_is_refused(output, tmp_path, capsys):
+    """Several files need a folder: `-o x.svg` used to become a folder named x.svg."""
+    (tmp_path / "existing-file").write_text("keep me")
+    out = tmp_path / output
+    assert main(["render", *map(str, EXAMPLES[:2]), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "[E920]" in err and "-o must be a folder" in err and "Traceback" not in err
+    assert not out.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["existing-file"]
+
+
+def test_render_format_picks_the_folder_drawings_and_must_agree_with_a_file(tmp_path, capsys):
+    assert main(["render", *map(str, EXAMPLES[:2]), "-o", str(tmp_path / "x.dot") + "/", "--format", "dot"]) == 0
+    assert sorted(p.name for p in (tmp_path / "x.dot").iterdir()) == sorted(f"{p.stem}.dot" for p in EXAMPLES[:2])
+    assert main(["render", str(EXAMPLES[0]), "-o", str(tmp_path / "g.svg"), "--format", "dot"]) == 2
+    err = capsys.readouterr().err
+    assert "[E920]" in err and "--format dot does not match" in err and "g.dot" in err
+    assert main(["render", str(EXAMPLES[0]), "-o", str(tmp_path / "g.dot"), "--format", "dot"]) == 0
+
+
 def test_fmt_check_and_rewrite(tmp_path, capsys):
     f = tmp_path / "g.d2"
     messy = "graph g {input x [4]\n\n\n   output y\nx->y # done\n}"
@@ -81,6 +101,35 @@ def test_fmt_refuses_malformed_files(tmp_path, capsys):
     assert f.read_text() == SYNTAX.read_text()
 
 
+@pytest.mark.parametrize("argv", [["--version"], ["fmt", "--check", "FILE"], ["fmt", "FILE"]])
+def test_commands_that_need_no_torch_do_not_import_it(argv, tmp_path):
+    """`--version` and `fmt` answer at once: neither they nor `import d2graph` load torch
+    (seconds on a busy machine). `check` does need it: costs are measured with torch."""
+    path = tmp_path / "g.d2"
+    path.write_text((ROOT / "examples" / "high_low.d2").read_text())
+    argv = [str(path) if a == "FILE" else a for a in argv]
+    code = ("import sys\nfrom d2graph import cli\ntry:\n    code = cli.main(sys.argv[1:])\n"
+            "except SystemExit as e:\n    code = e.code\n"
+            "assert code == 0, code\nassert 'torch' not in sys.modules, 'torch was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_package_api_without_eager_imports():
+    """The top-level names load their stages on first use; `d2graph.check` stays the function
+    even after the stage `d2graph.check` is imported."""
+    code = ("import sys, d2graph\nassert 'torch' not in sys.modules\n"
+            "import d2graph.check, d2graph.render, d2graph.evaluate\n"
+            "assert callable(d2graph.check) and callable(d2graph.render) and callable(d2graph.evaluate)\n"
+            "g = d2graph.load(sys.argv[1])\nassert isinstance(g, d2graph.Graph), g\n"
+            "graph, diags = d2graph.check(open(sys.argv[1]).read())\nassert graph is not None, diags\n"
+            "from d2graph import *\nassert Executor and Result and Node and parse and Span\n"
+            "assert sorted(d2graph.__all__) == sorted(set(d2graph.__all__) & set(dir(d2graph)))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "examples" / "early_exit.d2")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_python_dash_m_and_no_traceback_for_user_errors():
     proc = subprocess.run([sys.executable, "-m", "d2graph", "check", str(BAD)], capture_output=True, text=True)
     assert proc.returncode == 1
@@ -88,12 +137,12 @@ def test_python_dash_m_and_no_traceback_for_user_errors():
 
 
 def test_internal_errors_are_reported_without_traceback(monkeypatch, capsys):
-    import sys
+    import importlib
 
     def boom(*a, **k):
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(sys.modules["d2graph.check"], "load", boom)
+    monkeypatch.setattr(importlib.import_module("d2graph.check"), "load", boom)
     assert main(["check", str(EXAMPLES[0])]) == 70
     err = capsys.readouterr().err
     assert "internal error" in err and "Traceback" not in err

@@ -73,9 +73,64 @@ def test_a_damaged_checkpoint_is_E922(run, tmp_path, capsys):
     assert "[E922]" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", [lambda b: b[:100], lambda b: b"garbage, not a checkpoint\n"])
+def test_a_damaged_checkpoint_is_named_with_the_choices_that_exist(damage, run, tmp_path, capsys):
+    """One clean sentence (no torch internals cut mid-sentence) and only advice that works:
+    `--resume` has no choice of checkpoint; `eval` does."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "last.pt").write_bytes(damage((run / "last.pt").read_bytes()))
+    assert main(["eval", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert f"error[E922]: {copy / 'last.pt'} is not a d2graph checkpoint, or it is damaged" in err
+    assert "`--checkpoint best`" in err and "Pytorch" not in err and "miniz" not in err
+    assert main(["eval", str(copy), "--checkpoint", "best"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(copy), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "not a d2graph checkpoint, or it is damaged" in err and "Pytorch" not in err
+    assert "continues only from last.pt" in err and f"d2graph eval {copy} --checkpoint best" in err
+    assert "other checkpoint" not in err and "Traceback" not in err
+
+
 def test_a_run_folder_is_not_overwritten(run, capsys):
     assert main(["train", EARLY, *SMALL, "--out", str(run)]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def _broken_early_exit(tmp_path):
+    """early_exit.d2 with heads too narrow for its 10 classes (E906 when training starts)."""
+    path = tmp_path / "early_exit.d2"
+    path.write_text((ROOT / "examples" / "early_exit.d2").read_text().replace("let classes = 10", "let classes = 5"))
+    return path
+
+
+def test_a_run_that_failed_before_training_does_not_block_its_retry(tmp_path, capsys):
+    path, out = _broken_early_exit(tmp_path), tmp_path / "run"
+    argv = ["train", str(path), *SMALL, "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    assert "[E906]" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out)]) == 2  # nothing to resume: said so, with the way out
+    err = capsys.readouterr().err
+    assert "[E922]" in err and "before training started" in err and f"--out {out}" in err
+    path.write_text((ROOT / "examples" / "early_exit.d2").read_text())  # fixed
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "starting it again" in err and "already holds a run" not in err
+    assert "let classes = 10" in (out / "early_exit.d2").read_text() and (out / "last.pt").is_file()
+    assert main(argv) == 2 and "already holds a run" in capsys.readouterr().err  # a real run is kept
+
+
+def test_a_sweep_that_failed_before_training_does_not_block_its_retry(tmp_path, capsys):
+    path, out = _broken_early_exit(tmp_path), tmp_path / "sweep"
+    argv = ["sweep", str(path), *SMALL, "--budgets", "0.5", "--methods", "uniform", "--out", str(out)]
+    assert main(argv) == 2
+    assert "[E906]" in capsys.readouterr().err
+    path.write_text((ROOT / "examples" / "early_exit.d2").read_text())
+    assert main(argv) == 0
+    assert "starting it again" in capsys.readouterr().err and (out / "curve.csv").is_file()
 
 
 def test_render_stats_draws_execution_rates(run, tmp_path, capsys):
@@ -127,3 +182,17 @@ def test_policy_export_and_fit_on_predictions(run, tmp_path, capsys):
     assert main(["policy", "fit", "--predictions", str(tmp_path / "none"), "--budget", "0.5"]) == 2
     assert "[E924]" in capsys.readouterr().err
     assert main(["policy", "fit", "--predictions", str(preds), "--budget", "0.5", "--trainer", "oracle"]) == 2
+
+
+def test_policy_export_of_a_graph_without_exits_names_no_trainer(tmp_path, capsys):
+    """Export refuses a graph that is not a multi-exit chain in its own words, not as an error of
+    the eenet trainer, which the user did not ask for."""
+    path = tmp_path / "plain.d2"
+    path.write_text("graph plain {\n  input x [1, 8, 8]\n  output y\n  node A = flatten, fc(10)\n  x -> A -> y\n"
+                    "  train {\n    data = digits\n    stage backbone = supervised(epochs=1)\n  }\n}\n")
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["policy", "export", str(tmp_path / "run"), "--out", str(tmp_path / "preds")]) == 2
+    err = capsys.readouterr().err
+    assert "[E921]" in err and "no per-exit predictions" in err and "has no control node" in err
+    assert "eenet" not in err and "Traceback" not in err and not (tmp_path / "preds").exists()
