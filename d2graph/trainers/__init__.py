@@ -4,7 +4,8 @@ In:  a `stage NAME = trainer(args)` of a train block, resolved by d2graph.runs.
 Out: the trainer classes, registered by name in `d2graph.schema.TRAINERS` (which the checker
      reads). The policies they return are defined in `d2graph.policies` (`POLICIES`, by
      kind) and re-exported here, where the public API has always had them.
-Guarantees: the built-in trainers are registered when d2graph is imported; trainers of
+Guarantees: the built-in trainers are registered when this package is imported, which the
+checker does at its first lookup of a trainer (`TRAINERS.provided_by`); trainers of
 other packages, declared under the entry-point group "d2graph.trainers" (each entry point
 names a `Trainer` subclass), are registered then too. A plugin that fails to load is
 reported as a warning and left out; it never breaks d2graph itself.
