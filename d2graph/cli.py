@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a run (or a .d2 file with a checkpoint): accuracy, cost, paths")
     e.add_argument("target", metavar="RUN|FILE", help="a run folder, or a .d2 file given with --checkpoint")
     e.add_argument("--checkpoint", metavar="NAME|PATH", default="last",
-                   help="last, best, or a path to a .pt file (default last)")
+                   help="last (the run's final model; the default), best (the best epoch of the run's last stage "
+                        "that validates, without the stages after it; a note says which), or a path to a .pt file")
     e.add_argument("--split", choices=("train", "val", "test"), default="test", help="the split (default test)")
     e.add_argument("--format", choices=("text", "json"), default="text", help="a table or JSON")
 
@@ -449,11 +450,14 @@ def _load_run(folder, checkpoint: str) -> dict:
 
 def _restore(graph, config, root: Path, path: Path, help: str | None = None) -> dict:
     from .executor import compile
-    from .runs import load_checkpoint, load_data
+    from .runs import describe_best, load_checkpoint, load_data
     from .policies import load_policy
 
     state = load_checkpoint(path, help=help or "`--checkpoint` takes last, best (of a run folder) or a .pt file "
                                                "that `d2graph train` wrote")
+    note = describe_best(state, config)
+    if note:  # best.pt is not the final model of a run whose last stages do not validate: say which it is
+        print(f"note: {note}", file=sys.stderr)
     executor = compile(graph)
     try:
         executor.load_state_dict(state["weights"])

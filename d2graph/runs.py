@@ -7,7 +7,9 @@ Out: `train(...)` runs the block's stages in order on one compiled executor and 
         <graph>.d2        a copy of the source (`d2graph train` on it reproduces the run)
         config.json       the resolved config: data set, settings, stages, every default filled
         metrics.jsonl     one JSON object per logged row (and metrics.csv, the same rows)
-        last.pt, best.pt  checkpoints: state dicts and plain data, loaded with weights_only=True
+        last.pt, best.pt  checkpoints: state dicts and plain data, loaded with weights_only=True;
+                          best.pt is the best epoch of the last stage that validates (each such
+                          stage rewrites it), and says which (`best_of`, `describe_best`)
         report.json/.txt  the final evaluation on validation and test
         graph.svg         the graph drawn with each node's execution rate (if `dot` is installed)
         training.png/.svg validation accuracy and cost per epoch (for stages that log both)
@@ -48,7 +50,8 @@ from .layers import initialise
 from .schema import DATASETS, TRAIN_SETTINGS, TRAINERS, Symbol
 from .policies import LearnedPolicy, Policy, load_policy, save_policy
 
-__all__ = ["Config", "Interrupted", "Run", "Stage", "Trained", "config_error", "derive_seed", "resolve", "train"]
+__all__ = ["Config", "Interrupted", "Run", "Stage", "Trained", "config_error", "derive_seed", "describe_best", "resolve",
+           "train"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -337,6 +340,29 @@ def load_checkpoint(path: str | Path, *, help: str | None = None) -> dict[str, A
     return state
 
 
+def describe_best(state: dict[str, Any], config: Config) -> str:
+    """What a best.pt holds, in a sentence for `eval --checkpoint best`: which stage and
+    epoch, its validation score, and the stages of `config` that came after it (and so are
+    not in it). '' for a checkpoint that is not a best.pt.
+
+    Example:
+        >>> describe_best(run.load("best"), run.config)                      # doctest: +SKIP
+        'best.pt holds stage `backbone` at epoch 2 (validation score 0.9125), ...'
+    """
+    best = state.get("best_of")
+    if not isinstance(best, dict):
+        return ""
+    text = (f"best.pt holds stage `{best['stage']}` at epoch {best['epoch']} (validation score {best['score']:.4g}), "
+            "the best epoch of the run's last stage that validates")
+    later = [s["name"] for s in config.stages[int(best["stage_index"]) + 1:]]
+    if later:
+        text += (f"; the stage{'s' if len(later) > 1 else ''} after it ("
+                 + ", ".join(f"`{name}`" for name in later) + ") "
+                 + ("are" if len(later) > 1 else "is") + " not in it, so it routes with the policy it had then; "
+                 "`--checkpoint last` is the run's final model")
+    return text
+
+
 # --- a stage of a run -----------------------------------------------------------------------
 
 
@@ -489,6 +515,9 @@ class Stage:
         self.session.echo(f"{self.name} epoch {self.epoch + 1}: " + ", ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
             if k != "epoch" and v is not None))
+        # `best` is per stage: a later stage that validates starts afresh, so its first epoch
+        # replaces the earlier stage's best.pt and the run's best.pt is always from its last
+        # validating stage (the stage whose epochs the final model came out of).
         improved = self.best is None or score > self.best
         if improved:
             self.best = score
@@ -559,8 +588,9 @@ class _Session:
             state.update({"stage_index": stage_index, "epoch": 0, "step": 0, "extra": {}, "optimizer": None,
                           "train_loss": [0.0, 0], "best_score": None})
         self.run.save("last", state)
-        if best:
-            self.run.save("best", state)
+        if best and stage is not None:
+            self.run.save("best", {**state, "best_of": {"stage": stage.name, "stage_index": stage.index,
+                                                        "epoch": epoch, "score": stage.best}})
 
 
 def pick_device(name: str) -> torch.device:

@@ -196,3 +196,55 @@ def test_policy_export_of_a_graph_without_exits_names_no_trainer(tmp_path, capsy
     err = capsys.readouterr().err
     assert "[E921]" in err and "no per-exit predictions" in err and "has no control node" in err
     assert "eenet" not in err and "Traceback" not in err and not (tmp_path / "preds").exists()
+
+
+TWO_VALIDATING = """graph tiny {
+  input x [1, 8, 8]
+  output y [merge=select]
+  node A = flatten, fc(10)
+  node B = flatten, fc(32), relu, fc(10)
+  control Q = flatten, fc(2)
+  x -> A, B, Q
+  Q => skip | B
+  B, A -> y
+  train {
+    data = digits
+    stage backbone = supervised(epochs=2)
+    stage policy = reinforce(epochs=2, alpha=0.5)
+  }
+}
+"""
+
+
+def test_best_checkpoint_says_which_stage_and_epoch_it_holds(run, capsys):
+    """best.pt of a run whose last stage (a threshold) does not validate is the backbone's best
+    epoch, before the policy existed: `eval --checkpoint best` says so instead of silently
+    evaluating another model than the run's."""
+    import torch
+
+    state = torch.load(run / "best.pt", weights_only=True)
+    assert state["best_of"]["stage"] == "backbone" and state["best_of"]["epoch"] == 1
+    assert main(["eval", str(run), "--checkpoint", "best"]) == 0
+    err = capsys.readouterr().err
+    assert "best.pt holds stage `backbone` at epoch 1" in err and "last stage that validates" in err
+    assert "(`policy`) is not in it" in err and "`--checkpoint last` is the run's final model" in err
+    assert main(["eval", str(run)]) == 0
+    assert "best.pt" not in capsys.readouterr().err  # last.pt is the run's model: nothing to say
+
+
+def test_best_checkpoint_is_from_the_last_stage_that_validates(tmp_path, capsys):
+    import torch
+
+    path = tmp_path / "tiny.d2"
+    path.write_text(TWO_VALIDATING)
+    out = tmp_path / "run"
+    assert main(["train", str(path), "--out", str(out), "--quiet"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    policy = [r for r in rows if r["stage"] == "policy" and "val_score" in r]
+    best = max(policy, key=lambda r: r["val_score"])  # the first of equal scores
+    state = torch.load(out / "best.pt", weights_only=True)
+    assert state["best_of"]["stage"] == "policy" and state["best_of"]["epoch"] == best["epoch"]
+    capsys.readouterr()
+    assert main(["eval", str(out), "--checkpoint", "best"]) == 0
+    err = capsys.readouterr().err
+    assert f"best.pt holds stage `policy` at epoch {best['epoch']}" in err and "not in it" not in err
