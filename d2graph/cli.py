@@ -301,13 +301,14 @@ def cmd_bench(args) -> int:
 
 def cmd_train(args) -> int:
     from .check import load
-    from .runs import Interrupted, Run, resolve, train
+    from .runs import Interrupted, Run, refuse_sweep, resolve, train
     from .syntax import read_source
 
     if args.resume:
         if args.file or args.overrides or args.out:
             raise _usage("--resume continues a run as it was configured",
                          "give only the run folder: `d2graph train --resume RUN`")
+        refuse_sweep(args.resume, "--resume")
         run = Run.open(args.resume)
         source = run.source
         graph = load(source, allow_imports=args.allow_imports)
@@ -471,8 +472,17 @@ def _restore(graph, config, root: Path, path: Path, help: str | None = None) -> 
 
 def _run_stats(folder: str, graphs) -> dict:
     """The test report of a run folder, for `render --stats`."""
-    from .runs import Run
+    from .runs import Run, sweep_folder
 
+    owner = sweep_folder(folder)
+    if owner is not None:  # many policies, no one routing to draw
+        what = "a sweep folder" if Path(folder) == owner else f"a seed's folder of the sweep {owner}"
+        name = graphs[0].name
+        raise _usage(f"{folder} is {what}: it holds the accuracy–cost curves of many policies, not the execution "
+                     "rates of one run",
+                     "--stats takes the folder of a finished `d2graph train` run: train the sweep point you want "
+                     f"drawn into one, e.g. `d2graph train {name}.d2 --set STAGE.budget=0.5 --out RUN` (the "
+                     f"setting of that point), then `d2graph render {name}.d2 -o {name}.svg --stats RUN`")
     run = Run.open(folder)
     path = run.folder / "report.json"
     if not path.is_file():

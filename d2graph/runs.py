@@ -50,10 +50,11 @@ from .layers import initialise
 from .schema import DATASETS, TRAIN_SETTINGS, TRAINERS, Symbol
 from .policies import LearnedPolicy, Policy, load_policy, save_policy
 
-__all__ = ["Config", "Interrupted", "Run", "Stage", "Trained", "config_error", "derive_seed", "describe_best", "resolve",
-           "train"]
+__all__ = ["SWEEP_FILE", "Config", "Interrupted", "Run", "Stage", "Trained", "config_error", "derive_seed",
+           "describe_best", "refuse_sweep", "resolve", "sweep_folder", "train"]
 
 CHECKPOINT_FORMAT = 1
+SWEEP_FILE = "sweep.json"  # marks a folder `d2graph sweep` made (and each of its seeds' folders)
 
 
 def config_error(code: str, message: str, help: str = "") -> D2GraphError:
@@ -199,6 +200,35 @@ def settings_names() -> list[str]:
 # --- the run folder -------------------------------------------------------------------------
 
 
+def sweep_folder(folder: str | Path) -> Path | None:
+    """The sweep folder that `folder` belongs to: `folder` itself when `d2graph sweep` made it,
+    its parent when it is one seed's folder (`seed-S/`) of a sweep; None otherwise. A sweep is
+    known by its `sweep.json` (or, made before that file existed, by its `curve.csv`).
+
+    Example:
+        >>> sweep_folder("runs/early_exit/sweep-20261130-120000/seed-1")      # doctest: +SKIP
+        PosixPath('runs/early_exit/sweep-20261130-120000')
+    """
+    folder = Path(folder)
+    candidates = [folder, folder.parent] if folder.name.startswith("seed-") else [folder]
+    for f in candidates:
+        if (f / SWEEP_FILE).is_file() or (f / "curve.csv").is_file():
+            return f
+    return None
+
+
+def refuse_sweep(folder: str | Path, doing: str) -> None:
+    """E922 when `folder` is (in) a sweep folder: `doing` (e.g. "--resume") would turn it into a run."""
+    owner = sweep_folder(folder)
+    if owner is None:
+        return
+    what = "a sweep folder" if Path(folder) == owner else f"one seed's folder of the sweep {owner}"
+    raise config_error("E922", f"{folder} is {what} (`d2graph sweep` made it), not a run folder: "
+                               f"{doing} would rewrite it into a run",
+                       help="a sweep cannot be continued or trained into; run the sweep again with another `--out`, "
+                            "or train one policy into a run folder of its own: `d2graph train FILE --out RUN`")
+
+
 class Run:
     """A run folder. `Run.create` makes a new one; `Run.open` reads an existing one."""
 
@@ -208,7 +238,11 @@ class Run:
         self.restarted = False  # `create` reused a folder whose run never reached a checkpoint
 
     @classmethod
-    def create(cls, graph: Graph, source: str, config: Config, out: str | Path | None = None) -> Run:
+    def create(cls, graph: Graph, source: str, config: Config, out: str | Path | None = None, *,
+               sweep: dict[str, Any] | None = None) -> Run:
+        """A new run folder (`out`, or `runs/<graph>/<timestamp>/`). `sweep` (plain data about the
+        sweep) makes it a sweep's folder: it gets a `sweep.json`, which `train --resume` and
+        `train --out` refuse (E922) and `render --stats` explains."""
         if out is None:
             base = Path("runs") / graph.name / time.strftime("%Y%m%d-%H%M%S")
             folder, i = base, 1
@@ -218,7 +252,12 @@ class Run:
         restarted = False
         if out is not None:
             folder = Path(out)
+            if sweep is None:
+                refuse_sweep(folder, "--out")
             if (folder / "config.json").exists():
+                if any(folder.glob("*.pt")) and sweep is not None:
+                    raise config_error("E922", f"{folder} already holds a sweep",
+                                       help="a sweep cannot be continued; choose another --out")
                 if any(folder.glob("*.pt")):
                     raise config_error("E922", f"{folder} already holds a run",
                                        help=f"continue it with `d2graph train --resume {folder}`, "
@@ -236,6 +275,8 @@ class Run:
         run.restarted = restarted
         write_atomic(folder / f"{graph.name}.d2", source)
         write_atomic(folder / "config.json", config.text())
+        if sweep is not None:
+            write_atomic(folder / SWEEP_FILE, json.dumps(sweep, indent=2) + "\n")
         run._rows = []
         return run
 
@@ -631,6 +672,8 @@ def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool 
     `run`. `resume=True` continues from `run/last.pt`. `stages` limits the stages run (the
     sweep trains the backbone once, then each policy stage). Raises `Interrupted` on Ctrl-C
     (after saving `last.pt`) and D2GraphError on mistakes in the config, data or run."""
+    if resume:
+        refuse_sweep(run.folder, "--resume")
     if resume and not any(run.folder.glob("*.pt")):  # checked first: the data may be what stopped it
         raise config_error("E922", f"{run.folder} has no checkpoint: the run stopped before training started",
                            help="there is nothing to resume; start it again with `d2graph train FILE --out "

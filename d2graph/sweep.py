@@ -16,7 +16,9 @@ logged like a run (checkpoint `backbone.pt`; in the sweep folder for one seed, i
 `seed-S/` for several); each policy is then fitted from that same backbone for each budget —
 on a copy of its weights, so no point leaks into another — calibrated on validation and
 reported on test. A method that cannot handle the graph (E921) is left out with a note, not
-a failure. The same seed gives the same curve.
+a failure. The same seed gives the same curve. `sweep.json` in the sweep folder (and in each
+`seed-S/`) marks it as a sweep's: `train --resume`/`--out` refuse it (E922) instead of
+rewriting it into a run.
 
 Area under the curve (`area_under_curve`): for one method and one seed, its points
 (test cost fraction, test accuracy) sorted by cost (ties by accuracy) are joined by straight
@@ -292,7 +294,7 @@ def sweep(graph: Graph, source: Path, *, budgets: list[float] | None = None, met
     (and, if `budgets` are given too, to those budgets), so every curve covers the same costs.
     Without `param`, `budgets` default to 0.2, 0.3, 0.5, 0.7. `seeds` (≥ 1) repeats the whole
     sweep for seeds seed, seed+1, ..., seed+seeds−1."""
-    from .runs import config_error, resolve
+    from .runs import SWEEP_FILE, config_error, resolve
 
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise config_error("E920", f"--seeds must be a positive integer, not {seeds!r}",
@@ -308,12 +310,21 @@ def sweep(graph: Graph, source: Path, *, budgets: list[float] | None = None, met
     out = Path(out)
     say = echo or (lambda text: None)
     result = Sweep(graph.name, out, seeds=list(range(first, first + seeds)))
+    # sweep.json marks the folder (and each seed's) as a sweep's, so that it is never taken for a run.
+    marker = {"graph": graph.name, "seeds": result.seeds, "budgets": budgets, "methods": methods, "param": param,
+              "overrides": list(overrides)}
+    if seeds > 1:
+        if any(out.glob("seed-*/*.pt")):
+            raise config_error("E922", f"{out} already holds a sweep", help="a sweep cannot be continued; choose "
+                                                                            "another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / SWEEP_FILE, json.dumps(marker, indent=2) + "\n")
     for s in result.seeds:
         folder = out if seeds == 1 else out / f"seed-{s}"
         if seeds > 1:
             say(f"seed {s}")
         _sweep_seed(graph, source, resolve(graph, [*overrides, f"seed={s}"]), result, folder, budgets=budgets,
-                    specs=specs, param=param_spec, say=say, echo=echo)
+                    specs=specs, param=param_spec, say=say, echo=echo, marker={**marker, "seed": s})
     if seeds > 1:
         write_atomic(out / f"{graph.name}.d2", source.read_text())
     _write(result, out)
@@ -322,7 +333,7 @@ def sweep(graph: Graph, source: Path, *, budgets: list[float] | None = None, met
 
 
 def _sweep_seed(graph: Graph, source: Path, config, result: Sweep, folder: Path, *, budgets, specs, param,
-                say, echo) -> None:
+                say, echo, marker: dict[str, Any]) -> None:
     """One seed's sweep: train the backbone into the run `folder`, fit every method, append the rows."""
     from .evaluate import evaluate
     from .runs import Run, derive_seed, train
@@ -335,7 +346,7 @@ def _sweep_seed(graph: Graph, source: Path, config, result: Sweep, folder: Path,
     if specs is None:
         specs = [parse_method(m) for m in dict.fromkeys([s["trainer"] for s in own] + list(DEFAULT_METHODS))]
     seed = int(config.settings["seed"])
-    run = Run.create(graph, source.read_text(), config, folder)
+    run = Run.create(graph, source.read_text(), config, folder, sweep=marker)
     if run.restarted:
         say(f"note: {run.folder} held a sweep that stopped before its first checkpoint; starting it again there")
     say(f"sweep folder: {run.folder}")

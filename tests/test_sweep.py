@@ -117,3 +117,41 @@ def test_a_bad_method_spec_exits_2_with_a_message(spec, fragment, capsys, tmp_pa
     err = capsys.readouterr().err
     assert "[E920]" in err and fragment in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # checked before any training
+
+
+@pytest.fixture(scope="module")
+def one_seed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "one"
+    sweep(d2graph.load(EARLY), EARLY, budgets=[0.5], methods=["uniform"], overrides=TINY, out=out, echo=None)
+    return out
+
+
+def _contents(folder):
+    return {p.relative_to(folder): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("which", ["one seed", "two seeds", "a seed's folder"])
+def test_a_sweep_folder_is_never_taken_for_a_run(which, one_seed, two_seeds, tmp_path, capsys):
+    """`train --resume` (or `--out`) of a sweep folder used to rewrite it into a run, and
+    `render --stats` advised exactly that; both now say what the folder is and what works."""
+    folder = {"one seed": one_seed, "two seeds": two_seeds[1], "a seed's folder": two_seeds[1] / "seed-1"}[which]
+    assert json.loads((folder / "sweep.json").read_text())["graph"] == "early_exit"
+    before = _contents(folder)
+    assert main(["train", "--resume", str(folder), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "[E922]" in err and "`d2graph sweep` made it" in err and "would rewrite it into a run" in err
+    assert main(["train", str(EARLY), "--set", "data.n=300", "--out", str(folder), "--quiet"]) == 2
+    assert "[E922]" in capsys.readouterr().err
+    assert main(["render", str(EARLY), "-o", str(tmp_path / "g.dot"), "--stats", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "accuracy–cost curves of many policies" in err and "--resume" not in err and "Traceback" not in err
+    assert "--stats takes the folder of a finished `d2graph train` run" in err
+    assert _contents(folder) == before  # untouched
+
+
+def test_a_finished_sweep_is_not_overwritten(one_seed, capsys):
+    argv = ["sweep", str(EARLY), *(f"--set={o}" for o in TINY), "--budgets", "0.5", "--methods", "uniform",
+            "--out", str(one_seed), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already holds a sweep" in err and "--resume" not in err
