@@ -12,7 +12,9 @@ Out: `train(...)` runs the block's stages in order on one compiled executor and 
                           stage rewrites it), and says which (`best_of`, `describe_best`)
         report.json/.txt  the final evaluation on validation and test
         graph.svg         the graph drawn with each node's execution rate (if `dot` is installed)
-        training.png/.svg validation accuracy and cost per epoch (for stages that log both)
+        graph.dot         the same drawing as DOT text (always written, `dot` or not)
+        training.png/.svg each stage's training loss and validation score per epoch (redrawn as
+                          each stage ends; a stage fitted once is one point)
 Guarantees:
   - Every file is written atomically; a crash or Ctrl-C never leaves half a file. Ctrl-C
     stops at the next step boundary, writes `last.pt` there and raises `Interrupted`;
@@ -47,6 +49,7 @@ from .executor import Executor, compile
 from .files import atomic_path, write_atomic
 from .ir import Graph
 from .layers import initialise
+from .plots import training_plot
 from .schema import DATASETS, TRAIN_SETTINGS, TRAINERS, Symbol
 from .policies import LearnedPolicy, Policy, load_policy, save_policy
 
@@ -613,6 +616,15 @@ class _Session:
         else:
             self._in_memory_rows.append(row)
 
+    def plot_training(self) -> None:
+        """Redraw the run's training.png/.svg (each stage's loss and validation score per epoch)."""
+        if self.run is None:
+            return
+        try:
+            training_plot(self.run.rows(), self.run.folder / "training", title=f"{self.config.graph}: training")
+        except ImportError as e:  # plots.py imports matplotlib on first use
+            self.echo(f"note: {e}; the run folder gets no training.png")
+
     def rows_logged(self) -> int:
         return len(self.run.rows()) if self.run is not None else len(self._in_memory_rows)
 
@@ -728,6 +740,7 @@ def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool 
                 session.policy = policy
                 session.echo(f"  policy: {policy.describe()}")
             session.checkpoint(None, stage_index=i + 1, complete=i + 1 == len(config.stages))
+            session.plot_training()
             if session.stop.set:
                 raise Interrupted(run)
     trained = Trained(executor, session.policy, splits, config, run)
@@ -737,7 +750,7 @@ def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool 
 
 
 def finish(trained: Trained, *, quiet: bool = False, echo=print) -> None:
-    """Evaluate on validation and test; write report.json / report.txt and graph.svg."""
+    """Evaluate on validation and test; write report.json / report.txt and graph.dot / graph.svg."""
     from .evaluate import evaluate
 
     seed = int(trained.config.settings["seed"])
@@ -754,9 +767,6 @@ def finish(trained: Trained, *, quiet: bool = False, echo=print) -> None:
     write_atomic(run.folder / "report.json", json.dumps(report, indent=2) + "\n")
     write_atomic(run.folder / "report.txt", f"policy: {trained.policy.describe()}\n\n"
                  + "\n\n".join(r.table() for r in trained.reports.values()) + "\n")
-    from .plots import training_plot
-
-    training_plot(run.rows(), run.folder / "training")  # stages that log validation accuracy and cost
     try:
         from .render import render
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -248,3 +249,21 @@ def test_best_checkpoint_is_from_the_last_stage_that_validates(tmp_path, capsys)
     assert main(["eval", str(out), "--checkpoint", "best"]) == 0
     err = capsys.readouterr().err
     assert f"best.pt holds stage `policy` at epoch {best['epoch']}" in err and "not in it" not in err
+
+
+def _listed(path, begin="<!-- run-folder:begin -->", end="<!-- run-folder:end -->") -> set[str]:
+    """The file names a doc lists between its run-folder markers (`GRAPH.d2` standing for the copy)."""
+    text = path.read_text(encoding="utf-8")
+    assert text.count(begin) == 1 and text.count(end) == 1, path
+    section = text[text.index(begin):text.index(end)]
+    return {name for name in re.findall(r"`([\w.]+\.[a-z0-9]+)`", section) if not name.startswith("d2graph")}
+
+
+def test_a_run_folder_holds_the_training_plot_and_what_the_docs_list(run):
+    png = run / "training.png"
+    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 5000
+    assert (run / "training.svg").is_file()
+    files = {p.name.replace("early_exit.d2", "GRAPH.d2") for p in run.iterdir()}
+    assert "graph.dot" in files  # written whether or not `dot` is installed
+    for doc in (ROOT / "docs" / "cli.md", ROOT / "README.md"):
+        assert _listed(doc) == files | {"graph.svg"}, doc  # graph.svg: only where Graphviz is
