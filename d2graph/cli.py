@@ -337,15 +337,17 @@ def cmd_train(args) -> int:
         print(f"interrupted: the last checkpoint is in {run.folder / 'last.pt'}; continue with "
               f"`d2graph train --resume {run.folder}`", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(_summary(graph, trained.reports["test"], trained.policy.describe()))
+    print(_summary(graph, trained.reports["test"], trained.policy.describe(), trained.full.get("test")))
     print(f"run folder: {run.folder}")
     return EXIT_OK
 
 
-def _summary(graph, report, policy: str) -> str:
+def _summary(graph, report, policy: str, full=None) -> str:
     from .ir import format_cost
 
     f1 = f", F1 {report.f1:.3f}" if report.f1 is not None else ""
+    if full is not None:  # the number a user compares first
+        f1 += f" (full network {full.accuracy:.2%})"
     return (f"{graph.name}: test accuracy {report.accuracy:.2%}{f1}, mean cost {format_cost(report.mean_cost)} "
             f"per example ({report.cost_fraction:.1%} of the full graph), policy: {policy}")
 
@@ -376,7 +378,7 @@ def cmd_eval(args) -> int:
     if args.format == "json":
         print(json.dumps({"policy": policy.describe(), **report.to_json()}, indent=2))
     else:
-        print(f"policy: {policy.describe()}\n{report.table()}")
+        print(report.table())  # its second line names the policy
     return EXIT_OK
 
 

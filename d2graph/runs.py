@@ -51,7 +51,8 @@ from .ir import Graph
 from .layers import initialise
 from .plots import training_plot
 from .schema import DATASETS, TRAIN_SETTINGS, TRAINERS, Symbol
-from .policies import LearnedPolicy, Policy, load_policy, save_policy
+from .paths import path_costs
+from .policies import LearnedPolicy, Policy, StaticPolicy, load_policy, save_policy
 
 __all__ = ["SWEEP_FILE", "Config", "Interrupted", "Run", "Stage", "Trained", "config_error", "derive_seed",
            "describe_best", "refuse_sweep", "resolve", "sweep_folder", "train"]
@@ -587,6 +588,10 @@ class Trained:
     config: Config
     run: Run | None
     reports: dict[str, Any] = field(default_factory=dict)  # split → d2graph.evaluate.Report
+    # split → Report of the full network (the dearest static path) on that split, the number a
+    # user compares the policy's with first; empty for a graph without control nodes.
+    full: dict[str, Any] = field(default_factory=dict)
+    full_path: str = ""  # which static path that is, e.g. "Q1=2 Q2=2"
 
 
 class _Session:
@@ -749,6 +754,27 @@ def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool 
     return trained
 
 
+def report_text(trained: Trained) -> str:
+    """report.txt: the policy (once), the policy's accuracy and cost next to the full
+    network's per split, then each split's table (`Report.table`)."""
+    lines = [f"policy: {trained.policy.describe()}"]
+    full = trained.full
+    if full:
+        test = full["test"]
+        every = "every node runs" if test.cost_fraction >= 1 else "the dearest static path; no path runs every node"
+        lines.append(f"full network: path {trained.full_path} ({every}; {test.cost_fraction:.1%} of the full graph's "
+                     "cost)")
+    rows = [("split", "examples", "policy accuracy", "policy cost", *(("full network accuracy",) if full else ()))]
+    for split, r in trained.reports.items():
+        rows.append((split, f"{r.n:,}", f"{r.accuracy:.1%}", f"{r.cost_fraction:.1%}",
+                     *((f"{full[split].accuracy:.1%}",) if full else ())))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines.append("")
+    lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+              for row in rows]
+    return "\n".join(lines) + "\n\n" + "\n\n".join(r.table(routed_by=False) for r in trained.reports.values()) + "\n"
+
+
 def finish(trained: Trained, *, quiet: bool = False, echo=print) -> None:
     """Evaluate on validation and test; write report.json / report.txt and graph.dot / graph.svg."""
     from .evaluate import evaluate
@@ -760,13 +786,23 @@ def finish(trained: Trained, *, quiet: bool = False, echo=print) -> None:
         trained.reports[split] = evaluate(trained.executor, trained.data[split], trained.policy,
                                           classes=trained.data.classes, batch=batch, generator=generator,
                                           split=split)
+    graph = trained.executor.graph
+    if graph.control_nodes:
+        actions, _, _ = path_costs(graph)[0]  # dearest first
+        trained.full_path = " ".join(f"{q}={a + 1}" for q, a in actions.items())
+        for split in ("val", "test"):
+            trained.full[split] = evaluate(trained.executor, trained.data[split], StaticPolicy(actions),
+                                           classes=trained.data.classes, batch=batch, split=split)
     run = trained.run
     if run is None:
         return
     report = {"policy": trained.policy.describe(), **{s: r.to_json() for s, r in trained.reports.items()}}
+    if trained.full:
+        report["full_network"] = {"path": trained.full_path, **{
+            s: {k: getattr(r, k) for k in ("accuracy", "f1", "mean_cost", "cost_fraction")}
+            for s, r in trained.full.items()}}
     write_atomic(run.folder / "report.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(run.folder / "report.txt", f"policy: {trained.policy.describe()}\n\n"
-                 + "\n\n".join(r.table() for r in trained.reports.values()) + "\n")
+    write_atomic(run.folder / "report.txt", report_text(trained))
     try:
         from .render import render
 

@@ -245,29 +245,30 @@ class Sweep:
         return aucs(self.rows)
 
     def table(self) -> str:
-        """The rows (one seed) or the mean ± std over seeds (several), then the AUC per method."""
+        """The rows (one seed) or the mean ± std over seeds (several), then the AUC per method;
+        accuracies and costs in percent, as `d2graph train` prints them (the CSV files keep
+        fractions)."""
         if len(self.seeds) > 1:
-            lines = [f"{self.graph}: test accuracy and mean cost (fraction of the full graph) per method and "
+            lines = [f"{self.graph}: test accuracy and mean cost (% of the full graph's cost) per method and "
                      f"budget, mean ± standard deviation over seeds {', '.join(map(str, self.seeds))}",
                      "| method | budget | n | test accuracy | test cost | val cost |", "|---|---:|---:|---:|---:|---:|"]
             for r in self.summary:
-                budget = "" if r["budget"] is None else f"{r['budget']:.2f}"
-                lines.append(f"| {_name(r)} | {budget} | {r['n']} | {_pm(r, 'accuracy', 4)} | "
-                             f"{_pm(r, 'cost_fraction', 3)} | {_pm(r, 'val_cost_fraction', 3)} |")
+                lines.append(f"| {_name(r)} | {_percent(r['budget'], 0)} | {r['n']} | {_pm(r, 'accuracy', 2)} | "
+                             f"{_pm(r, 'cost_fraction', 1)} | {_pm(r, 'val_cost_fraction', 1)} |")
         else:
-            lines = [f"{self.graph}: test accuracy and mean cost (fraction of the full graph) per method and budget",
+            lines = [f"{self.graph}: test accuracy and mean cost (% of the full graph's cost) per method and budget",
                      "| method | budget | test accuracy | test cost | val cost |", "|---|---:|---:|---:|---:|"]
             for r in self.rows:
-                budget = "" if r["budget"] is None else f"{r['budget']:.2f}"
-                val = "" if r["val_cost_fraction"] is None else f"{r['val_cost_fraction']:.3f}"
-                lines.append(f"| {_name(r)} | {budget} | {r['accuracy']:.4f} | {r['cost_fraction']:.3f} | {val} |")
+                lines.append(f"| {_name(r)} | {_percent(r['budget'], 0)} | {_percent(r['accuracy'], 2)} | "
+                             f"{_percent(r['cost_fraction'], 1)} | {_percent(r['val_cost_fraction'], 1)} |")
         auc = self.auc
         if auc:
             lo = min(a["cost_from"] for a in auc)
-            lines += ["", f"area under the accuracy–cost curve (mean test accuracy over costs {lo:.3f}–1.000)",
+            lines += ["", f"area under the accuracy–cost curve (mean test accuracy over costs {lo:.1%}–100%)",
                       "| method | n | AUC |", "|---|---:|---:|"]
-            lines += [f"| {a['method']} | {a['n']} | {a['auc_mean']:.4f}"
-                      + (f" ± {a['auc_std']:.4f}" if len(self.seeds) > 1 else "") + " |" for a in auc]
+            lines += [f"| {a['method']} | {a['n']} | "
+                      + (f"{100 * a['auc_mean']:.2f} ± {100 * a['auc_std']:.2f}%" if len(self.seeds) > 1
+                         else _percent(a["auc_mean"], 2)) + " |" for a in auc]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
@@ -278,9 +279,20 @@ def _name(r: dict[str, Any]) -> str:
     return f"{name} (at {r['calibrated_to']})" if r.get("calibrated_to") else name
 
 
+def _percent(value: float | None, digits: int) -> str:
+    """0.815 → "81.50%" (digits=2); None → ""; a budget like 0.25 keeps its digits (25%, not 20%)."""
+    if value is None:
+        return ""
+    text = f"{100 * value:.{digits}f}"
+    if digits == 0 and abs(float(text) - 100 * value) > 1e-9:  # a budget with more digits than whole percent
+        text = f"{100 * value:g}"
+    return text + "%"
+
+
 def _pm(r: dict[str, Any], key: str, digits: int) -> str:
+    """Mean ± standard deviation in percent: "81.50 ± 0.40%"."""
     mean, std = r[f"{key}_mean"], r[f"{key}_std"]
-    return "" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return "" if mean is None else f"{100 * mean:.{digits}f} ± {100 * std:.{digits}f}%"
 
 
 def sweep(graph: Graph, source: Path, *, budgets: list[float] | None = None, methods: list[str] | None = None,

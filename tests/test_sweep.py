@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import pytest
 import d2graph
 from d2graph.cli import main
 from d2graph.diagnostics import D2GraphError
-from d2graph.sweep import area_under_curve, aucs, parse_method, sweep
+from d2graph.sweep import Sweep, area_under_curve, aucs, parse_method, sweep
 
 from .conftest import ROOT
 
@@ -155,3 +156,19 @@ def test_a_finished_sweep_is_not_overwritten(one_seed, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "already holds a sweep" in err and "--resume" not in err
+
+
+def test_sweep_tables_give_percentages_as_train_does(two_seeds, one_seed):
+    """Accuracy and cost in percent, as `d2graph train` prints them; the CSV keeps fractions."""
+    result, _ = two_seeds
+    text = result.table()
+    threshold = next(line for line in text.splitlines() if line.startswith("| threshold | 30% | 2 |"))
+    acc, cost = threshold.split(" | ")[3:5]
+    assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d%", acc) and re.fullmatch(r"\d+\.\d ± \d+\.\d%", cost)
+    assert re.search(r"^\| threshold \| 2 \| \d+\.\d\d ± \d+\.\d\d% \|$", text, re.M)  # the AUC
+    curve = json.loads((one_seed / "curve.json").read_text())
+    one = Sweep(curve["graph"], one_seed, rows=curve["rows"], seeds=curve["seeds"])
+    row = next(r for r in curve["rows"] if r["method"] == "uniform")
+    assert (f"| uniform | 50% | {100 * row['accuracy']:.2f}% | {100 * row['cost_fraction']:.1f}% | "
+            f"{100 * row['val_cost_fraction']:.1f}% |") in one.table()
+    assert float(next(csv.DictReader((one_seed / "curve.csv").open()))["cost_fraction"]) <= 1.0

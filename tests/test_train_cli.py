@@ -267,3 +267,28 @@ def test_a_run_folder_holds_the_training_plot_and_what_the_docs_list(run):
     assert "graph.dot" in files  # written whether or not `dot` is installed
     for doc in (ROOT / "docs" / "cli.md", ROOT / "README.md"):
         assert _listed(doc) == files | {"graph.svg"}, doc  # graph.svg: only where Graphviz is
+
+
+def test_the_report_puts_the_full_network_next_to_the_policy(run):
+    """report.txt: the policy named once; the full network's accuracy beside the policy's;
+    each control node's action shares add up to 100% (of the examples it ran for); exits
+    shallowest first."""
+    text = (run / "report.txt").read_text()
+    report = json.loads((run / "report.json").read_text())
+    assert text.count(report["policy"]) == 1 and "routed by" not in text
+    full = report["full_network"]
+    assert full["path"] == "Q1=2 Q2=2" and full["test"]["cost_fraction"] == 1.0
+    assert "full network: path Q1=2 Q2=2 (every node runs" in text
+    header, val, test = (line.split() for line in text.split("\n\n")[1].splitlines())
+    assert " ".join(header) == "split examples policy accuracy policy cost full network accuracy"
+    for row, split in ((val, "val"), (test, "test")):
+        assert row[0] == split and row[2] == f"{report[split]['accuracy']:.1%}"
+        assert row[4] == f"{full[split]['accuracy']:.1%}"
+    shares = re.findall(r"^Q\d +[\d.]+% ((?: \d+:\d+%)+)$", text, re.M)
+    assert len(shares) == 4  # Q1 and Q2, on val and test
+    for line in shares:
+        assert sum(int(p) for p in re.findall(r":(\d+)%", line)) == 100, line
+    for table in text.split("\n\nexit")[1:]:
+        exits = [line.split()[0] for line in table.strip().splitlines()[1:] if line.strip()]
+        exits = exits[:exits.index("test:")] if "test:" in exits else exits
+        assert len(exits) >= 2 and exits == sorted(exits, key=["H1", "H2", "B3"].index), exits  # shallowest first
