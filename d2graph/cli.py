@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a run (or a .d2 file with a checkpoint): accuracy, cost, paths")
     e.add_argument("target", metavar="RUN|FILE", help="a run folder, or a .d2 file given with --checkpoint")
     e.add_argument("--checkpoint", metavar="NAME|PATH", default="last",
-                   help="last, best, or a path to a .pt file (default last)")
+                   help="last (the run's final model; the default), best (the best epoch of the run's last stage "
+                        "that validates, without the stages after it; a note says which), or a path to a .pt file")
     e.add_argument("--split", choices=("train", "val", "test"), default="test", help="the split (default test)")
     e.add_argument("--format", choices=("text", "json"), default="text", help="a table or JSON")
 
@@ -300,13 +301,14 @@ def cmd_bench(args) -> int:
 
 def cmd_train(args) -> int:
     from .check import load
-    from .runs import Interrupted, Run, resolve, train
+    from .runs import Interrupted, Run, refuse_sweep, resolve, train
     from .syntax import read_source
 
     if args.resume:
         if args.file or args.overrides or args.out:
             raise _usage("--resume continues a run as it was configured",
                          "give only the run folder: `d2graph train --resume RUN`")
+        refuse_sweep(args.resume, "--resume")
         run = Run.open(args.resume)
         source = run.source
         graph = load(source, allow_imports=args.allow_imports)
@@ -335,15 +337,17 @@ def cmd_train(args) -> int:
         print(f"interrupted: the last checkpoint is in {run.folder / 'last.pt'}; continue with "
               f"`d2graph train --resume {run.folder}`", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(_summary(graph, trained.reports["test"], trained.policy.describe()))
+    print(_summary(graph, trained.reports["test"], trained.policy.describe(), trained.full.get("test")))
     print(f"run folder: {run.folder}")
     return EXIT_OK
 
 
-def _summary(graph, report, policy: str) -> str:
+def _summary(graph, report, policy: str, full=None) -> str:
     from .ir import format_cost
 
     f1 = f", F1 {report.f1:.3f}" if report.f1 is not None else ""
+    if full is not None:  # the number a user compares first
+        f1 += f" (full network {full.accuracy:.2%})"
     return (f"{graph.name}: test accuracy {report.accuracy:.2%}{f1}, mean cost {format_cost(report.mean_cost)} "
             f"per example ({report.cost_fraction:.1%} of the full graph), policy: {policy}")
 
@@ -374,7 +378,7 @@ def cmd_eval(args) -> int:
     if args.format == "json":
         print(json.dumps({"policy": policy.describe(), **report.to_json()}, indent=2))
     else:
-        print(f"policy: {policy.describe()}\n{report.table()}")
+        print(report.table())  # its second line names the policy
     return EXIT_OK
 
 
@@ -449,11 +453,14 @@ def _load_run(folder, checkpoint: str) -> dict:
 
 def _restore(graph, config, root: Path, path: Path, help: str | None = None) -> dict:
     from .executor import compile
-    from .runs import load_checkpoint, load_data
+    from .runs import describe_best, load_checkpoint, load_data
     from .policies import load_policy
 
     state = load_checkpoint(path, help=help or "`--checkpoint` takes last, best (of a run folder) or a .pt file "
                                                "that `d2graph train` wrote")
+    note = describe_best(state, config)
+    if note:  # best.pt is not the final model of a run whose last stages do not validate: say which it is
+        print(f"note: {note}", file=sys.stderr)
     executor = compile(graph)
     try:
         executor.load_state_dict(state["weights"])
@@ -467,8 +474,17 @@ def _restore(graph, config, root: Path, path: Path, help: str | None = None) -> 
 
 def _run_stats(folder: str, graphs) -> dict:
     """The test report of a run folder, for `render --stats`."""
-    from .runs import Run
+    from .runs import Run, sweep_folder
 
+    owner = sweep_folder(folder)
+    if owner is not None:  # many policies, no one routing to draw
+        what = "a sweep folder" if Path(folder) == owner else f"a seed's folder of the sweep {owner}"
+        name = graphs[0].name
+        raise _usage(f"{folder} is {what}: it holds the accuracy–cost curves of many policies, not the execution "
+                     "rates of one run",
+                     "--stats takes the folder of a finished `d2graph train` run: train the sweep point you want "
+                     f"drawn into one, e.g. `d2graph train {name}.d2 --set STAGE.budget=0.5 --out RUN` (the "
+                     f"setting of that point), then `d2graph render {name}.d2 -o {name}.svg --stats RUN`")
     run = Run.open(folder)
     path = run.folder / "report.json"
     if not path.is_file():

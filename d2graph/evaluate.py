@@ -46,7 +46,7 @@ from .ir import Graph, format_cost
 from .paths import heads
 from .policies import Policy, evaluating, run_policy
 
-__all__ = ["NO_CONTROL", "NO_EXIT", "Report", "evaluate", "per_example", "summarise"]
+__all__ = ["NO_CONTROL", "NO_EXIT", "Report", "evaluate", "per_example", "summarise", "whole_percentages"]
 
 NO_CONTROL = "(no control)"  # the path label of every example of a graph without control nodes
 NO_EXIT = "(none)"  # the exit label of an example whose output took no head's scores
@@ -195,7 +195,7 @@ class Report:
     node_rates     function or control node → share of examples it ran for
     action_rates   control node → [share taking action 1, action 2, ..., share it did not run]
     paths          [{path, count, fraction, accuracy, mean_cost}], most frequent first
-    exits          exit label → {count, accuracy}
+    exits          exit label → {count, accuracy}, shallowest exit first (graph order)
     edge_traffic   "SRC->DST" (data edge) → share of examples whose value flowed on it: both
                    ends ran (and, into a `merge=select` node, no earlier input served them);
                    "Q=>TARGET" (control edge; TARGET "skip" for skip) → share taking it
@@ -230,8 +230,11 @@ class Report:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def table(self) -> str:
-        """A text table for people: the headline, how often each node ran, the paths, the exits."""
+    def table(self, *, routed_by: bool = True) -> str:
+        """A text table for people: the headline, how often each node ran (and, for a control
+        node, the share of the examples it ran for that took each action: they add up to
+        100%), the paths, the exits (shallowest first). `routed_by=False` leaves out the line
+        naming the policy (for a report that names it once above several tables)."""
         head = f"{self.split}: {self.n:,} examples  accuracy {self.accuracy:.1%}"
         if self.f1 is not None:
             head += f"  F1 {self.f1:.3f}"
@@ -239,17 +242,19 @@ class Report:
         head += (f"  mean cost {format_cost(self.mean_cost)}{unit} "
                  f"({self.cost_fraction:.1%} of the full {format_cost(self.full_cost)})")
         lines = [head]
-        if self.policy:
+        if self.policy and routed_by:
             lines.append(f"routed by {self.policy}")
 
         if self.node_rates:
             width = max(len("node"), *(len(name) for name in self.node_rates))
-            lines += ["", f"{'node':<{width}}  {'ran':>6}"]
+            said = any(self.action_rates.get(name) for name in self.node_rates)
+            lines += ["", f"{'node':<{width}}  {'ran':>6}" + ("  actions (of the examples it ran for)" if said else "")]
             for name, rate in self.node_rates.items():
                 actions = self.action_rates.get(name)
                 note = ""
-                if actions:
-                    note = "  actions " + " ".join(f"{i + 1}:{r:.0%}" for i, r in enumerate(actions[:-1]))
+                if actions and sum(actions[:-1]) > 0:
+                    shares = whole_percentages([r / sum(actions[:-1]) for r in actions[:-1]])
+                    note = "  " + " ".join(f"{i + 1}:{p}%" for i, p in enumerate(shares))
                 lines.append(f"{name:<{width}}  {rate:>6.1%}{note}")
 
         shown = self.paths[:TOP_PATHS]
@@ -269,6 +274,21 @@ class Report:
             for label, e in self.exits.items():
                 lines.append(f"{label:<{width}}  {e['count']:>7,}  {e['accuracy']:>8.1%}")
         return "\n".join(lines)
+
+
+def whole_percentages(shares: list[float]) -> list[int]:
+    """Shares that add up to 1 as whole percentages that add up to exactly 100 (largest
+    remainder: the percentages rounded down, then one more to those rounded down the most).
+
+    Example:
+        >>> whole_percentages([1 / 3, 1 / 3, 1 / 3])
+        [34, 33, 33]
+    """
+    exact = [100 * s for s in shares]
+    whole = [math.floor(e + 1e-9) for e in exact]
+    for i in sorted(range(len(exact)), key=lambda i: (whole[i] - exact[i], i))[:max(0, 100 - sum(whole))]:
+        whole[i] += 1
+    return whole
 
 
 def _plain(v: Any) -> Any:
@@ -339,7 +359,9 @@ def summarise(graph: Graph, rows: Mapping[str, np.ndarray], *, classes: int, spl
     exits = {}
     labels, inverse, counts = np.unique(rows["exit"], return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
-    order = {h: i for i, h in enumerate(heads(graph))}
+    # Shallowest exit first: in the graph's node order (an output's `select` edges usually
+    # list the deepest first, which is not how people read a chain of exits).
+    order = {node.name: i for i, node in enumerate(graph.nodes)}
     for i in sorted(range(len(labels)), key=lambda i: [order.get(h, -1) for h in str(labels[i]).split("+")]):
         mask = inverse == i
         exits[str(labels[i])] = {"count": int(counts[i]),

@@ -1,7 +1,7 @@
 """Plots: accuracy against cost for the routing methods of a sweep, and training curves.
 
 In:  plain rows of numbers — sweep points ({method, cost_fraction, accuracy, budget, ...})
-     or metrics rows ({stage, epoch, val_accuracy, val_cost_fraction, ...}).
+     or a run's metrics rows ({stage, trainer, epoch, train_loss, val_score, val_accuracy, ...}).
 Out: `tradeoff_plot(points, out_stem, title=...)` and `training_plot(rows, out_stem)` write
      `OUT_STEM.png` and `OUT_STEM.svg` and return their paths.
 Guarantees: files are written atomically (`d2graph.files.atomic_path`); the same rows give
@@ -131,37 +131,62 @@ def tradeoff_plot(points: Iterable[Mapping[str, Any]], out_stem: str | Path, *, 
         return _save(fig, out_stem)
 
 
-def training_plot(rows: Iterable[Mapping[str, Any]], out_stem: str | Path) -> list[Path]:
-    """Validation accuracy and cost per epoch from metrics rows (those having `stage`,
-    `epoch`, `val_accuracy` and `val_cost_fraction`). Stages follow one another on the
-    x axis, in the order they first appear. Writes OUT_STEM.png and .svg; [] when no row
-    has those keys (nothing to draw).
+def training_plot(rows: Iterable[Mapping[str, Any]], out_stem: str | Path, *, title: str = "training") -> list[Path]:
+    """Training curves per stage from a run's metrics rows: the training loss (top axes) and
+    the validation score (bottom axes) of each epoch, one line per stage (rows with `stage`,
+    `epoch` and `train_loss` or `val_score`), the stages one after another on the x axis with
+    a dotted line between them. A stage that calibrates once instead of training in epochs (a
+    row with `val_accuracy` and no `epoch`, e.g. `threshold`) is one marked point on the bottom
+    axes at its validation accuracy. Writes OUT_STEM.png and .svg; [] when no row has
+    anything to draw.
 
     Example:
-        >>> training_plot(metrics_rows, "runs/g/training")                  # doctest: +SKIP
+        >>> training_plot(run.rows(), "runs/g/training", title="g: training")  # doctest: +SKIP
+        [PosixPath('runs/g/training.png'), PosixPath('runs/g/training.svg')]
     """
-    keys = ("stage", "epoch", "val_accuracy", "val_cost_fraction")
-    rows = [r for r in rows if all(r.get(k) is not None for k in keys)]
-    if not rows:
-        return []
-    stages: dict[str, list[Mapping[str, Any]]] = {}
+    stages: dict[str, dict[str, Any]] = {}
     for r in rows:
-        stages.setdefault(str(r["stage"]), []).append(r)
+        if r.get("stage") is None:
+            continue
+        stage = stages.setdefault(str(r["stage"]), {"trainer": r.get("trainer"), "epochs": {}, "calibrated": None})
+        if r.get("epoch") is not None and (r.get("train_loss") is not None or r.get("val_score") is not None):
+            stage["epochs"][float(r["epoch"])] = r  # a resumed run logs an epoch once; the last row wins anyway
+        elif r.get("epoch") is None and r.get("val_accuracy") is not None:
+            stage["calibrated"] = float(r["val_accuracy"])
+    stages = {name: s for name, s in stages.items() if s["epochs"] or s["calibrated"] is not None}
+    if not stages:
+        return []
 
     with _style():
-        fig, (acc, cost) = _new_figure(2)
+        fig, (loss, score) = _new_figure(2)
+        palette = [c["color"] for c in _matplotlib()[0].rcParams["axes.prop_cycle"]]
         offset = 0.0
-        for stage, group in stages.items():
-            group = sorted(group, key=lambda r: float(r["epoch"]))
-            # Each stage counts its epochs from the start; shift it past the previous one.
-            xs = [offset + float(r["epoch"]) for r in group]
-            acc.plot(xs, [float(r["val_accuracy"]) for r in group], marker="o", markersize=3, label=stage)
-            cost.plot(xs, [float(r["val_cost_fraction"]) for r in group], marker="o", markersize=3, label=stage)
-            offset = max(xs)
-        acc.set_ylabel("validation accuracy")
-        cost.set_ylabel("validation mean cost\n(fraction of the full graph)")
-        cost.set_xlabel("epoch (stages one after another)")
-        for ax in (acc, cost):
+        for i, (name, stage) in enumerate(stages.items()):
+            colour = palette[i % len(palette)]
+            label = f"{name} ({stage['trainer']})" if stage["trainer"] else name
+            if i:
+                for ax in (loss, score):
+                    ax.axvline(offset + 0.5, color="0.6", linewidth=0.8, linestyle=":")
+            if stage["epochs"]:
+                epochs = sorted(stage["epochs"].items())
+                xs = [offset + e for e, _ in epochs]
+                for ax, key in ((loss, "train_loss"), (score, "val_score")):
+                    pts = [(x, float(r[key])) for x, (_, r) in zip(xs, epochs) if r.get(key) is not None]
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", markersize=3, linewidth=1.2, color=colour, label=label)
+                offset = max(xs)
+            if stage["calibrated"] is not None:  # fitted once, after the epochs (if any) of its stage
+                offset += 1
+                score.scatter([offset], [stage["calibrated"]], marker="*", s=80, color=colour, zorder=4,
+                              label=f"{label}: validation accuracy once fitted")
+        loss.set_ylabel("training loss")
+        score.set_ylabel("validation score\n(each stage's own; higher is better)")
+        score.set_xlabel("epoch (stages one after another)")
+        loss.set_title(title)
+        for ax in (loss, score):
             ax.grid(True, linewidth=0.4, alpha=0.5)
-        acc.legend(loc="best", frameon=False)
+            ax.set_xlim(0.5, offset + 0.5)
+            ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(loc="best", frameon=False)
         return _save(fig, out_stem)

@@ -23,6 +23,9 @@ Drawing conventions:
   data edge          solid; a small open circle at the head when it has a default, which
                      is written next to it (`default=0`); edges into a `select` or
                      `concat` merge are numbered 1st, 2nd, ... in the order that counts
+With a report as stats, the title gives the run's accuracy and mean cost, and boxes get a
+taller margin (so that a busy edge's big arrowhead does not cover a name). Every drawing is
+padded, so that an edge label at its border is not clipped.
 With stats, each function and control node says how often it ran, an edge is as wide
 as its traffic (from 0.5 at 0% to 6 at 100%) and each control edge says how often its
 action was taken ("2 · 37%"). A report's `edge_traffic` gives exact traffic; from node
@@ -118,14 +121,17 @@ def to_dot(graph: Graph, stats: Stats = None) -> str:
     dot = graphviz.Digraph(name=graph.name)
     dot.attr(
         rankdir="TB",
-        label=f"<{_title(graph)}>",
+        label=f"<{_title(graph, _headline(stats))}>",
         labelloc="t",
         fontname=FONT,
         fontsize="16",
         nodesep="0.35",
         ranksep="0.45",
+        pad="0.3",  # room for edge labels that dot places at the very edge of the drawing
     )
-    dot.attr("node", fontname=FONT, fontsize="12", margin="0.12,0.06")
+    # With stats, busy edges end in big arrowheads: a taller margin keeps a box's name (its
+    # top line) clear of the arrowhead that lands on the box's top edge.
+    dot.attr("node", fontname=FONT, fontsize="12", margin="0.12,0.14" if rates or traffic else "0.12,0.06")
     dot.attr("edge", fontname=FONT, fontsize="10", arrowsize="0.7")
 
     for node in graph.nodes:
@@ -207,15 +213,32 @@ def _clamped(values: Mapping, keys) -> dict:
     return out
 
 
-def _title(graph: Graph) -> str:
+def _headline(stats: Stats) -> dict[str, Any] | None:
+    """A report's split, accuracy and mean cost (for the title); None for node rates alone."""
+    if stats is None:
+        return None
+    if hasattr(stats, "to_json"):
+        stats = stats.to_json()
+    if not all(isinstance(stats.get(k), (int, float)) for k in ("accuracy", "mean_cost", "cost_fraction")):
+        return None
+    return {k: stats.get(k) for k in ("split", "accuracy", "mean_cost", "cost_fraction")}
+
+
+def _title(graph: Graph, headline: Mapping[str, Any] | None = None) -> str:
     cost = format_cost(graph.full_cost)
     # A declared cost is in the user's own unit, so a sum that includes one is unitless.
     declared = any(n.cost_declared for n in graph.nodes)
     unit = "" if declared else " MACs"
-    return (
+    title = (
         f"<B>{_esc(graph.name)}</B><BR/>"
         f'<FONT POINT-SIZE="11" COLOR="{NOTE_INK}">full cost {cost}{unit} per example</FONT>'
     )
+    if headline is not None:  # what the run achieved, the first thing its drawing should say
+        split = _esc(str(headline.get("split") or "test"))
+        title += (f'<BR/><FONT POINT-SIZE="11">{split}: accuracy {headline["accuracy"]:.1%}, mean cost '
+                  f'{format_cost(headline["mean_cost"])}{unit} ({headline["cost_fraction"]:.1%} of the full '
+                  "graph)</FONT>")
+    return title
 
 
 def _node_style(node: Node) -> dict[str, str]:

@@ -7,10 +7,14 @@ Out: `train(...)` runs the block's stages in order on one compiled executor and 
         <graph>.d2        a copy of the source (`d2graph train` on it reproduces the run)
         config.json       the resolved config: data set, settings, stages, every default filled
         metrics.jsonl     one JSON object per logged row (and metrics.csv, the same rows)
-        last.pt, best.pt  checkpoints: state dicts and plain data, loaded with weights_only=True
+        last.pt, best.pt  checkpoints: state dicts and plain data, loaded with weights_only=True;
+                          best.pt is the best epoch of the last stage that validates (each such
+                          stage rewrites it), and says which (`best_of`, `describe_best`)
         report.json/.txt  the final evaluation on validation and test
         graph.svg         the graph drawn with each node's execution rate (if `dot` is installed)
-        training.png/.svg validation accuracy and cost per epoch (for stages that log both)
+        graph.dot         the same drawing as DOT text (always written, `dot` or not)
+        training.png/.svg each stage's training loss and validation score per epoch (redrawn as
+                          each stage ends; a stage fitted once is one point)
 Guarantees:
   - Every file is written atomically; a crash or Ctrl-C never leaves half a file. Ctrl-C
     stops at the next step boundary, writes `last.pt` there and raises `Interrupted`;
@@ -45,12 +49,16 @@ from .executor import Executor, compile
 from .files import atomic_path, write_atomic
 from .ir import Graph
 from .layers import initialise
+from .plots import training_plot
 from .schema import DATASETS, TRAIN_SETTINGS, TRAINERS, Symbol
-from .policies import LearnedPolicy, Policy, load_policy, save_policy
+from .paths import path_costs
+from .policies import LearnedPolicy, Policy, StaticPolicy, load_policy, save_policy
 
-__all__ = ["Config", "Interrupted", "Run", "Stage", "Trained", "config_error", "derive_seed", "resolve", "train"]
+__all__ = ["SWEEP_FILE", "Config", "Interrupted", "Run", "Stage", "Trained", "config_error", "derive_seed",
+           "describe_best", "refuse_sweep", "resolve", "sweep_folder", "train"]
 
 CHECKPOINT_FORMAT = 1
+SWEEP_FILE = "sweep.json"  # marks a folder `d2graph sweep` made (and each of its seeds' folders)
 
 
 def config_error(code: str, message: str, help: str = "") -> D2GraphError:
@@ -196,6 +204,35 @@ def settings_names() -> list[str]:
 # --- the run folder -------------------------------------------------------------------------
 
 
+def sweep_folder(folder: str | Path) -> Path | None:
+    """The sweep folder that `folder` belongs to: `folder` itself when `d2graph sweep` made it,
+    its parent when it is one seed's folder (`seed-S/`) of a sweep; None otherwise. A sweep is
+    known by its `sweep.json` (or, made before that file existed, by its `curve.csv`).
+
+    Example:
+        >>> sweep_folder("runs/early_exit/sweep-20261130-120000/seed-1")      # doctest: +SKIP
+        PosixPath('runs/early_exit/sweep-20261130-120000')
+    """
+    folder = Path(folder)
+    candidates = [folder, folder.parent] if folder.name.startswith("seed-") else [folder]
+    for f in candidates:
+        if (f / SWEEP_FILE).is_file() or (f / "curve.csv").is_file():
+            return f
+    return None
+
+
+def refuse_sweep(folder: str | Path, doing: str) -> None:
+    """E922 when `folder` is (in) a sweep folder: `doing` (e.g. "--resume") would turn it into a run."""
+    owner = sweep_folder(folder)
+    if owner is None:
+        return
+    what = "a sweep folder" if Path(folder) == owner else f"one seed's folder of the sweep {owner}"
+    raise config_error("E922", f"{folder} is {what} (`d2graph sweep` made it), not a run folder: "
+                               f"{doing} would rewrite it into a run",
+                       help="a sweep cannot be continued or trained into; run the sweep again with another `--out`, "
+                            "or train one policy into a run folder of its own: `d2graph train FILE --out RUN`")
+
+
 class Run:
     """A run folder. `Run.create` makes a new one; `Run.open` reads an existing one."""
 
@@ -205,7 +242,11 @@ class Run:
         self.restarted = False  # `create` reused a folder whose run never reached a checkpoint
 
     @classmethod
-    def create(cls, graph: Graph, source: str, config: Config, out: str | Path | None = None) -> Run:
+    def create(cls, graph: Graph, source: str, config: Config, out: str | Path | None = None, *,
+               sweep: dict[str, Any] | None = None) -> Run:
+        """A new run folder (`out`, or `runs/<graph>/<timestamp>/`). `sweep` (plain data about the
+        sweep) makes it a sweep's folder: it gets a `sweep.json`, which `train --resume` and
+        `train --out` refuse (E922) and `render --stats` explains."""
         if out is None:
             base = Path("runs") / graph.name / time.strftime("%Y%m%d-%H%M%S")
             folder, i = base, 1
@@ -215,7 +256,12 @@ class Run:
         restarted = False
         if out is not None:
             folder = Path(out)
+            if sweep is None:
+                refuse_sweep(folder, "--out")
             if (folder / "config.json").exists():
+                if any(folder.glob("*.pt")) and sweep is not None:
+                    raise config_error("E922", f"{folder} already holds a sweep",
+                                       help="a sweep cannot be continued; choose another --out")
                 if any(folder.glob("*.pt")):
                     raise config_error("E922", f"{folder} already holds a run",
                                        help=f"continue it with `d2graph train --resume {folder}`, "
@@ -233,6 +279,8 @@ class Run:
         run.restarted = restarted
         write_atomic(folder / f"{graph.name}.d2", source)
         write_atomic(folder / "config.json", config.text())
+        if sweep is not None:
+            write_atomic(folder / SWEEP_FILE, json.dumps(sweep, indent=2) + "\n")
         run._rows = []
         return run
 
@@ -335,6 +383,29 @@ def load_checkpoint(path: str | Path, *, help: str | None = None) -> dict[str, A
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "weights" not in state:
         raise damaged
     return state
+
+
+def describe_best(state: dict[str, Any], config: Config) -> str:
+    """What a best.pt holds, in a sentence for `eval --checkpoint best`: which stage and
+    epoch, its validation score, and the stages of `config` that came after it (and so are
+    not in it). '' for a checkpoint that is not a best.pt.
+
+    Example:
+        >>> describe_best(run.load("best"), run.config)                      # doctest: +SKIP
+        'best.pt holds stage `backbone` at epoch 2 (validation score 0.9125), ...'
+    """
+    best = state.get("best_of")
+    if not isinstance(best, dict):
+        return ""
+    text = (f"best.pt holds stage `{best['stage']}` at epoch {best['epoch']} (validation score {best['score']:.4g}), "
+            "the best epoch of the run's last stage that validates")
+    later = [s["name"] for s in config.stages[int(best["stage_index"]) + 1:]]
+    if later:
+        text += (f"; the stage{'s' if len(later) > 1 else ''} after it ("
+                 + ", ".join(f"`{name}`" for name in later) + ") "
+                 + ("are" if len(later) > 1 else "is") + " not in it, so it routes with the policy it had then; "
+                 "`--checkpoint last` is the run's final model")
+    return text
 
 
 # --- a stage of a run -----------------------------------------------------------------------
@@ -489,6 +560,9 @@ class Stage:
         self.session.echo(f"{self.name} epoch {self.epoch + 1}: " + ", ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
             if k != "epoch" and v is not None))
+        # `best` is per stage: a later stage that validates starts afresh, so its first epoch
+        # replaces the earlier stage's best.pt and the run's best.pt is always from its last
+        # validating stage (the stage whose epochs the final model came out of).
         improved = self.best is None or score > self.best
         if improved:
             self.best = score
@@ -514,6 +588,10 @@ class Trained:
     config: Config
     run: Run | None
     reports: dict[str, Any] = field(default_factory=dict)  # split → d2graph.evaluate.Report
+    # split → Report of the full network (the dearest static path) on that split, the number a
+    # user compares the policy's with first; empty for a graph without control nodes.
+    full: dict[str, Any] = field(default_factory=dict)
+    full_path: str = ""  # which static path that is, e.g. "Q1=2 Q2=2"
 
 
 class _Session:
@@ -543,6 +621,15 @@ class _Session:
         else:
             self._in_memory_rows.append(row)
 
+    def plot_training(self) -> None:
+        """Redraw the run's training.png/.svg (each stage's loss and validation score per epoch)."""
+        if self.run is None:
+            return
+        try:
+            training_plot(self.run.rows(), self.run.folder / "training", title=f"{self.config.graph}: training")
+        except ImportError as e:  # plots.py imports matplotlib on first use
+            self.echo(f"note: {e}; the run folder gets no training.png")
+
     def rows_logged(self) -> int:
         return len(self.run.rows()) if self.run is not None else len(self._in_memory_rows)
 
@@ -559,8 +646,9 @@ class _Session:
             state.update({"stage_index": stage_index, "epoch": 0, "step": 0, "extra": {}, "optimizer": None,
                           "train_loss": [0.0, 0], "best_score": None})
         self.run.save("last", state)
-        if best:
-            self.run.save("best", state)
+        if best and stage is not None:
+            self.run.save("best", {**state, "best_of": {"stage": stage.name, "stage_index": stage.index,
+                                                        "epoch": epoch, "score": stage.best}})
 
 
 def pick_device(name: str) -> torch.device:
@@ -601,6 +689,8 @@ def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool 
     `run`. `resume=True` continues from `run/last.pt`. `stages` limits the stages run (the
     sweep trains the backbone once, then each policy stage). Raises `Interrupted` on Ctrl-C
     (after saving `last.pt`) and D2GraphError on mistakes in the config, data or run."""
+    if resume:
+        refuse_sweep(run.folder, "--resume")
     if resume and not any(run.folder.glob("*.pt")):  # checked first: the data may be what stopped it
         raise config_error("E922", f"{run.folder} has no checkpoint: the run stopped before training started",
                            help="there is nothing to resume; start it again with `d2graph train FILE --out "
@@ -655,6 +745,7 @@ def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool 
                 session.policy = policy
                 session.echo(f"  policy: {policy.describe()}")
             session.checkpoint(None, stage_index=i + 1, complete=i + 1 == len(config.stages))
+            session.plot_training()
             if session.stop.set:
                 raise Interrupted(run)
     trained = Trained(executor, session.policy, splits, config, run)
@@ -663,8 +754,29 @@ def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool 
     return trained
 
 
+def report_text(trained: Trained) -> str:
+    """report.txt: the policy (once), the policy's accuracy and cost next to the full
+    network's per split, then each split's table (`Report.table`)."""
+    lines = [f"policy: {trained.policy.describe()}"]
+    full = trained.full
+    if full:
+        test = full["test"]
+        every = "every node runs" if test.cost_fraction >= 1 else "the dearest static path; no path runs every node"
+        lines.append(f"full network: path {trained.full_path} ({every}; {test.cost_fraction:.1%} of the full graph's "
+                     "cost)")
+    rows = [("split", "examples", "policy accuracy", "policy cost", *(("full network accuracy",) if full else ()))]
+    for split, r in trained.reports.items():
+        rows.append((split, f"{r.n:,}", f"{r.accuracy:.1%}", f"{r.cost_fraction:.1%}",
+                     *((f"{full[split].accuracy:.1%}",) if full else ())))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines.append("")
+    lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+              for row in rows]
+    return "\n".join(lines) + "\n\n" + "\n\n".join(r.table(routed_by=False) for r in trained.reports.values()) + "\n"
+
+
 def finish(trained: Trained, *, quiet: bool = False, echo=print) -> None:
-    """Evaluate on validation and test; write report.json / report.txt and graph.svg."""
+    """Evaluate on validation and test; write report.json / report.txt and graph.dot / graph.svg."""
     from .evaluate import evaluate
 
     seed = int(trained.config.settings["seed"])
@@ -674,16 +786,23 @@ def finish(trained: Trained, *, quiet: bool = False, echo=print) -> None:
         trained.reports[split] = evaluate(trained.executor, trained.data[split], trained.policy,
                                           classes=trained.data.classes, batch=batch, generator=generator,
                                           split=split)
+    graph = trained.executor.graph
+    if graph.control_nodes:
+        actions, _, _ = path_costs(graph)[0]  # dearest first
+        trained.full_path = " ".join(f"{q}={a + 1}" for q, a in actions.items())
+        for split in ("val", "test"):
+            trained.full[split] = evaluate(trained.executor, trained.data[split], StaticPolicy(actions),
+                                           classes=trained.data.classes, batch=batch, split=split)
     run = trained.run
     if run is None:
         return
     report = {"policy": trained.policy.describe(), **{s: r.to_json() for s, r in trained.reports.items()}}
+    if trained.full:
+        report["full_network"] = {"path": trained.full_path, **{
+            s: {k: getattr(r, k) for k in ("accuracy", "f1", "mean_cost", "cost_fraction")}
+            for s, r in trained.full.items()}}
     write_atomic(run.folder / "report.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(run.folder / "report.txt", f"policy: {trained.policy.describe()}\n\n"
-                 + "\n\n".join(r.table() for r in trained.reports.values()) + "\n")
-    from .plots import training_plot
-
-    training_plot(run.rows(), run.folder / "training")  # stages that log validation accuracy and cost
+    write_atomic(run.folder / "report.txt", report_text(trained))
     try:
         from .render import render
 

@@ -16,7 +16,9 @@ logged like a run (checkpoint `backbone.pt`; in the sweep folder for one seed, i
 `seed-S/` for several); each policy is then fitted from that same backbone for each budget —
 on a copy of its weights, so no point leaks into another — calibrated on validation and
 reported on test. A method that cannot handle the graph (E921) is left out with a note, not
-a failure. The same seed gives the same curve.
+a failure. The same seed gives the same curve. `sweep.json` in the sweep folder (and in each
+`seed-S/`) marks it as a sweep's: `train --resume`/`--out` refuse it (E922) instead of
+rewriting it into a run.
 
 Area under the curve (`area_under_curve`): for one method and one seed, its points
 (test cost fraction, test accuracy) sorted by cost (ties by accuracy) are joined by straight
@@ -243,29 +245,30 @@ class Sweep:
         return aucs(self.rows)
 
     def table(self) -> str:
-        """The rows (one seed) or the mean ± std over seeds (several), then the AUC per method."""
+        """The rows (one seed) or the mean ± std over seeds (several), then the AUC per method;
+        accuracies and costs in percent, as `d2graph train` prints them (the CSV files keep
+        fractions)."""
         if len(self.seeds) > 1:
-            lines = [f"{self.graph}: test accuracy and mean cost (fraction of the full graph) per method and "
+            lines = [f"{self.graph}: test accuracy and mean cost (% of the full graph's cost) per method and "
                      f"budget, mean ± standard deviation over seeds {', '.join(map(str, self.seeds))}",
                      "| method | budget | n | test accuracy | test cost | val cost |", "|---|---:|---:|---:|---:|---:|"]
             for r in self.summary:
-                budget = "" if r["budget"] is None else f"{r['budget']:.2f}"
-                lines.append(f"| {_name(r)} | {budget} | {r['n']} | {_pm(r, 'accuracy', 4)} | "
-                             f"{_pm(r, 'cost_fraction', 3)} | {_pm(r, 'val_cost_fraction', 3)} |")
+                lines.append(f"| {_name(r)} | {_percent(r['budget'], 0)} | {r['n']} | {_pm(r, 'accuracy', 2)} | "
+                             f"{_pm(r, 'cost_fraction', 1)} | {_pm(r, 'val_cost_fraction', 1)} |")
         else:
-            lines = [f"{self.graph}: test accuracy and mean cost (fraction of the full graph) per method and budget",
+            lines = [f"{self.graph}: test accuracy and mean cost (% of the full graph's cost) per method and budget",
                      "| method | budget | test accuracy | test cost | val cost |", "|---|---:|---:|---:|---:|"]
             for r in self.rows:
-                budget = "" if r["budget"] is None else f"{r['budget']:.2f}"
-                val = "" if r["val_cost_fraction"] is None else f"{r['val_cost_fraction']:.3f}"
-                lines.append(f"| {_name(r)} | {budget} | {r['accuracy']:.4f} | {r['cost_fraction']:.3f} | {val} |")
+                lines.append(f"| {_name(r)} | {_percent(r['budget'], 0)} | {_percent(r['accuracy'], 2)} | "
+                             f"{_percent(r['cost_fraction'], 1)} | {_percent(r['val_cost_fraction'], 1)} |")
         auc = self.auc
         if auc:
             lo = min(a["cost_from"] for a in auc)
-            lines += ["", f"area under the accuracy–cost curve (mean test accuracy over costs {lo:.3f}–1.000)",
+            lines += ["", f"area under the accuracy–cost curve (mean test accuracy over costs {lo:.1%}–100%)",
                       "| method | n | AUC |", "|---|---:|---:|"]
-            lines += [f"| {a['method']} | {a['n']} | {a['auc_mean']:.4f}"
-                      + (f" ± {a['auc_std']:.4f}" if len(self.seeds) > 1 else "") + " |" for a in auc]
+            lines += [f"| {a['method']} | {a['n']} | "
+                      + (f"{100 * a['auc_mean']:.2f} ± {100 * a['auc_std']:.2f}%" if len(self.seeds) > 1
+                         else _percent(a["auc_mean"], 2)) + " |" for a in auc]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
@@ -276,9 +279,20 @@ def _name(r: dict[str, Any]) -> str:
     return f"{name} (at {r['calibrated_to']})" if r.get("calibrated_to") else name
 
 
+def _percent(value: float | None, digits: int) -> str:
+    """0.815 → "81.50%" (digits=2); None → ""; a budget like 0.25 keeps its digits (25%, not 20%)."""
+    if value is None:
+        return ""
+    text = f"{100 * value:.{digits}f}"
+    if digits == 0 and abs(float(text) - 100 * value) > 1e-9:  # a budget with more digits than whole percent
+        text = f"{100 * value:g}"
+    return text + "%"
+
+
 def _pm(r: dict[str, Any], key: str, digits: int) -> str:
+    """Mean ± standard deviation in percent: "81.50 ± 0.40%"."""
     mean, std = r[f"{key}_mean"], r[f"{key}_std"]
-    return "" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return "" if mean is None else f"{100 * mean:.{digits}f} ± {100 * std:.{digits}f}%"
 
 
 def sweep(graph: Graph, source: Path, *, budgets: list[float] | None = None, methods: list[str] | None = None,
@@ -292,7 +306,7 @@ def sweep(graph: Graph, source: Path, *, budgets: list[float] | None = None, met
     (and, if `budgets` are given too, to those budgets), so every curve covers the same costs.
     Without `param`, `budgets` default to 0.2, 0.3, 0.5, 0.7. `seeds` (≥ 1) repeats the whole
     sweep for seeds seed, seed+1, ..., seed+seeds−1."""
-    from .runs import config_error, resolve
+    from .runs import SWEEP_FILE, config_error, resolve
 
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise config_error("E920", f"--seeds must be a positive integer, not {seeds!r}",
@@ -308,12 +322,21 @@ def sweep(graph: Graph, source: Path, *, budgets: list[float] | None = None, met
     out = Path(out)
     say = echo or (lambda text: None)
     result = Sweep(graph.name, out, seeds=list(range(first, first + seeds)))
+    # sweep.json marks the folder (and each seed's) as a sweep's, so that it is never taken for a run.
+    marker = {"graph": graph.name, "seeds": result.seeds, "budgets": budgets, "methods": methods, "param": param,
+              "overrides": list(overrides)}
+    if seeds > 1:
+        if any(out.glob("seed-*/*.pt")):
+            raise config_error("E922", f"{out} already holds a sweep", help="a sweep cannot be continued; choose "
+                                                                            "another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / SWEEP_FILE, json.dumps(marker, indent=2) + "\n")
     for s in result.seeds:
         folder = out if seeds == 1 else out / f"seed-{s}"
         if seeds > 1:
             say(f"seed {s}")
         _sweep_seed(graph, source, resolve(graph, [*overrides, f"seed={s}"]), result, folder, budgets=budgets,
-                    specs=specs, param=param_spec, say=say, echo=echo)
+                    specs=specs, param=param_spec, say=say, echo=echo, marker={**marker, "seed": s})
     if seeds > 1:
         write_atomic(out / f"{graph.name}.d2", source.read_text())
     _write(result, out)
@@ -322,7 +345,7 @@ def sweep(graph: Graph, source: Path, *, budgets: list[float] | None = None, met
 
 
 def _sweep_seed(graph: Graph, source: Path, config, result: Sweep, folder: Path, *, budgets, specs, param,
-                say, echo) -> None:
+                say, echo, marker: dict[str, Any]) -> None:
     """One seed's sweep: train the backbone into the run `folder`, fit every method, append the rows."""
     from .evaluate import evaluate
     from .runs import Run, derive_seed, train
@@ -335,7 +358,7 @@ def _sweep_seed(graph: Graph, source: Path, config, result: Sweep, folder: Path,
     if specs is None:
         specs = [parse_method(m) for m in dict.fromkeys([s["trainer"] for s in own] + list(DEFAULT_METHODS))]
     seed = int(config.settings["seed"])
-    run = Run.create(graph, source.read_text(), config, folder)
+    run = Run.create(graph, source.read_text(), config, folder, sweep=marker)
     if run.restarted:
         say(f"note: {run.folder} held a sweep that stopped before its first checkpoint; starting it again there")
     say(f"sweep folder: {run.folder}")

@@ -16,9 +16,12 @@ POINTS = (
        for c, a, p in [(0.05, 0.5, "Q1=2"), (1.0, 0.92, "Q1=1")]]
 )
 
-ROWS = ([{"stage": "backbone", "epoch": e, "val_accuracy": 0.5 + e / 20, "val_cost_fraction": 1.0} for e in (1, 2, 3)]
-        + [{"stage": "policy", "epoch": e, "val_accuracy": 0.7, "val_cost_fraction": 1 - e / 10} for e in (1, 2)]
-        + [{"stage": "backbone", "epoch": 1, "train_loss": 2.3}])  # no validation numbers: left out
+ROWS = ([{"stage": "backbone", "trainer": "supervised", "epoch": e, "train_loss": 2 / e, "val_score": 0.5 + e / 20}
+         for e in (1, 2, 3)]
+        + [{"stage": "policy", "trainer": "qlearning", "epoch": e, "train_loss": None, "val_score": 0.7 - e / 10,
+            "val_accuracy": 0.7, "val_cost_fraction": 1 - e / 10} for e in (1, 2)]
+        + [{"stage": "calibrate", "trainer": "threshold", "tau": 0.5, "val_accuracy": 0.66, "val_cost_fraction": 0.4}]
+        + [{"stage": "backbone", "trainer": "supervised", "epoch": 4}])  # no numbers: left out
 
 
 def test_tradeoff_plot_writes_png_and_svg(tmp_path):
@@ -54,3 +57,5 @@ def test_training_plot(tmp_path):
     assert again[1].read_bytes() == paths[1].read_bytes()
     assert training_plot([{"stage": "s", "epoch": 1}], tmp_path / "none") == []
     assert not (tmp_path / "none.png").exists()
+    fewer = training_plot(ROWS[:-2], tmp_path / "fewer")  # without the calibrated stage: another drawing
+    assert fewer[1].read_bytes() != paths[1].read_bytes()

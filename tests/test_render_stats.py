@@ -105,3 +105,20 @@ def test_plain_node_rates_still_work():
     graph = d2graph.load(RENDER_DIR / "three_controls.d2")
     nodes, _ = parse_dot(to_dot(graph, {"N6": 0.37}))
     assert "ran 37%" in nodes["N6"]["label"]
+
+
+def test_the_title_gives_the_runs_accuracy_and_mean_cost(cascade, stats):
+    """A drawing with a run's statistics says first what the run achieved."""
+    text = to_dot(cascade, stats)
+    assert "test: accuracy 50.0%, mean cost 1 MACs (10.0% of the full graph)" in text
+    assert "accuracy" not in to_dot(cascade, {"N1": 1.0})  # node rates alone: no run to sum up
+    assert "accuracy" not in to_dot(cascade)
+
+
+def test_busy_arrowheads_and_edge_labels_keep_clear(cascade, stats):
+    """With stats, boxes get a taller margin, so the arrowhead of a 6-point edge landing on a
+    box's top edge does not cover its name; every drawing is padded, so that a label dot puts
+    at the drawing's edge is not clipped."""
+    busy, plain = to_dot(cascade, stats), to_dot(cascade)
+    assert "margin=\"0.12,0.14\"" in busy and "margin=\"0.12,0.06\"" in plain
+    assert "pad=0.3" in busy and "pad=0.3" in plain

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import pytest
 import d2graph
 from d2graph.cli import main
 from d2graph.diagnostics import D2GraphError
-from d2graph.sweep import area_under_curve, aucs, parse_method, sweep
+from d2graph.sweep import Sweep, area_under_curve, aucs, parse_method, sweep
 
 from .conftest import ROOT
 
@@ -117,3 +118,57 @@ def test_a_bad_method_spec_exits_2_with_a_message(spec, fragment, capsys, tmp_pa
     err = capsys.readouterr().err
     assert "[E920]" in err and fragment in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # checked before any training
+
+
+@pytest.fixture(scope="module")
+def one_seed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "one"
+    sweep(d2graph.load(EARLY), EARLY, budgets=[0.5], methods=["uniform"], overrides=TINY, out=out, echo=None)
+    return out
+
+
+def _contents(folder):
+    return {p.relative_to(folder): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("which", ["one seed", "two seeds", "a seed's folder"])
+def test_a_sweep_folder_is_never_taken_for_a_run(which, one_seed, two_seeds, tmp_path, capsys):
+    """`train --resume` (or `--out`) of a sweep folder used to rewrite it into a run, and
+    `render --stats` advised exactly that; both now say what the folder is and what works."""
+    folder = {"one seed": one_seed, "two seeds": two_seeds[1], "a seed's folder": two_seeds[1] / "seed-1"}[which]
+    assert json.loads((folder / "sweep.json").read_text())["graph"] == "early_exit"
+    before = _contents(folder)
+    assert main(["train", "--resume", str(folder), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "[E922]" in err and "`d2graph sweep` made it" in err and "would rewrite it into a run" in err
+    assert main(["train", str(EARLY), "--set", "data.n=300", "--out", str(folder), "--quiet"]) == 2
+    assert "[E922]" in capsys.readouterr().err
+    assert main(["render", str(EARLY), "-o", str(tmp_path / "g.dot"), "--stats", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "accuracy–cost curves of many policies" in err and "--resume" not in err and "Traceback" not in err
+    assert "--stats takes the folder of a finished `d2graph train` run" in err
+    assert _contents(folder) == before  # untouched
+
+
+def test_a_finished_sweep_is_not_overwritten(one_seed, capsys):
+    argv = ["sweep", str(EARLY), *(f"--set={o}" for o in TINY), "--budgets", "0.5", "--methods", "uniform",
+            "--out", str(one_seed), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already holds a sweep" in err and "--resume" not in err
+
+
+def test_sweep_tables_give_percentages_as_train_does(two_seeds, one_seed):
+    """Accuracy and cost in percent, as `d2graph train` prints them; the CSV keeps fractions."""
+    result, _ = two_seeds
+    text = result.table()
+    threshold = next(line for line in text.splitlines() if line.startswith("| threshold | 30% | 2 |"))
+    acc, cost = threshold.split(" | ")[3:5]
+    assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d%", acc) and re.fullmatch(r"\d+\.\d ± \d+\.\d%", cost)
+    assert re.search(r"^\| threshold \| 2 \| \d+\.\d\d ± \d+\.\d\d% \|$", text, re.M)  # the AUC
+    curve = json.loads((one_seed / "curve.json").read_text())
+    one = Sweep(curve["graph"], one_seed, rows=curve["rows"], seeds=curve["seeds"])
+    row = next(r for r in curve["rows"] if r["method"] == "uniform")
+    assert (f"| uniform | 50% | {100 * row['accuracy']:.2f}% | {100 * row['cost_fraction']:.1f}% | "
+            f"{100 * row['val_cost_fraction']:.1f}% |") in one.table()
+    assert float(next(csv.DictReader((one_seed / "curve.csv").open()))["cost_fraction"]) <= 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -196,3 +197,98 @@ def test_policy_export_of_a_graph_without_exits_names_no_trainer(tmp_path, capsy
     err = capsys.readouterr().err
     assert "[E921]" in err and "no per-exit predictions" in err and "has no control node" in err
     assert "eenet" not in err and "Traceback" not in err and not (tmp_path / "preds").exists()
+
+
+TWO_VALIDATING = """graph tiny {
+  input x [1, 8, 8]
+  output y [merge=select]
+  node A = flatten, fc(10)
+  node B = flatten, fc(32), relu, fc(10)
+  control Q = flatten, fc(2)
+  x -> A, B, Q
+  Q => skip | B
+  B, A -> y
+  train {
+    data = digits
+    stage backbone = supervised(epochs=2)
+    stage policy = reinforce(epochs=2, alpha=0.5)
+  }
+}
+"""
+
+
+def test_best_checkpoint_says_which_stage_and_epoch_it_holds(run, capsys):
+    """best.pt of a run whose last stage (a threshold) does not validate is the backbone's best
+    epoch, before the policy existed: `eval --checkpoint best` says so instead of silently
+    evaluating another model than the run's."""
+    import torch
+
+    state = torch.load(run / "best.pt", weights_only=True)
+    assert state["best_of"]["stage"] == "backbone" and state["best_of"]["epoch"] == 1
+    assert main(["eval", str(run), "--checkpoint", "best"]) == 0
+    err = capsys.readouterr().err
+    assert "best.pt holds stage `backbone` at epoch 1" in err and "last stage that validates" in err
+    assert "(`policy`) is not in it" in err and "`--checkpoint last` is the run's final model" in err
+    assert main(["eval", str(run)]) == 0
+    assert "best.pt" not in capsys.readouterr().err  # last.pt is the run's model: nothing to say
+
+
+def test_best_checkpoint_is_from_the_last_stage_that_validates(tmp_path, capsys):
+    import torch
+
+    path = tmp_path / "tiny.d2"
+    path.write_text(TWO_VALIDATING)
+    out = tmp_path / "run"
+    assert main(["train", str(path), "--out", str(out), "--quiet"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    policy = [r for r in rows if r["stage"] == "policy" and "val_score" in r]
+    best = max(policy, key=lambda r: r["val_score"])  # the first of equal scores
+    state = torch.load(out / "best.pt", weights_only=True)
+    assert state["best_of"]["stage"] == "policy" and state["best_of"]["epoch"] == best["epoch"]
+    capsys.readouterr()
+    assert main(["eval", str(out), "--checkpoint", "best"]) == 0
+    err = capsys.readouterr().err
+    assert f"best.pt holds stage `policy` at epoch {best['epoch']}" in err and "not in it" not in err
+
+
+def _listed(path, begin="<!-- run-folder:begin -->", end="<!-- run-folder:end -->") -> set[str]:
+    """The file names a doc lists between its run-folder markers (`GRAPH.d2` standing for the copy)."""
+    text = path.read_text(encoding="utf-8")
+    assert text.count(begin) == 1 and text.count(end) == 1, path
+    section = text[text.index(begin):text.index(end)]
+    return {name for name in re.findall(r"`([\w.]+\.[a-z0-9]+)`", section) if not name.startswith("d2graph")}
+
+
+def test_a_run_folder_holds_the_training_plot_and_what_the_docs_list(run):
+    png = run / "training.png"
+    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 5000
+    assert (run / "training.svg").is_file()
+    files = {p.name.replace("early_exit.d2", "GRAPH.d2") for p in run.iterdir()}
+    assert "graph.dot" in files  # written whether or not `dot` is installed
+    for doc in (ROOT / "docs" / "cli.md", ROOT / "README.md"):
+        assert _listed(doc) == files | {"graph.svg"}, doc  # graph.svg: only where Graphviz is
+
+
+def test_the_report_puts_the_full_network_next_to_the_policy(run):
+    """report.txt: the policy named once; the full network's accuracy beside the policy's;
+    each control node's action shares add up to 100% (of the examples it ran for); exits
+    shallowest first."""
+    text = (run / "report.txt").read_text()
+    report = json.loads((run / "report.json").read_text())
+    assert text.count(report["policy"]) == 1 and "routed by" not in text
+    full = report["full_network"]
+    assert full["path"] == "Q1=2 Q2=2" and full["test"]["cost_fraction"] == 1.0
+    assert "full network: path Q1=2 Q2=2 (every node runs" in text
+    header, val, test = (line.split() for line in text.split("\n\n")[1].splitlines())
+    assert " ".join(header) == "split examples policy accuracy policy cost full network accuracy"
+    for row, split in ((val, "val"), (test, "test")):
+        assert row[0] == split and row[2] == f"{report[split]['accuracy']:.1%}"
+        assert row[4] == f"{full[split]['accuracy']:.1%}"
+    shares = re.findall(r"^Q\d +[\d.]+% ((?: \d+:\d+%)+)$", text, re.M)
+    assert len(shares) == 4  # Q1 and Q2, on val and test
+    for line in shares:
+        assert sum(int(p) for p in re.findall(r":(\d+)%", line)) == 100, line
+    for table in text.split("\n\nexit")[1:]:
+        exits = [line.split()[0] for line in table.strip().splitlines()[1:] if line.strip()]
+        exits = exits[:exits.index("test:")] if "test:" in exits else exits
+        assert len(exits) >= 2 and exits == sorted(exits, key=["H1", "H2", "B3"].index), exits  # shallowest first
