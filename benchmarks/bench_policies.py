@@ -9,10 +9,10 @@ validation and reported on test. The methods are the built-in policy trainers:
   `static` trainer), `oracle`, `costsensitive`, `eenet` — at each budget (default 0.2, 0.3,
   0.5);
 - the joint trainers, which have no budget, at a small grid of their cost parameter:
-  `qlearning` λ ∈ {0.3, 0.5, 0.7, 0.9} and `reinforce` α ∈ {0.1, 0.5, 2}. When the file's own
+  `qlearning` λ ∈ {0.3, 0.5, 0.7, 0.9} and `reinforce` α ∈ {0.1, 0.5, 1, 2}. When the file's own
   policy stage is one of them, its parameter is swept with `--param` (the budgeted methods
   are then also calibrated to the validation costs it reached, rows marked "at ..."); the
-  other joint trainer is fitted as a method spec with a grid (`reinforce:alpha=0.1/0.5/2`).
+  other joint trainer is fitted as a method spec with a grid (`reinforce:alpha=0.1/0.5/1/2`).
 
 A method that cannot handle a graph (E921) is skipped with a note. Every point and static
 path lands on the same accuracy–cost axes.
@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 BUDGETED = ["threshold:measure=maxprob", "threshold:measure=entropy", "uniform", "static", "oracle",
             "costsensitive", "eenet"]
-GRIDS = {"qlearning": ("lambda", (0.3, 0.5, 0.7, 0.9)), "reinforce": ("alpha", (0.1, 0.5, 2))}
+GRIDS = {"qlearning": ("lambda", (0.3, 0.5, 0.7, 0.9)), "reinforce": ("alpha", (0.1, 0.5, 1, 2))}
 QUICK_DATA = ["data.n=400", "batch=32"]
 QUICK_EPOCHS = {"costsensitive": 3, "eenet": 20, "qlearning": 1, "reinforce": 1}
 

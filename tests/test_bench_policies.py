@@ -35,7 +35,7 @@ def test_quick_run_writes_the_summary(tmp_path, capsys):
     assert {r["seed"] for r in rows} == {"0", "1"}
     # The joint trainers have no budget here: one row per value of their cost parameter and seed.
     joint = [r for r in rows if r["method"].startswith("reinforce")]
-    assert joint and all(r["budget"] == "" for r in joint) and len({r["param"] for r in joint}) == 3
+    assert joint and all(r["budget"] == "" for r in joint) and len({r["param"] for r in joint}) == 4
     assert (out / "early_exit" / "auc.csv").is_file() and (out / "early_exit" / "tradeoff.svg").is_file()
     assert text.strip() in capsys.readouterr().out
     with pytest.raises(SystemExit):  # an earlier run's folder is not overwritten silently
@@ -47,7 +47,7 @@ def test_the_plan_sweeps_the_files_own_joint_trainer():
 
     bench = _bench()
     methods, param, overrides = bench.plan(d2graph.load(ROOT / "examples" / "guan_cascade.d2"), quick=False)
-    assert param == "stage.policy.alpha=0.1,0.5,2" and overrides == []
+    assert param == "stage.policy.alpha=0.1,0.5,1,2" and overrides == []
     assert "qlearning:lambda=0.3/0.5/0.7/0.9" in methods and not any(m.startswith("reinforce") for m in methods)
     methods, param, _ = bench.plan(d2graph.load(ROOT / "examples" / "early_exit.d2"), quick=False)
-    assert param is None and "reinforce:budget=none:alpha=0.1/0.5/2" in methods
+    assert param is None and "reinforce:budget=none:alpha=0.1/0.5/1/2" in methods
