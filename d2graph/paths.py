@@ -5,6 +5,7 @@ Out: the analyses that trainers, evaluation, predictions and benchmarks share:
        heads(graph)              the function nodes that feed an output directly
        nodes_run(graph, actions) the nodes one example runs under constant actions
        static_paths(graph)       every distinct static path (constant actions), dearest first
+       answering_head(graph, n)  the head whose scores are the output when the nodes n run
        path_costs(graph)         the static paths with their cost per example
        action_order(graph)       each control node's actions, cheapest first
        current_head(graph, q)    the classifier a control node can read when it decides
@@ -63,6 +64,23 @@ def heads(graph: Graph) -> list[str]:
             if graph[edge.source].kind == "node" and edge.source not in found:
                 found.append(edge.source)
     return found
+
+
+def answering_head(graph: Graph, nodes) -> str | None:
+    """The head whose scores are the graph's (first) output when exactly `nodes` run: with
+    `merge=select`, the first of the output's inputs that runs; with another merge, the one
+    input that runs; None when the output reads several (or no) heads on that path.
+
+    Example:
+        >>> g = d2graph.load("examples/early_exit.d2")                         # doctest: +SKIP
+        >>> answering_head(g, nodes_run(g, {"Q1": 1, "Q2": 0}))                 # doctest: +SKIP
+        'H2'
+    """
+    out = graph.outputs[0]
+    present = [e.source for e in out.inputs if graph[e.source].kind == "node" and e.source in set(nodes)]
+    if out.merge == "select":
+        return present[0] if present else None
+    return present[0] if len(present) == 1 else None
 
 
 def nodes_run(graph: Graph, actions: Mapping[str, int]) -> tuple[str, ...]:

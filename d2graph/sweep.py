@@ -348,6 +348,7 @@ def _sweep_seed(graph: Graph, source: Path, config, result: Sweep, folder: Path,
                 say, echo, marker: dict[str, Any]) -> None:
     """One seed's sweep: train the backbone into the run `folder`, fit every method, append the rows."""
     from .evaluate import evaluate
+    from .paths import answering_head, heads
     from .runs import Run, derive_seed, train
     from .trainers.baselines import static_path_results
 
@@ -442,6 +443,11 @@ def _sweep_seed(graph: Graph, source: Path, config, result: Sweep, folder: Path,
     base.executor.load_state_dict(weights)
     for path in static_path_results(base.executor, base.data.test, batch):
         label = ", ".join(f"{q}={a + 1}" for q, a in path["actions"].items()) or "(no control)"
+        # Where the graph has several exits, the reader looks for the exit, not the actions.
+        graph = base.executor.graph
+        head = answering_head(graph, path["nodes"]) if len(heads(graph)) > 1 else None
+        if head:
+            label = f"{'exit at' if graph.outputs[0].merge == 'select' else 'via'} {head} ({label})"
         rows.append({"seed": seed, "method": STATIC, "budget": None, "param": None, "calibrated_to": None,
                      "cost_fraction": path["cost_fraction"], "accuracy": path["accuracy"], "f1": None,
                      "mean_cost": path["cost"], "val_cost_fraction": None, "val_accuracy": None,

@@ -44,6 +44,13 @@ def test_two_seeds_give_per_seed_rows_and_runs(two_seeds):
     assert (out / "tradeoff.png").stat().st_size > 1000 and (out / "tradeoff.svg").is_file()
 
 
+def test_static_paths_are_named_by_their_exit(two_seeds):
+    result, _ = two_seeds
+    labels = sorted({r["policy"] for r in result.rows if r["method"] == "static"})
+    assert labels == ["static path exit at B3 (Q1=2, Q2=2)", "static path exit at H1 (Q1=1)",
+                      "static path exit at H2 (Q1=2, Q2=1)"]
+
+
 def test_the_summary_is_numpys_mean_and_std_over_the_seeds(two_seeds):
     result, out = two_seeds
     summary = list(csv.DictReader((out / "curve_summary.csv").open()))
