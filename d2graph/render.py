@@ -161,12 +161,12 @@ def to_dot(graph: Graph, stats: Stats = None) -> str:
                 "style": "dashed",
                 "color": CONTROL_INK,
                 "fontcolor": CONTROL_INK,
-                "label": str(action + 1),  # drawings number actions from 1, as messages do
+                "label": _on_paper(str(action + 1)),  # drawings number actions from 1, as messages do
             }
             share = taken.get(node.name, {}).get(action)
             if share is not None:
                 # A report counts the actions themselves: exact traffic, skip included.
-                attrs["label"] = f"{action + 1} · {share:.0%}"
+                attrs["label"] = _on_paper(f"{action + 1} · {share:.0%}")
                 attrs.update(_pen(share))
                 dot.edge(node.name, target or skip_id, **({"arrowhead": "empty"} if target is None else {}),
                          **attrs)
@@ -299,6 +299,13 @@ def _wrap(node: Node) -> list[str]:
     return lines
 
 
+def _on_paper(text: str) -> str:
+    """An edge label on a white ground: dot often sets a label across its own edge (or a
+    neighbour), and the ground keeps the text readable where it does."""
+    return (f'<<table border="0" cellborder="0" cellspacing="0" cellpadding="1" bgcolor="white">'
+            f"<tr><td>{html.escape(text)}</td></tr></table>>")
+
+
 def _data_edge_style(edge: DataEdge, order: int | None, rates: Mapping[str, float],
                      traffic: Mapping[str, float]) -> dict[str, str]:
     attrs: dict[str, str] = {}
@@ -311,7 +318,7 @@ def _data_edge_style(edge: DataEdge, order: int | None, rates: Mapping[str, floa
         attrs["arrowhead"] = "odot"
         notes.append(f"default={format_value(edge.default)}")
     if notes:
-        attrs["label"] = " ".join(notes)
+        attrs["label"] = _on_paper(" ".join(notes))
         attrs["fontsize"] = "9"
         attrs["fontcolor"] = NOTE_INK
     exact = traffic.get(f"{edge.source}->{edge.target}")

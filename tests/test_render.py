@@ -85,7 +85,8 @@ def _attrs(text: str) -> dict[str, str]:
 
 
 def parse_dot(text: str) -> tuple[dict[str, dict], list[tuple[str, str, dict]]]:
-    """(nodes by name, edges as (tail, head, attrs)) of the DOT text `to_dot` writes."""
+    """(nodes by name, edges as (tail, head, attrs)) of the DOT text `to_dot` writes; an edge
+    with a label also gets "text", the label's words without its HTML."""
     nodes: dict[str, dict] = {}
     edges: list[tuple[str, str, dict]] = []
     stmt = re.compile(rf"\t({_ID})(?: -> ({_ID}))?(?: \[(.*)\])?$")
@@ -98,6 +99,8 @@ def parse_dot(text: str) -> tuple[dict[str, dict], list[tuple[str, str, dict]]]:
         if head is None:
             nodes.setdefault(tail, {}).update(attrs)
         else:
+            if "label" in attrs:  # the text, without the table that gives it a white ground
+                attrs["text"] = re.sub(r"<[^>]*>", "", attrs["label"])
             edges.append((tail, head, attrs))
     return nodes, edges
 
@@ -173,7 +176,7 @@ def test_node_shapes(three, dummy):
 def test_control_edges_are_dashed_and_numbered_from_one(three):
     _, _, edges = three
     q1 = {h: a for t, h, a in edges if t == "Q1"}
-    assert {h: a["label"] for h, a in q1.items()} == {"N2": "1", "N3": "2", "N4": "3"}
+    assert {h: a["text"] for h, a in q1.items()} == {"N2": "1", "N3": "2", "N4": "3"}
     assert all(a["style"] == "dashed" for a in q1.values())
     data = [a for t, h, a in edges if t == "N1"]
     assert data and all("dashed" not in a.get("style", "") for a in data)
@@ -185,7 +188,7 @@ def test_skip_is_one_mark_per_control_node(three, dummy):
             skips = [(h, a) for t, h, a in edges if t == q.name and h == f"{q.name}.skip"]
             assert len(skips) == q.actions.count(None)
             for h, a in skips:
-                assert a["label"] == str(q.actions.index(None) + 1)
+                assert a["text"] == str(q.actions.index(None) + 1)
                 assert a["style"] == "dashed"
                 assert nodes[h]["label"] == "skip"
 
@@ -199,15 +202,15 @@ def test_defaults_have_a_circle_and_a_label(three):
             assert "arrowhead" not in attrs and "default" not in attrs.get("label", "")
         else:
             assert attrs["arrowhead"] in ("odot", "dotnormal")
-    assert "default=0.5" in by_pair[("N6", "y")]["label"]
-    assert "default=0" in by_pair[("N2", "N5")]["label"]
+    assert "default=0.5" in by_pair[("N6", "y")]["text"]
+    assert "default=0" in by_pair[("N2", "N5")]["text"]
 
 
 def test_ordered_merges_number_their_inputs(three, dummy):
     _, _, edges = dummy
-    assert [a["label"] for t, h, a in edges if h == "y"] == ["1st", "2nd"]
+    assert [a["text"] for t, h, a in edges if h == "y"] == ["1st", "2nd"]
     _, _, edges = three
-    assert [a["label"].split()[0] for t, h, a in edges if h == "N5"] == ["1st", "2nd", "3rd"]
+    assert [a["text"].split()[0] for t, h, a in edges if h == "N5"] == ["1st", "2nd", "3rd"]
     # A sum does not care about order: no numbers on y's inputs there.
     assert all("1st" not in a.get("label", "") for t, h, a in edges if h == "y")
 
