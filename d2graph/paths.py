@@ -76,8 +76,8 @@ def answering_head(graph: Graph, nodes) -> str | None:
         >>> answering_head(g, nodes_run(g, {"Q1": 1, "Q2": 0}))                 # doctest: +SKIP
         'H2'
     """
-    out = graph.outputs[0]
-    present = [e.source for e in out.inputs if graph[e.source].kind == "node" and e.source in set(nodes)]
+    out, ran = graph.outputs[0], set(nodes)
+    present = [e.source for e in out.inputs if graph[e.source].kind == "node" and e.source in ran]
     if out.merge == "select":
         return present[0] if present else None
     return present[0] if len(present) == 1 else None

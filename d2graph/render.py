@@ -117,6 +117,8 @@ def to_dot(graph: Graph, stats: Stats = None) -> str:
     >>> print(to_dot(d2graph.load("examples/high_low.d2")).splitlines()[0])   # doctest: +SKIP
     digraph high_low {
     """
+    if hasattr(stats, "to_json"):  # a Report (not imported: evaluation is a later stage)
+        stats = stats.to_json()
     rates, traffic, taken = _read_stats(graph, stats)
     dot = graphviz.Digraph(name=graph.name)
     dot.attr(
@@ -187,8 +189,6 @@ def _read_stats(graph: Graph, stats: Stats) -> tuple[dict[str, float], dict[str,
     clamped to [0, 1] and limited to what is in the graph."""
     if stats is None:
         return {}, {}, {}
-    if hasattr(stats, "to_json"):  # a Report (not imported: evaluation is a later stage)
-        stats = stats.to_json()
     if "node_rates" not in stats:  # node rates alone
         return _clamped(stats, (n.name for n in graph.nodes)), {}, {}
     rates = _clamped(stats.get("node_rates") or {}, (n.name for n in graph.nodes))
@@ -217,8 +217,6 @@ def _headline(stats: Stats) -> dict[str, Any] | None:
     """A report's split, accuracy and mean cost (for the title); None for node rates alone."""
     if stats is None:
         return None
-    if hasattr(stats, "to_json"):
-        stats = stats.to_json()
     if not all(isinstance(stats.get(k), (int, float)) for k in ("accuracy", "mean_cost", "cost_fraction")):
         return None
     return {k: stats.get(k) for k in ("split", "accuracy", "mean_cost", "cost_fraction")}
@@ -303,7 +301,7 @@ def _on_paper(text: str) -> str:
     """An edge label on a white ground: dot often sets a label across its own edge (or a
     neighbour), and the ground keeps the text readable where it does."""
     return (f'<<table border="0" cellborder="0" cellspacing="0" cellpadding="1" bgcolor="white">'
-            f"<tr><td>{html.escape(text)}</td></tr></table>>")
+            f"<tr><td>{_esc(text)}</td></tr></table>>")
 
 
 def _data_edge_style(edge: DataEdge, order: int | None, rates: Mapping[str, float],

@@ -267,8 +267,7 @@ class Sweep:
             lines += ["", f"area under the accuracy–cost curve (mean test accuracy over costs {lo:.1%}–100%)",
                       "| method | n | AUC |", "|---|---:|---:|"]
             lines += [f"| {a['method']} | {a['n']} | "
-                      + (f"{100 * a['auc_mean']:.2f} ± {100 * a['auc_std']:.2f}%" if len(self.seeds) > 1
-                         else _percent(a["auc_mean"], 2)) + " |" for a in auc]
+                      + (_pm(a, "auc", 2) if len(self.seeds) > 1 else _percent(a["auc_mean"], 2)) + " |" for a in auc]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
@@ -441,13 +440,15 @@ def _sweep_seed(graph: Graph, source: Path, config, result: Sweep, folder: Path,
             if not applies:
                 break
     base.executor.load_state_dict(weights)
+    # Where the graph has several exits, the reader looks for the exit, not the actions.
+    graph = base.executor.graph
+    several = len(heads(graph)) > 1
+    way = "exit at" if graph.outputs[0].merge == "select" else "via"
     for path in static_path_results(base.executor, base.data.test, batch):
         label = ", ".join(f"{q}={a + 1}" for q, a in path["actions"].items()) or "(no control)"
-        # Where the graph has several exits, the reader looks for the exit, not the actions.
-        graph = base.executor.graph
-        head = answering_head(graph, path["nodes"]) if len(heads(graph)) > 1 else None
+        head = answering_head(graph, path["nodes"]) if several else None
         if head:
-            label = f"{'exit at' if graph.outputs[0].merge == 'select' else 'via'} {head} ({label})"
+            label = f"{way} {head} ({label})"
         rows.append({"seed": seed, "method": STATIC, "budget": None, "param": None, "calibrated_to": None,
                      "cost_fraction": path["cost_fraction"], "accuracy": path["accuracy"], "f1": None,
                      "mean_cost": path["cost"], "val_cost_fraction": None, "val_accuracy": None,
