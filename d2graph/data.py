@@ -86,10 +86,44 @@ class Splits:
             raise KeyError(split)
         return getattr(self, split)
 
+    # Training examples kept from the function nodes' training (`hold_out`): a policy learnt
+    # on them sees each path's accuracy as on unseen data, not as on data it memorised.
+    holdout: TensorDataset | None = None
+
     def describe(self) -> str:
         sizes = " / ".join(f"{len(self[s]):,} {s}" for s in SPLITS)
+        if self.holdout is not None:
+            sizes = sizes.replace(" train", f" train (+ {len(self.holdout):,} held out)", 1)
         shape = "[" + ", ".join(str(d) for d in self.input_shape) + "]"
         return f"{self.name}: {sizes}, x {shape}, {self.classes} classes"
+
+    def hold_out(self, fraction: float, seed: int) -> Splits:
+        """These splits with a random `fraction` of the training examples moved to `holdout`
+        (stratified by label, at least one example per class kept for training); `self` is
+        unchanged. The same seed holds out the same examples.
+
+        Example:
+            >>> s = load("digits", seed=0, classes=[0, 1]).hold_out(0.25, seed=0)
+            >>> len(s.train), len(s.holdout)
+            (189, 63)
+        """
+        x, y = self.train.tensors
+        rng = np.random.default_rng(seed)
+        labels = y.numpy()
+        held = []
+        for c in np.unique(labels):
+            members = np.flatnonzero(labels == c)
+            k = min(int(round(fraction * len(members))), len(members) - 1)
+            held.append(rng.permutation(members)[:k])
+        out = np.zeros(len(labels), dtype=bool)
+        out[np.concatenate(held)] = True
+        keep, away = torch.from_numpy(np.flatnonzero(~out)), torch.from_numpy(np.flatnonzero(out))
+        meta = dict(self.meta)
+        if "train" in meta:
+            meta["train"] = {k: v[keep.numpy()] for k, v in meta["train"].items()}
+            meta["holdout"] = {k: v[away.numpy()] for k, v in self.meta["train"].items()}
+        return Splits(self.name, TensorDataset(x[keep], y[keep]), self.val, self.test, self.classes,
+                      self.input_shape, meta, TensorDataset(x[away], y[away]))
 
 
 @dataclass(frozen=True)

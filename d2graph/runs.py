@@ -55,7 +55,7 @@ from .paths import path_costs
 from .policies import LearnedPolicy, Policy, StaticPolicy, load_policy, save_policy
 
 __all__ = ["SWEEP_FILE", "Config", "Interrupted", "Run", "Stage", "Trained", "config_error", "derive_seed",
-           "describe_best", "refuse_sweep", "resolve", "sweep_folder", "train"]
+           "describe_best", "holdout_fraction", "refuse_sweep", "resolve", "sweep_folder", "train"]
 
 CHECKPOINT_FORMAT = 1
 SWEEP_FILE = "sweep.json"  # marks a folder `d2graph sweep` made (and each of its seeds' folders)
@@ -665,7 +665,20 @@ def load_data(config: Config, graph: Graph, root: str | Path | None):
     splits = data_module.load(config.data["name"], seed=int(config.settings["seed"]), root=root,
                               **config.data["args"])
     data_module.check_compatible(splits, graph)
+    fraction = holdout_fraction(config)
+    if fraction > 0:
+        splits = splits.hold_out(fraction, derive_seed(int(config.settings["seed"]), -3))
     return splits
+
+
+def holdout_fraction(config: Config) -> float:
+    """The train block's `holdout`: as written, or for `auto` the largest share a stage's
+    trainer asks for (`Trainer.holdout`). A run folder written before the setting existed
+    held nothing out, so a missing key is 0 (its resume must see the same data)."""
+    value = config.settings.get("holdout", 0.0)
+    if value == "auto":
+        return max((getattr(TRAINERS.get(s["trainer"]), "holdout", 0.0) for s in config.stages), default=0.0)
+    return float(value)
 
 
 def make_trainers(config: Config, graph: Graph) -> list:

@@ -284,4 +284,7 @@ TRAIN_SETTINGS = Schema("train", (
     Param("init", "choice", "kaiming", choices=("kaiming", "torch"),
           doc="initial conv/fc weights: He-normal for ReLU networks, or PyTorch's defaults"),
     Param("device", "choice", "auto", choices=("auto", "cpu", "cuda")),
+    Param("holdout", "fraction", "auto", also=("auto",),
+          doc="share of the training examples kept from the function nodes' training, for the policy stages "
+              "to learn on; `auto`: what the policy trainers ask for (0.2 for `qlearning`), else 0"),
 ))

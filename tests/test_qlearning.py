@@ -290,7 +290,9 @@ def test_every_d2nn_example_trains_a_few_steps(example, data, tmp_path):
     (row,) = [r for r in run.rows() if r.get("trainer") == "qlearning"]
     assert math.isfinite(row["train_loss"]) and row["train_loss"] >= 0
     assert 0 <= row["val_cost_fraction"] <= 1 and 0 <= row["val_accuracy"] <= 1
-    assert row["epsilon"] == pytest.approx(1 - 0.95 * 6 / 35)  # step 6 of 7; the decay spans 5 epochs
+    steps = math.ceil(len(trained.data.train) / 32)  # the training examples not held out (a fifth is)
+    assert len(trained.data.holdout) == pytest.approx(0.25 * len(trained.data.train), abs=10)
+    assert row["epsilon"] == pytest.approx(1 - 0.95 * (steps - 1) / (5 * steps))  # the last step; the decay spans 5 epochs
     assert ("val_f1" in row) == bool(data)
     assert isinstance(trained.policy, LearnedPolicy)
     report = trained.reports["val"]

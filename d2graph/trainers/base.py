@@ -37,7 +37,8 @@ class Trainer:
 
     `role` is "backbone" for trainers that train the function nodes (the `supervised` stage)
     and "policy" for those that decide the routing; `d2graph sweep` trains the backbone
-    stages once and repeats the policy stages for every budget.
+    stages once and repeats the policy stages for every budget. `holdout` > 0 asks for that
+    share of the training examples to be kept from the function nodes (`data.holdout`).
 
     Example (a complete trainer):
         >>> class Always(Trainer):
@@ -51,6 +52,9 @@ class Trainer:
     name: ClassVar[str]
     schema: ClassVar[Schema]
     role: ClassVar[str] = "policy"
+    # The share of the training split this trainer wants held out of the function nodes'
+    # training when the train block says `holdout = auto` (`Splits.holdout`, docs/language.md).
+    holdout: ClassVar[float] = 0.0
 
     def __init__(self, **params: Any):
         # Bound to the schema with defaults filled in, so a trainer built from Python behaves
