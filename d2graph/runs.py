@@ -662,6 +662,9 @@ def pick_device(name: str) -> torch.device:
 
 def load_data(config: Config, graph: Graph, root: str | Path | None):
     """The config's data set, checked against the graph's input and output shapes."""
+    # The example shape first, from the arguments or the file's headers: a graph that does not
+    # fit is told so before a large data set is built.
+    data_module.check_fits(graph, config.data["name"], root=root, **config.data["args"])
     splits = data_module.load(config.data["name"], seed=int(config.settings["seed"]), root=root,
                               **config.data["args"])
     data_module.check_compatible(splits, graph)
