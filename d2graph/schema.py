@@ -284,4 +284,8 @@ TRAIN_SETTINGS = Schema("train", (
     Param("init", "choice", "kaiming", choices=("kaiming", "torch"),
           doc="initial conv/fc weights: He-normal for ReLU networks, or PyTorch's defaults"),
     Param("device", "choice", "auto", choices=("auto", "cpu", "cuda")),
+    Param("checkpoint_every", "nonneg", 0,
+          doc="also save last.pt every this many steps of an epoch, to resume from after a crash; 0: off"),
+    Param("checkpoint_seconds", "nonneg", 300,
+          doc="also save last.pt when this many seconds passed since the last save (at a step's end); 0: off"),
 ))
