@@ -837,7 +837,7 @@ class _Session:
             if self.saved else "; no checkpoint was written before"
         return config_error("E925", f"training diverged: {what}; the run stops without saving it",
                             help=f"a learning rate too high for the network is the usual cause: start again with a "
-                                 f"lower one (`--set lr=...`; it is {lr}) in another --out, or check the data{kept}")
+                                 f"lower one (`--set lr=...`; it is {lr:g}) in another --out, or check the data{kept}")
 
     def echo(self, text: str) -> None:
         if not self.quiet and self._echo is not None:
