@@ -15,16 +15,27 @@ Out: `train(...)` runs the block's stages in order on one compiled executor and 
         graph.dot         the same drawing as DOT text (always written, `dot` or not)
         training.png/.svg each stage's training loss and validation score per epoch (redrawn as
                           each stage ends; a stage fitted once is one point)
+        .d2graph.lock     only while a process creates or trains the run (`RunLock`)
 Guarantees:
   - Every file is written atomically; a crash or Ctrl-C never leaves half a file. Ctrl-C
     stops at the next step boundary, writes `last.pt` there and raises `Interrupted`;
     `train(..., resume=True)` continues from it exactly (same steps, same random numbers).
+    The same boundary gets a `last.pt` every `checkpoint_every` steps and after
+    `checkpoint_seconds`, so a run killed outright loses little; its resume removes the
+    temporary files the killed writer left.
+  - One process at a time: claiming a folder (`Run.create`) and training in it hold an
+    flock'd lock file, so two runs given one --out cannot both find it free (E922).
+  - What is read back is checked: a run's config.json with the train block's schemas (E922;
+    settings newer than the run take their defaults), and a checkpoint's network fingerprint
+    against the source's (E922; checkpoints from before fingerprints pass).
+  - A NaN or infinite loss, weight or metric stops the run (E925) before it is saved or
+    logged: last.pt keeps the last good state and metrics.jsonl stays strict JSON.
   - Determinism: the initial weights, each epoch's order of examples and each step's random
     numbers (dropout, exploration) derive from (seed, stage, epoch, step) alone, so the same
     seed on the same machine gives the same metrics, resumed or not.
-  - Mistakes in overrides (E920), a trainer that does not suit the graph (E921), a missing or
-    corrupt run folder or checkpoint (E922) and a file without a train block (E923) are
-    `D2GraphError`s with a message and a hint.
+  - Mistakes in overrides (E920), a trainer that does not suit the graph (E921), a missing,
+    corrupt, foreign or busy run folder or checkpoint (E922), a file without a train block
+    (E923) and a diverged run (E925) are `D2GraphError`s with a message and a hint.
 """
 
 from __future__ import annotations
@@ -63,8 +74,9 @@ from .schema import DATASETS, TRAIN_SETTINGS, TRAINERS, Symbol
 from .paths import path_costs
 from .policies import LearnedPolicy, Policy, StaticPolicy, load_policy, save_policy
 
-__all__ = ["SWEEP_FILE", "Config", "Interrupted", "Run", "Stage", "Trained", "config_error", "derive_seed",
-           "describe_best", "refuse_sweep", "resolve", "sweep_folder", "train"]
+__all__ = ["LOCK_FILE", "SWEEP_FILE", "Config", "Interrupted", "Run", "RunLock", "Stage", "Trained",
+           "check_fingerprint", "config_error", "derive_seed", "describe_best", "graph_fingerprint", "refuse_sweep",
+           "resolve", "sweep_folder", "train", "validate_config"]
 
 CHECKPOINT_FORMAT = 1
 SWEEP_FILE = "sweep.json"  # marks a folder `d2graph sweep` made (and each of its seeds' folders)

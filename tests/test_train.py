@@ -269,11 +269,28 @@ def test_a_run_killed_mid_epoch_resumes_from_its_mid_epoch_checkpoint(early_exit
     kept = [".notes.tmp", "mine.tmp", ".last.pt.short.tmp"]
     for name in stale + kept:
         (run.folder / name).write_bytes(b"half a file")
+    (run.folder / ".d2graph.lock").write_text("999999\n")  # a killed process's: its flock went with it
     resumed = train(early_exit, config, Run.open(run.folder), resume=True, quiet=True, echo=None)
     assert resumed.reports["test"].to_json() == whole
     assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (run.folder / "metrics.jsonl").read_text()
-    assert not any((run.folder / name).exists() for name in stale)
+    assert not any((run.folder / name).exists() for name in stale + [".d2graph.lock"])
     assert all((run.folder / name).exists() for name in kept)
+
+
+def test_checkpoint_seconds_saves_within_an_epoch_when_the_time_has_come(early_exit, tmp_path, monkeypatch):
+    import d2graph.runs as runs
+
+    clock = iter(range(0, 10**6, 40))  # every look at the clock: 40 s later
+    monkeypatch.setattr(runs.time, "monotonic", lambda: next(clock))
+    saved = []
+    real_save = Run.save
+    monkeypatch.setattr(Run, "save", lambda self, name, state: (saved.append((name, state["epoch"], state["step"])),
+                                                                 real_save(self, name, state)))
+    run, config = _run(early_exit, tmp_path, "timed", ["data.n=300", "batch=32", "stage.backbone.epochs=1",
+                                                      "checkpoint_seconds=100"])
+    train(early_exit, config, run, quiet=True, echo=None, evaluate=False)
+    mid = [(epoch, step) for name, epoch, step in saved if name == "last" and step]
+    assert mid and all(epoch == 0 for epoch, _ in mid) and len(mid) < 7  # 7 steps: not at every one
 
 
 def test_resume_refuses_a_checkpoint_of_another_version_of_the_graph(early_exit, tmp_path, monkeypatch):
