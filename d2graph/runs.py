@@ -434,6 +434,7 @@ class Run:
         """A new run folder (`out`, or `runs/<graph>/<timestamp>/`). `sweep` (plain data about the
         sweep) makes it a sweep's folder: it gets a `sweep.json`, which `train --resume` and
         `train --out` refuse (E922) and `render --stats` explains."""
+        folder = Path(out) if out is not None else Path("runs") / graph.name
         try:
             if out is None:
                 # mkdir is the claim: of two runs started in the same second, one gets `-2`.
@@ -448,12 +449,11 @@ class Run:
                         i += 1
                         folder = base.with_name(f"{base.name}-{i}")
             else:
-                folder = Path(out)
                 if sweep is None:
                     refuse_sweep(folder, "--out")
                 folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise config_error("E922", f"cannot create the run folder {out or folder}: {e.strerror}",
+            raise config_error("E922", f"cannot create the run folder {folder}: {e.strerror}",
                                help="choose another folder with --out") from None
         # Whether the folder already holds a run is decided under the lock, so two processes
         # given one --out cannot both find it free.
@@ -845,11 +845,12 @@ class _Session:
     def diverged(self, what: str) -> D2GraphError:
         """E925: training produced a NaN or an infinity (`what`); nothing of it is saved."""
         lr = self.config.settings.get("lr")
+        lr = f"{lr:g}" if isinstance(lr, (int, float)) else lr
         kept = "" if self.run is None else f"; {self.run.folder / 'last.pt'} holds the last good state ({self.saved})" \
             if self.saved else "; no checkpoint was written before"
         return config_error("E925", f"training diverged: {what}; the run stops without saving it",
                             help=f"a learning rate too high for the network is the usual cause: start again with a "
-                                 f"lower one (`--set lr=...`; it is {lr:g}) in another --out, or check the data{kept}")
+                                 f"lower one (`--set lr=...`; it is {lr}) in another --out, or check the data{kept}")
 
     def echo(self, text: str) -> None:
         if not self.quiet and self._echo is not None:
