@@ -11,7 +11,12 @@ Guarantees:
   - splits are disjoint and stratified by the original label; `cluttered_digits` splits the
     *source* digits before drawing canvases, so no test canvas shows a training digit;
   - a user's mistake (missing file, wrong shapes, bad labels, a graph that does not fit the
-    data) is a `D2GraphError` carrying one `Diagnostic` with a code from the table below.
+    data) is a `D2GraphError` carrying one `Diagnostic` with a code from the table below;
+  - nothing large is allocated before it is known to fit: an .npz file's shapes and dtypes
+    are read from its array headers first, and every data set's estimated peak memory is
+    checked against `memory_limit()` before it is built (E909); `example_shape` gives the
+    per-example shape without building anything, so a graph that does not fit is told first;
+  - no NaN or infinity reaches training from a user's arrays (E908).
 
 Importing this module registers `digits`, `cluttered_digits` and `npz` in
 `schema.DATASETS`, which the checker validates `data = ...` against.
