@@ -453,11 +453,13 @@ def _load_run(folder, checkpoint: str) -> dict:
 
 def _restore(graph, config, root: Path, path: Path, help: str | None = None) -> dict:
     from .executor import compile
-    from .runs import describe_best, load_checkpoint, load_data
+    from .runs import check_fingerprint, describe_best, load_checkpoint, load_data
     from .policies import load_policy
 
     state = load_checkpoint(path, help=help or "`--checkpoint` takes last, best (of a run folder) or a .pt file "
                                                "that `d2graph train` wrote")
+    check_fingerprint(state, graph, path, help="evaluate it with the .d2 file it was trained from (a run folder "
+                                               "keeps a copy)")
     note = describe_best(state, config)
     if note:  # best.pt is not the final model of a run whose last stages do not validate: say which it is
         print(f"note: {note}", file=sys.stderr)

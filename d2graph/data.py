@@ -11,7 +11,12 @@ Guarantees:
   - splits are disjoint and stratified by the original label; `cluttered_digits` splits the
     *source* digits before drawing canvases, so no test canvas shows a training digit;
   - a user's mistake (missing file, wrong shapes, bad labels, a graph that does not fit the
-    data) is a `D2GraphError` carrying one `Diagnostic` with a code from the table below.
+    data) is a `D2GraphError` carrying one `Diagnostic` with a code from the table below;
+  - nothing large is allocated before it is known to fit: an .npz file's shapes and dtypes
+    are read from its array headers first, and every data set's estimated peak memory is
+    checked against `memory_limit()` before it is built (E909); `example_shape` gives the
+    per-example shape without building anything, so a graph that does not fit is told first;
+  - no NaN or infinity reaches training from a user's arrays (E908).
 
 Importing this module registers `digits`, `cluttered_digits` and `npz` in
 `schema.DATASETS`, which the checker validates `data = ...` against.
@@ -26,6 +31,9 @@ Diagnostic codes (E9xx, data):
   E906  the graph's output is narrower than the number of classes
   E907  data set arguments that cannot be honoured (e.g. `scale_max` larger than the
         canvas, a class subset naming an unknown class, split fractions summing to >= 1)
+  E908  inputs or labels that hold a NaN or an infinity (inputs as float32)
+  E909  a data set too large to build in memory: its estimated peak, from the arguments or
+        the .npz headers, exceeds `memory_limit()` (refused before anything is allocated)
 
 Example:
     >>> from d2graph import data
@@ -42,6 +50,7 @@ import functools
 import importlib.util
 import inspect
 import math
+import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +64,8 @@ from torch.utils.data import TensorDataset
 from .diagnostics import D2GraphError, Diagnostic, did_you_mean
 from .schema import DATASETS, Param, Schema
 
-__all__ = ["DatasetSpec", "Splits", "check_compatible", "cluttered_digits", "digits", "load", "npz",
-           "split_indices"]
+__all__ = ["DatasetSpec", "Splits", "check_compatible", "check_fits", "check_input", "cluttered_digits", "digits",
+           "example_shape", "load", "memory_limit", "npz", "require_memory", "split_indices"]
 
 SPLITS = ("train", "val", "test")
 
@@ -129,10 +138,13 @@ class Splits:
 @dataclass(frozen=True)
 class DatasetSpec:
     """A registry entry: the schema the checker binds `data = name(...)` against, and
-    `load(**bound_args, seed=..., root=...) -> Splits`."""
+    `load(**bound_args, seed=..., root=...) -> Splits`; `shape(**bound_args, root=...)`, when
+    given, is the per-example input shape `load` will give, found without loading (so a
+    graph that does not fit is told so before a large data set is built)."""
 
     schema: Schema
     load: Callable[..., Splits]
+    shape: Callable[..., tuple[int, ...]] | None = None
 
 
 def load(name: str, *, seed: int = 0, root: str | Path | None = None, **args: Any) -> Splits:
@@ -144,6 +156,35 @@ def load(name: str, *, seed: int = 0, root: str | Path | None = None, **args: An
         >>> load("cluttered_digits", seed=1, n=600).input_shape
         (1, 32, 32)
     """
+    spec, bound = _bind(name, args)
+    try:
+        if "root" in inspect.signature(spec.load).parameters:
+            return spec.load(**bound, seed=seed, root=root)
+        return spec.load(**bound, seed=seed)
+    except MemoryError:  # the estimate (E909) let it through, but the machine had less to give
+        raise _error("E909", f"the data set `{name}` ran out of memory while it was built",
+                     help="make it smaller, or lower D2GRAPH_MEMORY_LIMIT so that it is refused up front") from None
+
+
+def example_shape(name: str, *, root: str | Path | None = None, **args: Any) -> tuple[int, ...] | None:
+    """The per-example input shape `load(name, **args)` will give, found without building the
+    data set (from the arguments, or from an .npz file's array headers), or None when the data
+    set cannot say. Raises what `load` would for a malformed file or arguments that cannot fit
+    in memory (E901–E904, E909).
+
+    Example:
+        >>> example_shape("digits", size=16, pad=8)
+        (1, 32, 32)
+    """
+    spec, bound = _bind(name, args)
+    if spec.shape is None:
+        return None
+    if "root" in inspect.signature(spec.shape).parameters:
+        return tuple(spec.shape(**bound, root=root))
+    return tuple(spec.shape(**bound))
+
+
+def _bind(name: str, args: dict[str, Any]) -> tuple[DatasetSpec, dict[str, Any]]:
     spec = DATASETS.get(name)
     if spec is None:
         raise D2GraphError([Diagnostic(
@@ -153,9 +194,7 @@ def load(name: str, *, seed: int = 0, root: str | Path | None = None, **args: An
     bound, diags = spec.schema.bind([], [(k, _thaw(v), None, None) for k, v in args.items()], what="data set")
     if any(d.is_error for d in diags):
         raise D2GraphError(diags)
-    if "root" in inspect.signature(spec.load).parameters:
-        return spec.load(**bound, seed=seed, root=root)
-    return spec.load(**bound, seed=seed)
+    return spec, bound
 
 
 def _thaw(v: Any) -> Any:
@@ -292,6 +331,9 @@ def digits(size: int = 8, pad: int = 0, classes=(), binary: int = -1, val: float
         >>> digits(size=16, pad=8, binary=3).input_shape, digits(binary=3).classes
         ((1, 32, 32), 2)
     """
+    side = size + 2 * pad
+    # The resized images, the padded copy and the splits' copies, in float32.
+    require_memory(3 * 1797 * side * side * 4, f"digits(size={size}, pad={pad})", "lower `size` or `pad`")
     images, original = _bundled_digits()
     keep, y, k = _relabel(original, 10, classes, binary, "`digits`")
     source = np.flatnonzero(keep)
@@ -304,7 +346,6 @@ def digits(size: int = 8, pad: int = 0, classes=(), binary: int = -1, val: float
         x = F.pad(x, (pad, pad, pad, pad))
     parts = split_indices(original[source], val, test, _rng(seed, 0))
     train, val_, test_ = _datasets(x.contiguous(), torch.from_numpy(y), parts)
-    side = size + 2 * pad
     return Splits("digits", train, val_, test_, k, (1, side, side),
                   {s: {"source": source[p]} for s, p in zip(SPLITS, parts)})
 
@@ -355,6 +396,9 @@ def cluttered_digits(size: int = 32, clutter: int = 3, scale_min: int = 12, scal
                      help=f"lower `scale_max` to at most {size} or raise `size`" if scale_max > size
                      else "`scale_min` is the smaller side: swap the two")
     _check_fractions(val, test)
+    # The peak while a split is drawn: its canvases, grid_sample's sampling grid (two floats
+    # a pixel), its output and the masked copy, then the copies handed out; in float32.
+    require_memory(6 * n * size * size * 4, f"cluttered_digits(n={n}, size={size})", "lower `n` or `size`")
     key = (size, clutter, scale_min, scale_max, n, float(easy), tuple(int(c) for c in (classes or ())),
            int(binary), float(val), float(test), int(seed))
     name, parts, k, meta = _cluttered_cached(*key)
@@ -486,57 +530,32 @@ def npz(path: str, num_classes: int = 0, classes=(), binary: int = -1, val: floa
     """A user's arrays: x [N, F], [N, H, W] (a channel axis is added) or [N, C, H, W]; y [N]
     integer labels in [0, num_classes). Splits given as `x_val`/`y_val`, `x_test`/`y_test`
     are used as they are; a missing one is cut from `x`/`y` with its fraction and the seed.
-    A relative `path` is read from `root` (the .d2 file's folder) when given.
+    A relative `path` is read from `root` (the .d2 file's folder) when given. The shapes
+    and dtypes are checked from the archive's array headers before any array is read, and
+    the memory the arrays will take against `memory_limit()` (E909); inputs that hold a NaN
+    or an infinity (as float32, the type the network computes in) are refused (E908).
 
     Example:
         >>> npz("mine.npz", seed=0).describe()                 # doctest: +SKIP
         'mine.npz: 700 train / 150 val / 150 test, x [20], 3 classes'
     """
-    file = Path(path)
-    if root is not None and not file.is_absolute():
-        file = Path(root) / file
-    if not file.is_file():
-        raise _error("E901", f"data file `{path}` does not exist",
-                     help=f"looked for {file.resolve()}; write the path relative to the .d2 file")
+    file = _npz_file(path, root)
+    given = _check_headers(_npz_headers(file, path), path)
     try:
         with np.load(file, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
+            arrays = {k: archive[k] for k in archive.files if k in ("x", "y", *(f"{a}_{s}" for s in given
+                                                                                  for a in "xy"))}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         raise _error("E901", f"`{path}` is not a readable .npz archive ({type(e).__name__})",
                      help="save the arrays with `numpy.savez(path, x=..., y=...)`") from None
-    for key in ("x", "y"):
-        if key not in arrays:
-            raise _error("E902", f"`{path}` has no array `{key}`",
-                         help=f"it holds {_names(arrays)}; save the inputs as `x` and the labels as `y`")
-    given = {}
-    for split in ("val", "test"):
-        pair = [f"x_{split}" in arrays, f"y_{split}" in arrays]
-        if any(pair) and not all(pair):
-            have, lack = (f"x_{split}", f"y_{split}") if pair[0] else (f"y_{split}", f"x_{split}")
-            raise _error("E902", f"`{path}` has `{have}` but no `{lack}`", help="give both arrays of a split, or neither")
-        if all(pair):
-            given[split] = (arrays[f"x_{split}"], arrays[f"y_{split}"])
-
-    xs = {"": arrays["x"], **{f"_{s}": given[s][0] for s in given}}
-    ys = {"": arrays["y"], **{f"_{s}": given[s][1] for s in given}}
-    example = None
-    for suffix, x in xs.items():
-        y = ys[suffix]
-        if y.ndim != 1:
-            raise _error("E903", f"`y{suffix}` in `{path}` has shape {list(y.shape)}; labels must be one integer per example",
-                         help="save the labels as a 1-D array of class indices, not one-hot rows")
-        if x.ndim not in (2, 3, 4) or x.dtype.kind not in "biuf":
-            raise _error("E903", f"`x{suffix}` in `{path}` has shape {list(x.shape)} and dtype {x.dtype}",
-                         help="x must hold numbers shaped [N, F], [N, H, W] or [N, C, H, W]")
-        if len(x) != len(y):
-            raise _error("E903", f"`x{suffix}` in `{path}` holds {len(x)} examples but `y{suffix}` holds {len(y)} labels",
-                         help="give one label per example, in the same order")
-        if example is not None and x.shape[1:] != example:
-            raise _error("E903", f"`x{suffix}` in `{path}` holds examples of shape {list(x.shape[1:])}, `x` of {list(example)}",
-                         help="every split must hold examples of one shape")
-        example = x.shape[1:]
-
-    labels = {s: _labels(y, f"y{s}", path) for s, y in ys.items()}
+    suffixes = ["", *(f"_{s}" for s in given)]
+    # One float32 copy of each input, the type the network computes in: a float64 beyond
+    # float32's range turns infinite here, so the finiteness check looks at this copy.
+    with np.errstate(over="ignore"):  # reported below, as E908
+        xs = {s: np.ascontiguousarray(arrays.pop(f"x{s}"), dtype=np.float32) for s in suffixes}
+    for s, x in xs.items():
+        _check_finite(x, f"x{s}", path)
+    labels = {s: _labels(arrays[f"y{s}"], f"y{s}", path) for s in suffixes}
     biggest = max(int(v.max()) for v in labels.values() if len(v)) if any(len(v) for v in labels.values()) else 0
     known = num_classes or biggest + 1
     for s, v in labels.items():
@@ -547,13 +566,13 @@ def npz(path: str, num_classes: int = 0, classes=(), binary: int = -1, val: floa
                          + ("; raise `num_classes` or fix the labels" if num_classes else ""))
 
     def tensor(x):
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        t = torch.from_numpy(x)
         return t.unsqueeze(1) if t.ndim == 3 else t  # [N, H, W] → one channel
 
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     meta: dict[str, dict[str, np.ndarray]] = {}
     keep, y_main, k = _relabel(labels[""], known, classes, binary, f"`{path}`")
-    x_main = tensor(arrays["x"])[torch.from_numpy(np.flatnonzero(keep))]
+    x_main = tensor(xs[""])[torch.from_numpy(np.flatnonzero(keep))]
     missing = [s for s in ("val", "test") if s not in given]
     if missing:
         # Only the splits the file lacks are cut from x; the others keep their fraction at 0.
@@ -565,7 +584,7 @@ def npz(path: str, num_classes: int = 0, classes=(), binary: int = -1, val: floa
     for i, s in enumerate(SPLITS):
         if s in given:
             kk, ys_, _ = _relabel(labels[f"_{s}"], known, classes, binary, f"`{path}`")
-            out[s] = (tensor(given[s][0])[torch.from_numpy(np.flatnonzero(kk))], torch.from_numpy(ys_))
+            out[s] = (tensor(xs[f"_{s}"])[torch.from_numpy(np.flatnonzero(kk))], torch.from_numpy(ys_))
             meta[s] = {"index": np.flatnonzero(kk)}
         else:
             p = torch.from_numpy(parts[i])
@@ -575,10 +594,126 @@ def npz(path: str, num_classes: int = 0, classes=(), binary: int = -1, val: floa
                   tuple(int(d) for d in out["train"][0].shape[1:]), meta)
 
 
+def _npz_file(path: str, root: str | Path | None) -> Path:
+    file = Path(path)
+    if root is not None and not file.is_absolute():
+        file = Path(root) / file
+    if not file.is_file():
+        raise _error("E901", f"data file `{path}` does not exist",
+                     help=f"looked for {file.resolve()}; write the path relative to the .d2 file")
+    return file
+
+
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of a .npy file (numpy.lib.format)
+
+
+def _npz_headers(file: Path, path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each array's shape and dtype, read from its .npy header inside the archive: no array
+    data is read (a small archive may unpack to gigabytes)."""
+    try:
+        with open(file, "rb") as f:
+            start = f.read(len(NPY_MAGIC))
+    except OSError as e:
+        raise _error("E901", f"`{path}` cannot be read ({e.strerror})", help="check the file's permissions") from None
+    if start == NPY_MAGIC:
+        raise _error("E901", f"`{path}` is a .npy file, which holds one array; `npz` needs an .npz archive holding "
+                             "the inputs `x` and the labels `y`",
+                     help="save both arrays in one archive: `numpy.savez(\"data.npz\", x=x, y=y)`")
+    headers = {}
+    try:
+        with zipfile.ZipFile(file) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue  # numpy.savez writes every array as NAME.npy
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+                    else:  # 3.0 is only written for structured dtypes with non-Latin-1 field names
+                        raise ValueError(f"array format {version}")
+                headers[info.filename[:-4]] = (tuple(int(d) for d in shape), np.dtype(dtype))
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, RuntimeError) as e:
+        raise _error("E901", f"`{path}` is not a readable .npz archive ({type(e).__name__})",
+                     help="save the arrays with `numpy.savez(path, x=..., y=...)`") from None
+    return headers
+
+
+def _check_headers(headers: dict[str, tuple[tuple[int, ...], np.dtype]], path: str) -> list[str]:
+    """E902–E904 and E909 from the arrays' headers alone; returns the splits the file gives
+    itself ("val", "test")."""
+    for key in ("x", "y"):
+        if key not in headers:
+            raise _error("E902", f"`{path}` has no array `{key}`",
+                         help=f"it holds {_names(headers)}; save the inputs as `x` and the labels as `y`")
+    given = []
+    for split in ("val", "test"):
+        pair = [f"x_{split}" in headers, f"y_{split}" in headers]
+        if any(pair) and not all(pair):
+            have, lack = (f"x_{split}", f"y_{split}") if pair[0] else (f"y_{split}", f"x_{split}")
+            raise _error("E902", f"`{path}` has `{have}` but no `{lack}`", help="give both arrays of a split, or neither")
+        if all(pair):
+            given.append(split)
+    example = None
+    needed = 0
+    for suffix in ["", *(f"_{s}" for s in given)]:
+        (x_shape, x_type), (y_shape, y_type) = headers[f"x{suffix}"], headers[f"y{suffix}"]
+        if len(y_shape) != 1:
+            raise _error("E903", f"`y{suffix}` in `{path}` has shape {list(y_shape)}; labels must be one integer per "
+                                 "example", help="save the labels as a 1-D array of class indices, not one-hot rows")
+        _check_label_type(y_type, f"y{suffix}", path)
+        if len(x_shape) not in (2, 3, 4) or x_type.kind not in "biuf":
+            raise _error("E903", f"`x{suffix}` in `{path}` has shape {list(x_shape)} and dtype {x_type}",
+                         help="x must hold numbers shaped [N, F], [N, H, W] or [N, C, H, W]")
+        if x_shape[0] != y_shape[0]:
+            raise _error("E903", f"`x{suffix}` in `{path}` holds {x_shape[0]} examples but `y{suffix}` holds "
+                                 f"{y_shape[0]} labels", help="give one label per example, in the same order")
+        if example is not None and x_shape[1:] != example:
+            raise _error("E903", f"`x{suffix}` in `{path}` holds examples of shape {list(x_shape[1:])}, `x` of "
+                                 f"{list(example)}", help="every split must hold examples of one shape")
+        example = x_shape[1:]
+        # The arrays as stored, a float32 copy of x, and the split copies cut from it.
+        needed += math.prod(x_shape) * (x_type.itemsize + 3 * 4) + math.prod(y_shape) * (y_type.itemsize + 2 * 8)
+    require_memory(needed, f"`{path}`", "use fewer or smaller examples")
+    return given
+
+
+def _check_finite(x: np.ndarray, name: str, path: str) -> None:
+    """E908 when an input holds a NaN or an infinity: one such value makes every loss it
+    touches NaN, and the network trains to chance without a word."""
+    nan = int(np.count_nonzero(np.isnan(x)))
+    inf = int(np.count_nonzero(np.isinf(x)))
+    if nan or inf:
+        first = int(np.flatnonzero((~np.isfinite(x.reshape(len(x), -1))).any(axis=1))[0])
+        what = " and ".join(f"{n:,} {kind}" for n, kind in ((nan, "NaN"), (inf, "infinite")) if n)
+        raise _error("E908", f"`{name}` in `{path}` holds {what} value{'s' if nan + inf > 1 else ''} "
+                             f"(as float32; the first in example {first})",
+                     help="replace or drop them before saving, e.g. `x = numpy.nan_to_num(x)` or keep the rows "
+                          "where `numpy.isfinite(x).all(axis=1)`; values beyond ±3.4e38 overflow float32")
+
+
+def _check_label_type(dtype: np.dtype, name: str, path: str) -> None:
+    if dtype.kind in "US":
+        raise _error("E904", f"`{name}` in `{path}` holds strings (dtype {dtype}); labels must be integer class "
+                             "indices 0..classes-1",
+                     help="map each label to an integer before saving, e.g. "
+                          "`names, y = numpy.unique(y, return_inverse=True)` (keep `names` to read the classes back)")
+    if dtype.kind not in "iubf":
+        raise _error("E904", f"`{name}` in `{path}` holds labels that are not integers (dtype {dtype})",
+                     help="labels are class indices 0..classes-1, saved as an integer array")
+
+
 def _labels(y: np.ndarray, name: str, path: str) -> np.ndarray:
+    _check_label_type(y.dtype, name, path)
     if y.dtype.kind in "iub":
         return y.astype(np.int64)
-    if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+    if not np.all(np.isfinite(y)):
+        bad = int(np.count_nonzero(~np.isfinite(y)))
+        raise _error("E908", f"`{name}` in `{path}` holds {bad:,} NaN or infinite label{'s' if bad > 1 else ''} "
+                             f"(the first in example {int(np.flatnonzero(~np.isfinite(y))[0])})",
+                     help="every example needs a class index; drop the examples without one")
+    if np.all(y == np.round(y)):
         return y.astype(np.int64)  # whole numbers saved as floats (e.g. from pandas) are fine
     raise _error("E904", f"`{name}` in `{path}` holds labels that are not integers (dtype {y.dtype})",
                  help="labels are class indices; convert one-hot or probability rows with `argmax`")
@@ -586,6 +721,58 @@ def _labels(y: np.ndarray, name: str, path: str) -> np.ndarray:
 
 def _names(arrays: dict) -> str:
     return ", ".join(f"`{k}`" for k in sorted(arrays)) or "no arrays"
+
+
+# --- memory -------------------------------------------------------------------------------
+
+
+def memory_limit() -> int:
+    """The most bytes a data set may take while it is built: the environment variable
+    `D2GRAPH_MEMORY_LIMIT` (bytes, e.g. `8e9`) when set, else half the machine's physical
+    memory (8 GB where the platform does not say).
+
+    Example:
+        >>> memory_limit() > 0
+        True
+    """
+    text = os.environ.get("D2GRAPH_MEMORY_LIMIT")
+    if text:
+        try:
+            return int(float(text))
+        except ValueError:
+            raise _error("E909", f"D2GRAPH_MEMORY_LIMIT={text!r} is not a number of bytes",
+                         help="e.g. `D2GRAPH_MEMORY_LIMIT=8e9` for 8 GB, or unset it (half the physical memory)") \
+                from None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (AttributeError, ValueError, OSError):  # not a POSIX system
+        return 8 * 10**9
+
+
+def require_memory(needed: int, what: str, help: str) -> None:
+    """E909 when building `what` would take more than `memory_limit()` bytes (an estimate of
+    the peak, from the shapes alone): refused before a byte is allocated, instead of a
+    MemoryError (or the machine swapping) half-way.
+
+    Example:
+        >>> require_memory(10**18, "cluttered_digits(n=10**12)", "lower `n`")   # doctest: +SKIP
+        Traceback (most recent call last):
+        d2graph.diagnostics.D2GraphError: error[E909]: cluttered_digits(n=10**12) would need about 1 EB ...
+    """
+    limit = memory_limit()
+    if needed > limit:
+        source = "D2GRAPH_MEMORY_LIMIT" if os.environ.get("D2GRAPH_MEMORY_LIMIT") else "half the physical memory"
+        raise _error("E909", f"{what} would need about {_bytes(needed)} of memory to load, more than the limit of "
+                             f"{_bytes(limit)} ({source})",
+                     help=f"{help}; the limit is the environment variable D2GRAPH_MEMORY_LIMIT (bytes) when set")
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
 
 
 # --- data against a graph -----------------------------------------------------------------
@@ -600,26 +787,7 @@ def check_compatible(splits: Splits, graph) -> None:
         Traceback (most recent call last):
         d2graph.diagnostics.D2GraphError: error[E905]: graph `high_low` takes input [1, 32, 32] but ...
     """
-    data_shape = tuple(splits.input_shape)
-    inputs = graph.inputs
-    if len(inputs) != 1:
-        raise _error("E905", f"graph `{graph.name}` has {len(inputs)} inputs; a data set feeds exactly one",
-                     help="declare one `input` node")
-    node = inputs[0]
-    want = tuple(node.out_shape or ())
-    if want != data_shape:
-        hint = ""
-        if math.prod(want) == math.prod(data_shape):
-            hint = "; the sizes agree, so a `flatten` or a different input declaration may be all it takes"
-        elif splits.name == "digits" and len(want) == 3 and want[1] == want[2]:
-            hint = f"; `digits(size={want[1]})` draws the digits at that size"
-        elif splits.name == "cluttered_digits" and len(want) == 3 and want[1] == want[2]:
-            hint = f"; `cluttered_digits(size={want[1]})` draws canvases of that size"
-        raise D2GraphError([Diagnostic(
-            "E905", f"graph `{graph.name}` takes input {_shape(want)} but {splits.name} gives examples "
-                    f"of shape {_shape(data_shape)}",
-            node.span, f"`{node.name}` is declared {_shape(want)}",
-            help=f"declare `input {node.name} {_shape(data_shape)}` or change the data set's arguments{hint}")])
+    check_input(graph, splits.input_shape, splits.name)
     for out in graph.outputs:
         shape = tuple(out.out_shape or ())
         width = shape[-1] if shape else 0
@@ -631,10 +799,70 @@ def check_compatible(splits: Splits, graph) -> None:
                 help=f"end the nodes feeding `{out.name}` with `fc({splits.classes})`")])
 
 
+def check_input(graph, shape: tuple[int, ...], name: str) -> None:
+    """E905 unless `graph` has one input, of the per-example `shape` that the data set `name`
+    gives. Run before a data set is built (with `example_shape`) and after.
+
+    Example:
+        >>> check_input(d2graph.load("examples/high_low.d2"), (1, 32, 32), "digits")  # doctest: +SKIP
+    """
+    data_shape = tuple(shape)
+    inputs = graph.inputs
+    if len(inputs) != 1:
+        raise _error("E905", f"graph `{graph.name}` has {len(inputs)} inputs; a data set feeds exactly one",
+                     help="declare one `input` node")
+    node = inputs[0]
+    want = tuple(node.out_shape or ())
+    if want != data_shape:
+        hint = ""
+        if math.prod(want) == math.prod(data_shape):
+            hint = "; the sizes agree, so a `flatten` or a different input declaration may be all it takes"
+        elif name == "digits" and len(want) == 3 and want[1] == want[2]:
+            hint = f"; `digits(size={want[1]})` draws the digits at that size"
+        elif name == "cluttered_digits" and len(want) == 3 and want[1] == want[2]:
+            hint = f"; `cluttered_digits(size={want[1]})` draws canvases of that size"
+        raise D2GraphError([Diagnostic(
+            "E905", f"graph `{graph.name}` takes input {_shape(want)} but {name} gives examples "
+                    f"of shape {_shape(data_shape)}",
+            node.span, f"`{node.name}` is declared {_shape(want)}",
+            help=f"declare `input {node.name} {_shape(data_shape)}` or change the data set's arguments{hint}")])
+
+
+def check_fits(graph, name: str, *, root: str | Path | None = None, **args: Any) -> None:
+    """E905 when the data set `name(**args)` would give examples of another shape than the
+    graph's input, found without building it (`example_shape`); nothing when it cannot say.
+    `check_compatible` checks the built data set in full.
+
+    Example:
+        >>> check_fits(d2graph.load("examples/high_low.d2"), "digits", size=8)   # doctest: +SKIP
+        Traceback (most recent call last):
+        d2graph.diagnostics.D2GraphError: error[E905]: graph `high_low` takes input [1, 32, 32] but ...
+    """
+    shape = example_shape(name, root=root, **args)
+    if shape is not None:
+        shown = Path(str(args["path"])).name if name == "npz" else name  # as `npz` names its Splits
+        check_input(graph, shape, shown)
+
+
+def _digits_shape(size: int = 8, pad: int = 0, **_: Any) -> tuple[int, ...]:
+    return (1, size + 2 * pad, size + 2 * pad)
+
+
+def _cluttered_shape(size: int = 32, **_: Any) -> tuple[int, ...]:
+    return (1, size, size)
+
+
+def _npz_shape(path: str, *, root: str | Path | None = None, **_: Any) -> tuple[int, ...]:
+    headers = _npz_headers(_npz_file(path, root), path)
+    _check_headers(headers, path)
+    shape = headers["x"][0][1:]
+    return (1, *shape) if len(shape) == 2 else shape  # [N, H, W] gets a channel axis
+
+
 def _shape(shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-DATASETS.register("digits", DatasetSpec(DIGITS, digits))
-DATASETS.register("cluttered_digits", DatasetSpec(CLUTTERED, cluttered_digits))
-DATASETS.register("npz", DatasetSpec(NPZ, npz))
+DATASETS.register("digits", DatasetSpec(DIGITS, digits, _digits_shape))
+DATASETS.register("cluttered_digits", DatasetSpec(CLUTTERED, cluttered_digits, _cluttered_shape))
+DATASETS.register("npz", DatasetSpec(NPZ, npz, _npz_shape))

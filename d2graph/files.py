@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -40,3 +41,25 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     """Write text (UTF-8) or bytes to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+# The names `atomic_path` gives its temporary files: mkstemp's `.NAME.` + 8 random characters
+# (tempfile's alphabet) + `.tmp`.
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of `atomic_path` that a killed process (SIGKILL, power
+    loss: no `finally` ran) left in `folder`, and return them. Only names of the writer's own
+    pattern are touched. Call it only while no other process writes into `folder`.
+
+    Example:
+        >>> remove_stale_temporaries("runs/g/20261130-120000")          # doctest: +SKIP
+        [PosixPath('runs/g/20261130-120000/.last.pt.k2j4h6g8.tmp')]
+    """
+    removed = []
+    for path in Path(folder).iterdir():
+        if _TEMPORARY.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return sorted(removed)

@@ -15,24 +15,39 @@ Out: `train(...)` runs the block's stages in order on one compiled executor and 
         graph.dot         the same drawing as DOT text (always written, `dot` or not)
         training.png/.svg each stage's training loss and validation score per epoch (redrawn as
                           each stage ends; a stage fitted once is one point)
+        .d2graph.lock     only while a process creates or trains the run (`RunLock`)
 Guarantees:
   - Every file is written atomically; a crash or Ctrl-C never leaves half a file. Ctrl-C
     stops at the next step boundary, writes `last.pt` there and raises `Interrupted`;
     `train(..., resume=True)` continues from it exactly (same steps, same random numbers).
+    The same boundary gets a `last.pt` every `checkpoint_every` steps and after
+    `checkpoint_seconds`, so a run killed outright loses little; its resume removes the
+    temporary files the killed writer left.
+  - One process at a time: claiming a folder (`Run.create`) and training in it hold an
+    flock'd lock file, so two runs given one --out cannot both find it free (E922).
+  - What is read back is checked: a run's config.json with the train block's schemas (E922;
+    settings newer than the run take their defaults), and a checkpoint's network fingerprint
+    against the source's (E922; checkpoints from before fingerprints pass).
+  - A NaN or infinite loss, weight or metric stops the run (E925) before it is saved or
+    logged: last.pt keeps the last good state and metrics.jsonl stays strict JSON.
   - Determinism: the initial weights, each epoch's order of examples and each step's random
     numbers (dropout, exploration) derive from (seed, stage, epoch, step) alone, so the same
     seed on the same machine gives the same metrics, resumed or not.
-  - Mistakes in overrides (E920), a trainer that does not suit the graph (E921), a missing or
-    corrupt run folder or checkpoint (E922) and a file without a train block (E923) are
-    `D2GraphError`s with a message and a hint.
+  - Mistakes in overrides (E920), a trainer that does not suit the graph (E921), a missing,
+    corrupt, foreign or busy run folder or checkpoint (E922), a file without a train block
+    (E923) and a diverged run (E925) are `D2GraphError`s with a message and a hint.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import io
 import json
 import math
+import os
+import re
 import signal
 import sys
 import time
@@ -43,10 +58,15 @@ from typing import Any, Iterator
 
 import torch
 
+try:
+    import fcntl  # POSIX: a lock the kernel drops when its process dies, however it dies
+except ImportError:  # Windows
+    fcntl = None
+
 from . import data as data_module
 from .diagnostics import D2GraphError, Diagnostic, did_you_mean
 from .executor import Executor, compile
-from .files import atomic_path, write_atomic
+from .files import FILE_MODE, atomic_path, remove_stale_temporaries, write_atomic
 from .ir import Graph
 from .layers import initialise
 from .plots import training_plot
@@ -56,14 +76,47 @@ from .policies import LearnedPolicy, Policy, StaticPolicy, load_policy, save_pol
 
 __all__ = ["SWEEP_FILE", "Config", "Interrupted", "Run", "Stage", "Trained", "config_error", "derive_seed",
            "describe_best", "holdout_fraction", "refuse_sweep", "resolve", "sweep_folder", "train"]
+__all__ = ["LOCK_FILE", "SWEEP_FILE", "Config", "Interrupted", "Run", "RunLock", "Stage", "Trained",
+           "check_fingerprint", "config_error", "derive_seed", "describe_best", "graph_fingerprint", "refuse_sweep",
+           "resolve", "sweep_folder", "train", "validate_config"]
 
 CHECKPOINT_FORMAT = 1
+# Settings whose default changes what a run computes, with the value that reproduces a run
+# folder written before they existed (its resume must see the same data).
+BEFORE_SETTING = {"holdout": 0.0}
 SWEEP_FILE = "sweep.json"  # marks a folder `d2graph sweep` made (and each of its seeds' folders)
+LOCK_FILE = ".d2graph.lock"  # held (and there) while a process creates or trains a run in the folder
 
 
 def config_error(code: str, message: str, help: str = "") -> D2GraphError:
-    """A mistake in a train block, an override, a run folder or a checkpoint (E920–E923)."""
+    """A mistake in a train block, an override, a run folder or a checkpoint (E920–E923), or
+    a run that diverged (E925)."""
     return D2GraphError([Diagnostic(code, message, None, "", help=help)])
+
+
+def graph_fingerprint(graph: Graph) -> str:
+    """A hash of the network that a checkpoint's weights and policy belong to: the checked
+    IR's text (`str(graph)`: each node's kind, inputs, controllers, actions, shape and layers)
+    without the train block, which can change without changing the network.
+
+    Example:
+        >>> graph_fingerprint(d2graph.load("examples/high_low.d2"))        # doctest: +SKIP
+        '3f0c9a1d2b7e4f60'
+    """
+    text = str(dataclasses.replace(graph, train=None))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def check_fingerprint(state: dict[str, Any], graph: Graph, path: str | Path, help: str) -> None:
+    """E922 when the checkpoint `state` (read from `path`) was trained on another version of
+    `graph`: one whose weights may well load (same names and shapes) but that routes
+    differently, e.g. with a control node's actions swapped. Checkpoints written before
+    checkpoints carried a fingerprint pass."""
+    saved = state.get("fingerprint")
+    if saved is not None and saved != graph_fingerprint(graph):
+        raise config_error("E922", f"{path} was trained on another version of graph `{graph.name}`: the source "
+                                   f"changed after the run (network fingerprint {saved}, the source's is "
+                                   f"{graph_fingerprint(graph)})", help=help)
 
 
 class Interrupted(Exception):
@@ -99,8 +152,17 @@ class Config:
         return {"graph": self.graph, "data": self.data, "settings": self.settings, "stages": self.stages}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Config:
-        return cls(d["graph"], d["data"], d["settings"], d["stages"])
+    def from_json(cls, d: Any, where: str = "config.json") -> Config:
+        """A config as `to_json` wrote it, checked with the schemas of a train block (E922 for
+        each problem, naming `where`): a run's config.json may have been edited by hand.
+        Settings added to d2graph after the run was made take their defaults.
+
+        Example:
+            >>> Config.from_json({"graph": "g", "data": {"name": "digits", "args": {}},
+            ...                   "settings": {"batch": 0}, "stages": []}).settings  # doctest: +SKIP
+            D2GraphError: error[E922]: config.json: `settings.batch` must be a positive integer, not 0
+        """
+        return validate_config(d, where)
 
     def text(self) -> str:
         return json.dumps(self.to_json(), indent=2) + "\n"
@@ -110,6 +172,74 @@ class Config:
             if s["name"] == name:
                 return s
         raise KeyError(name)
+
+
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a graph's or a stage's name, as the grammar's NAME
+
+
+def validate_config(raw: Any, where: str) -> Config:
+    """`raw` (parsed JSON) checked as a resolved config: the graph's name (which names the
+    source copy, so it must stay inside the run folder), the data set and its arguments, the
+    settings and each stage's trainer and parameters, with the same schemas that check a
+    train block and `--set`. Raises one D2GraphError with an E922 per problem."""
+    problems: list[str] = []
+
+    def bound(schema, args: dict[str, Any], key: str) -> dict[str, Any]:
+        out, diags = schema.bind([], [(k, v, None, None) for k, v in args.items()], None,
+                                 "data set" if key == "data" else "trainer")
+        problems.extend(f"`{key}`: {d.message}" for d in diags if d.is_error)
+        return {k: _plain(v) for k, v in out.items()}
+
+    if not isinstance(raw, dict):
+        problems.append("is not a JSON object")
+        raw = {}
+    graph = raw.get("graph")
+    if not isinstance(graph, str) or not NAME.fullmatch(graph):
+        problems.append(f"`graph` must be the graph's name (its source copy is NAME.d2 in the run folder), "
+                        f"not {json.dumps(graph)}")
+    data, settings, stages = raw.get("data"), raw.get("settings"), raw.get("stages")
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not isinstance(data.get("args"), dict):
+        problems.append(f'`data` must be {{"name": DATA SET, "args": {{...}}}}, not {json.dumps(data)}')
+    elif data["name"] not in DATASETS:
+        problems.append(f"`data`: unknown data set `{data['name']}`{did_you_mean(data['name'], DATASETS.names())}")
+    else:
+        data = {"name": data["name"], "args": bound(DATASETS.get(data["name"]).schema, data["args"], "data")}
+    resolved: dict[str, Any] = {}
+    if not isinstance(settings, dict):
+        problems.append(f"`settings` must be an object of settings, not {json.dumps(settings)}")
+        settings = {}
+    for key in settings:
+        if key not in settings_names():
+            problems.append(f"no setting `settings.{key}`{did_you_mean(key, settings_names())}")
+    for param in TRAIN_SETTINGS.params:
+        # A setting newer than the run takes its default, or the value that reproduces what
+        # the run did before it existed.
+        value = settings.get(param.name, BEFORE_SETTING.get(param.name, _plain(param.default)))
+        if not param.accepts(value):
+            problems.append(f"`settings.{param.name}` must be {param.describe()}, not {json.dumps(value)}")
+        resolved[param.name] = _plain(param.coerce(value))
+    checked: list[dict[str, Any]] = []
+    if not isinstance(stages, list):
+        problems.append(f"`stages` must be a list of stages, not {json.dumps(stages)}")
+        stages = []
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict) or not isinstance(stage.get("name"), str) or \
+                not NAME.fullmatch(stage["name"]) or not isinstance(stage.get("params"), dict):
+            problems.append(f'`stages[{i}]` must be {{"name": NAME, "trainer": TRAINER, "params": {{...}}}}')
+            continue
+        trainer = stage.get("trainer")
+        if not isinstance(trainer, str) or trainer not in TRAINERS:
+            problems.append(f"`stages[{i}].trainer`: unknown trainer {json.dumps(trainer)}"
+                            f"{did_you_mean(str(trainer), TRAINERS.names())}")
+            continue
+        checked.append({"name": stage["name"], "trainer": trainer,
+                        "params": bound(TRAINERS.get(trainer).schema, stage["params"], f"stages[{i}].params")})
+    if problems:
+        help = ("config.json is written by `d2graph train`: undo the edit, or start a new run with the change as "
+                "`--set KEY=VALUE` (another --out)")
+        raise D2GraphError([Diagnostic("E922", f"{where}: {problem}", None, "", help=help if i == len(problems) - 1
+                                       else "") for i, problem in enumerate(problems)])
+    return Config(graph, data, resolved, checked)
 
 
 def resolve(graph: Graph, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -233,6 +363,69 @@ def refuse_sweep(folder: str | Path, doing: str) -> None:
                             "or train one policy into a run folder of its own: `d2graph train FILE --out RUN`")
 
 
+class RunLock:
+    """A claim on a run folder: the lock file `.d2graph.lock` in it, locked with `flock` (the
+    kernel drops the lock when its process dies, however it dies) and removed on `release`.
+    A second process, or a second claim in this one, is refused (E922) while it is held.
+
+    Example:
+        >>> lock = RunLock.acquire(Path("runs/g/1")); ...; lock.release()  # doctest: +SKIP
+    """
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self._fd = path, fd
+
+    @classmethod
+    def acquire(cls, folder: Path) -> RunLock:
+        path = Path(folder) / LOCK_FILE
+        while True:
+            try:
+                flags = os.O_RDWR | os.O_CREAT | (os.O_EXCL if fcntl is None else 0)
+                fd = os.open(path, flags, FILE_MODE)
+            except FileExistsError:  # no flock: an existing file is a claim (maybe a killed one's)
+                raise cls._busy(folder, path, "") from None
+            if fcntl is None:
+                break
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip()
+                os.close(fd)
+                raise cls._busy(folder, path, holder) from None
+            # The holder we raced with may have released (and removed) the file between our
+            # open and our flock: then our lock is on a file no one else will open; try again.
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        return cls(path, fd)
+
+    @staticmethod
+    def _busy(folder: Path, path: Path, holder: str) -> D2GraphError:
+        who = f" (process {holder})" if holder.isdigit() else ""
+        stale = "" if fcntl is not None else f"; if no d2graph process runs there, delete {path}"
+        return config_error("E922", f"{folder} is in use: another d2graph process{who} is training in it",
+                            help=f"wait for it to finish, or choose another --out{stale}")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        # Removed while still held, so that a process waiting on it sees the file change.
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+    def __del__(self):  # a Run dropped without training still frees its folder
+        try:
+            self.release()
+        except Exception:  # at interpreter exit `os` may be gone; the kernel frees the lock anyway
+            pass
+
+
 class Run:
     """A run folder. `Run.create` makes a new one; `Run.open` reads an existing one."""
 
@@ -240,6 +433,7 @@ class Run:
         self.folder = Path(folder)
         self._rows: list[dict[str, Any]] | None = None
         self.restarted = False  # `create` reused a folder whose run never reached a checkpoint
+        self.lock: RunLock | None = None  # held from `create`, or by `train`, until training ends
 
     @classmethod
     def create(cls, graph: Graph, source: str, config: Config, out: str | Path | None = None, *,
@@ -247,35 +441,56 @@ class Run:
         """A new run folder (`out`, or `runs/<graph>/<timestamp>/`). `sweep` (plain data about the
         sweep) makes it a sweep's folder: it gets a `sweep.json`, which `train --resume` and
         `train --out` refuse (E922) and `render --stats` explains."""
-        if out is None:
-            base = Path("runs") / graph.name / time.strftime("%Y%m%d-%H%M%S")
-            folder, i = base, 1
-            while folder.exists():
-                i += 1
-                folder = base.with_name(f"{base.name}-{i}")
-        restarted = False
-        if out is not None:
-            folder = Path(out)
-            if sweep is None:
-                refuse_sweep(folder, "--out")
-            if (folder / "config.json").exists():
-                if any(folder.glob("*.pt")) and sweep is not None:
-                    raise config_error("E922", f"{folder} already holds a sweep",
-                                       help="a sweep cannot be continued; choose another --out")
-                if any(folder.glob("*.pt")):
-                    raise config_error("E922", f"{folder} already holds a run",
-                                       help=f"continue it with `d2graph train --resume {folder}`, "
-                                            "or choose another --out")
-                # No checkpoint: the run stopped before training did (a graph that did not fit its
-                # data, a trainer that refused it). There is nothing to resume; start over in it.
-                cls._clear(folder, graph.name)
-                restarted = True
+        folder = Path(out) if out is not None else Path("runs") / graph.name
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            if out is None:
+                # mkdir is the claim: of two runs started in the same second, one gets `-2`.
+                base = Path("runs") / graph.name / time.strftime("%Y%m%d-%H%M%S")
+                base.parent.mkdir(parents=True, exist_ok=True)
+                folder, i = base, 1
+                while True:
+                    try:
+                        folder.mkdir()
+                        break
+                    except FileExistsError:
+                        i += 1
+                        folder = base.with_name(f"{base.name}-{i}")
+            else:
+                if sweep is None:
+                    refuse_sweep(folder, "--out")
+                folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise config_error("E922", f"cannot create the run folder {folder}: {e.strerror}",
                                help="choose another folder with --out") from None
+        # Whether the folder already holds a run is decided under the lock, so two processes
+        # given one --out cannot both find it free.
+        lock = RunLock.acquire(folder)
+        try:
+            run = cls._create(graph, source, config, folder, lock, sweep)
+        except BaseException:
+            lock.release()
+            raise
+        return run
+
+    @classmethod
+    def _create(cls, graph: Graph, source: str, config: Config, folder: Path, lock: RunLock,
+                sweep: dict[str, Any] | None) -> Run:
+        restarted = False
+        if (folder / "config.json").exists():
+            if any(folder.glob("*.pt")) and sweep is not None:
+                raise config_error("E922", f"{folder} already holds a sweep",
+                                   help="a sweep cannot be continued; choose another --out")
+            if any(folder.glob("*.pt")):
+                raise config_error("E922", f"{folder} already holds a run",
+                                   help=f"continue it with `d2graph train --resume {folder}`, "
+                                        "or choose another --out")
+            # No checkpoint: the run stopped before training did (a graph that did not fit its
+            # data, a trainer that refused it). There is nothing to resume; start over in it.
+            cls._clear(folder, graph.name)
+            restarted = True
+        remove_stale_temporaries(folder)  # of a process killed in this folder before
         run = cls(folder)
+        run.lock = lock
         run.restarted = restarted
         write_atomic(folder / f"{graph.name}.d2", source)
         write_atomic(folder / "config.json", config.text())
@@ -312,17 +527,20 @@ class Run:
 
     @property
     def config(self) -> Config:
+        """The run's config.json, checked (`Config.from_json`): every command that reads a run
+        folder (`train --resume`, `eval`, `render --stats`, `policy export`) reads it here."""
         try:
-            return Config.from_json(json.loads((self.folder / "config.json").read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            raw = json.loads((self.folder / "config.json").read_text())
+        except (OSError, ValueError) as e:
             raise config_error("E922", f"{self.folder / 'config.json'} is unreadable or damaged ({e})",
                                help="the run cannot be resumed; start a new one") from None
+        return Config.from_json(raw, str(self.folder / "config.json"))
 
     @property
     def source(self) -> Path:
-        name = self.config.graph
+        name = self.config.graph  # a plain name (checked): the copy cannot lie outside the run folder
         path = self.folder / f"{name}.d2"
-        if not path.is_file():
+        if not path.is_file() or path.is_symlink():
             raise config_error("E922", f"{self.folder} has no copy of the source ({path.name})",
                                help="the run cannot be resumed; start a new one")
         return path
@@ -335,7 +553,15 @@ class Run:
         return self._rows
 
     def log(self, row: dict[str, Any]) -> None:
-        """Append a metrics row (JSONL and CSV are rewritten whole, atomically: they are small)."""
+        """Append a metrics row (JSONL and CSV are rewritten whole, atomically: they are small).
+        A NaN or an infinity is refused (E925): JSON has no such numbers."""
+        bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            where = f" in stage `{row['stage']}`" if "stage" in row else ""
+            raise config_error("E925", f"training diverged: `{bad[0]}` is {row[bad[0]]}{where}; the run stops "
+                                       "without logging it",
+                               help="a learning rate too high for the network is the usual cause: start again with a "
+                                    "lower one (`--set lr=...`) in another --out, or check the data")
         rows = self.rows()
         rows.append(row)
         self._write_rows()
@@ -348,7 +574,7 @@ class Run:
 
     def _write_rows(self) -> None:
         rows = self.rows()
-        write_atomic(self.folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        write_atomic(self.folder / "metrics.jsonl", "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
         columns: list[str] = []
         for r in rows:
             columns += [k for k in r if k not in columns]
@@ -491,8 +717,10 @@ class Stage:
             opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
         elif kind == "adamw":
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-        else:
+        elif kind == "adam":
             opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        else:  # the schema admits no other; a new choice must be added here, not run as Adam
+            raise ValueError(f"optimizer {kind!r} has no implementation")
         if self._resume is not None and self._resume.get("optimizer") is not None:
             opt.load_state_dict(self._resume["optimizer"])
         self._optimizer = opt
@@ -525,6 +753,8 @@ class Stage:
             for step in range(start, steps):
                 if self.session.stop.set:
                     raise _Stop
+                if step > start and self.session.checkpoint_due(step):
+                    self.session.checkpoint(self, epoch=epoch, step=step)
                 torch.manual_seed(derive_seed(self.seed, self.index, epoch, step))
                 idx = order[step * self.batch:(step + 1) * self.batch]
                 yield x_all[idx].to(self.device), y_all[idx].to(self.device)
@@ -538,7 +768,12 @@ class Stage:
                 bar.close()
 
     def step(self, loss: float, n: int) -> None:
-        """Record a training step's mean loss over its `n` examples (for the epoch's log line)."""
+        """Record a training step's mean loss over its `n` examples (for the epoch's log line).
+        A NaN or infinite loss stops the run (E925): from there on every weight it reaches is
+        NaN, and the run would train to chance and log NaN."""
+        if not math.isfinite(loss):
+            raise self.session.diverged(f"stage `{self.name}` has a training loss of {loss} at epoch "
+                                        f"{self.epoch + 1}, step {self.steps_done + 1}")
         self._loss[0] += loss * n
         self._loss[1] += n
 
@@ -602,6 +837,27 @@ class _Session:
         self.policy: Policy = LearnedPolicy()
         self.executor: Executor | None = None
         self._in_memory_rows: list[dict[str, Any]] = []
+        self._fingerprint: str | None = None
+        self.saved_at = time.monotonic()  # when last.pt was last written (or training began)
+        self.saved = ""  # what last.pt holds, for a diverged run's message
+
+    def checkpoint_due(self, step: int) -> bool:
+        """Whether a stage should save last.pt before step `step` of an epoch (not the first it
+        runs): every `checkpoint_every` steps, or when `checkpoint_seconds` passed since the
+        last save. The step boundary is the one Ctrl-C stops at, so a resume is just as exact."""
+        every = int(self.config.settings.get("checkpoint_every", 0))
+        seconds = int(self.config.settings.get("checkpoint_seconds", 0))
+        return bool(every and step % every == 0) or bool(seconds and time.monotonic() - self.saved_at >= seconds)
+
+    def diverged(self, what: str) -> D2GraphError:
+        """E925: training produced a NaN or an infinity (`what`); nothing of it is saved."""
+        lr = self.config.settings.get("lr")
+        lr = f"{lr:g}" if isinstance(lr, (int, float)) else lr
+        kept = "" if self.run is None else f"; {self.run.folder / 'last.pt'} holds the last good state ({self.saved})" \
+            if self.saved else "; no checkpoint was written before"
+        return config_error("E925", f"training diverged: {what}; the run stops without saving it",
+                            help=f"a learning rate too high for the network is the usual cause: start again with a "
+                                 f"lower one (`--set lr=...`; it is {lr}) in another --out, or check the data{kept}")
 
     def echo(self, text: str) -> None:
         if not self.quiet and self._echo is not None:
@@ -637,8 +893,15 @@ class _Session:
                    stage_index: int | None = None, complete: bool = False) -> None:
         if self.run is None:
             return
-        state = {"format": CHECKPOINT_FORMAT, "graph": self.config.graph,
-                 "weights": self.executor.state_dict(), "policy": save_policy(self.policy),
+        weights = self.executor.state_dict()
+        for name, value in weights.items():  # never replace the last good checkpoint with NaN weights
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                where = stage.name if stage is not None else self.config.stages[stage_index - 1]["name"]
+                raise self.diverged(f"the weights `{name}` hold a NaN or an infinity in stage `{where}`")
+        if self._fingerprint is None:
+            self._fingerprint = graph_fingerprint(self.executor.graph)
+        state = {"format": CHECKPOINT_FORMAT, "graph": self.config.graph, "fingerprint": self._fingerprint,
+                 "weights": weights, "policy": save_policy(self.policy),
                  "metrics_rows": self.rows_logged(), "complete": complete}
         if stage is not None:
             state.update(stage.state(epoch, step))
@@ -646,6 +909,10 @@ class _Session:
             state.update({"stage_index": stage_index, "epoch": 0, "step": 0, "extra": {}, "optimizer": None,
                           "train_loss": [0.0, 0], "best_score": None})
         self.run.save("last", state)
+        self.saved_at = time.monotonic()
+        self.saved = (f"stage `{stage.name}` at epoch {epoch + 1}, step {step}" if stage is not None and step
+                      else f"stage `{stage.name}` after epoch {epoch}" if stage is not None
+                      else f"the end of stage `{self.config.stages[stage_index - 1]['name']}`")
         if best and stage is not None:
             self.run.save("best", {**state, "best_of": {"stage": stage.name, "stage_index": stage.index,
                                                         "epoch": epoch, "score": stage.best}})
@@ -662,6 +929,9 @@ def pick_device(name: str) -> torch.device:
 
 def load_data(config: Config, graph: Graph, root: str | Path | None):
     """The config's data set, checked against the graph's input and output shapes."""
+    # The example shape first, from the arguments or the file's headers: a graph that does not
+    # fit is told so before a large data set is built.
+    data_module.check_fits(graph, config.data["name"], root=root, **config.data["args"])
     splits = data_module.load(config.data["name"], seed=int(config.settings["seed"]), root=root,
                               **config.data["args"])
     data_module.check_compatible(splits, graph)
@@ -673,9 +943,8 @@ def load_data(config: Config, graph: Graph, root: str | Path | None):
 
 def holdout_fraction(config: Config) -> float:
     """The train block's `holdout`: as written, or for `auto` the largest share a stage's
-    trainer asks for (`Trainer.holdout`). A run folder written before the setting existed
-    held nothing out, so a missing key is 0 (its resume must see the same data)."""
-    value = config.settings.get("holdout", 0.0)
+    trainer asks for (`Trainer.holdout`)."""
+    value = config.settings.get("holdout", BEFORE_SETTING["holdout"])
     if value == "auto":
         return max((getattr(TRAINERS.get(s["trainer"]), "holdout", 0.0) for s in config.stages), default=0.0)
     return float(value)
@@ -708,6 +977,21 @@ def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool 
         raise config_error("E922", f"{run.folder} has no checkpoint: the run stopped before training started",
                            help="there is nothing to resume; start it again with `d2graph train FILE --out "
                                 f"{run.folder}`, which reuses the folder")
+    if run is not None and run.lock is None:  # `Run.create` took it already; a resume takes it here
+        run.lock = RunLock.acquire(run.folder)
+    try:
+        if resume:
+            remove_stale_temporaries(run.folder)  # of the process that was killed, if it was
+        return _train(graph, config, run, resume=resume, root=root, quiet=quiet, echo=echo, evaluate=evaluate,
+                      stages=stages, start=start)
+    finally:
+        if run is not None and run.lock is not None:
+            run.lock.release()
+            run.lock = None
+
+
+def _train(graph: Graph, config: Config, run: Run | None, *, resume: bool, root, quiet: bool, echo,
+           evaluate: bool, stages: slice | None, start: Trained | None) -> Trained:
     device = pick_device(config.settings["device"])
     seed = int(config.settings["seed"])
     trainers = make_trainers(config, graph)
@@ -732,6 +1016,9 @@ def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool 
         if resume_state.get("graph") != graph.name:
             raise config_error("E922", f"{run.folder}/last.pt belongs to graph `{resume_state.get('graph')}`, "
                                f"not `{graph.name}`", help="resume a run of this graph")
+        check_fingerprint(resume_state, graph, run.folder / "last.pt",
+                          help=f"put the run's copy of the source ({run.folder / (graph.name + '.d2')}) back as it "
+                               "was, or train the edited file into a new run")
         try:
             executor.load_state_dict(resume_state["weights"])
             session.policy = load_policy(graph, resume_state["policy"])

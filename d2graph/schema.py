@@ -287,4 +287,8 @@ TRAIN_SETTINGS = Schema("train", (
     Param("holdout", "fraction", "auto", also=("auto",),
           doc="share of the training examples kept from the function nodes' training, for the policy stages "
               "to learn on; `auto`: what the policy trainers ask for (0.2 for `qlearning`), else 0"),
+    Param("checkpoint_every", "nonneg", 0,
+          doc="also save last.pt every this many steps of an epoch, to resume from after a crash; 0: off"),
+    Param("checkpoint_seconds", "nonneg", 300,
+          doc="also save last.pt when this many seconds passed since the last save (at a step's end); 0: off"),
 ))

@@ -291,6 +291,84 @@ def test_npz_errors(tmp_path, code, arrays_, args):
     assert "bad.npz" in str(e.value) and "help:" in str(e.value)
 
 
+@pytest.mark.parametrize("arrays_, fragment", [
+    (dict(x=np.array([[0.0, np.nan], [1, 2], [3, 4], [5, 6]]), y=np.arange(4) % 2), "`x` in `bad.npz` holds 1 NaN value"),
+    (dict(x=np.array([[0.0, np.inf], [1, -np.inf], [3, 4], [5, 6]]), y=np.arange(4) % 2), "2 infinite values"),
+    (dict(x=np.array([[0.0, 1e300], [1, 2], [3, 4], [5, 6]]), y=np.arange(4) % 2), "1 infinite value"),  # float32
+    (dict(x=np.zeros((4, 2)), y=np.arange(4) % 2, x_val=np.full((2, 2), np.nan), y_val=np.arange(2)),
+     "`x_val` in `bad.npz` holds 4 NaN values (as float32; the first in example 0)"),
+    (dict(x=np.zeros((4, 2)), y=np.array([0.0, np.nan, 1.0, 1.0])), "`y` in `bad.npz` holds 1 NaN or infinite"),
+])
+def test_npz_non_finite_values_are_E908_naming_the_array_and_the_count(tmp_path, arrays_, fragment):
+    np.savez(tmp_path / "bad.npz", **arrays_)
+    with pytest.raises(D2GraphError) as e:
+        data.npz("bad.npz", root=tmp_path)
+    assert code_of(e) == "E908" and fragment in str(e.value), str(e.value)
+
+
+def test_npz_string_labels_say_they_are_strings(tmp_path):
+    np.savez(tmp_path / "bad.npz", x=np.zeros((4, 2)), y=np.array(list("abab")))
+    with pytest.raises(D2GraphError) as e:
+        data.npz(str(tmp_path / "bad.npz"))
+    text = str(e.value)
+    assert code_of(e) == "E904" and "holds strings (dtype <U1)" in text and "integer" in text
+    assert "numpy.unique(y, return_inverse=True)" in text and "argmax" not in text and "one-hot" not in text
+
+
+def test_a_npy_file_is_refused_clearly(tmp_path):
+    np.save(tmp_path / "bad.npy", np.zeros((4, 2)))
+    with pytest.raises(D2GraphError) as e:
+        data.npz(str(tmp_path / "bad.npy"))
+    assert code_of(e) == "E901" and ".npy file, which holds one array" in str(e.value)
+    assert "numpy.savez" in str(e.value)
+
+
+def _archive_of_headers(path, **shapes):
+    """An .npz whose arrays have headers but no data: only a reader that checks the headers
+    before reading the arrays can get past it to the right diagnostic."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        for name, (shape, descr) in shapes.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+            z.writestr(f"{name}.npy", buf.getvalue())
+
+
+def test_npz_shapes_and_size_are_checked_from_the_headers_before_loading(tmp_path, monkeypatch):
+    from d2graph.runs import Config, load_data
+
+    graph = d2graph.load(ROOT / "examples" / "high_low.d2")  # input [1, 32, 32]
+    _archive_of_headers(tmp_path / "wide.npz", x=((1000, 100), "<f4"), y=((1000,), "<i8"))
+    config = Config("high_low", {"name": "npz", "args": {"path": "wide.npz"}}, {"seed": 0}, [])
+    with pytest.raises(D2GraphError) as e:
+        load_data(config, graph, tmp_path)
+    assert code_of(e) == "E905" and "wide.npz gives examples of shape [100]" in str(e.value)
+    # 2 MB on disk can be 2 GB in memory: the headers say how much before a byte is read
+    _archive_of_headers(tmp_path / "huge.npz", x=((2 * 10**6, 1, 32, 32), "<f4"), y=((2 * 10**6,), "<i8"))
+    monkeypatch.setenv("D2GRAPH_MEMORY_LIMIT", "1e9")
+    for attempt in (lambda: data.npz(str(tmp_path / "huge.npz")),
+                    lambda: load_data(Config("high_low", {"name": "npz", "args": {"path": "huge.npz"}}, {"seed": 0},
+                                             []), graph, tmp_path)):
+        with pytest.raises(D2GraphError) as e:
+            attempt()
+        assert code_of(e) == "E909", str(e.value)
+        assert "would need about 32.8 GB of memory to load, more than the limit of 1.0 GB (D2GRAPH_MEMORY_LIMIT)" \
+            in str(e.value)
+
+
+@pytest.mark.parametrize("name, args, fragment", [
+    ("cluttered_digits", {"n": 10**8}, "cluttered_digits(n=100000000, size=32) would need about 2.5 TB"),
+    ("digits", {"size": 100000}, "digits(size=100000, pad=0) would need about"),
+])
+def test_generated_data_too_large_for_memory_is_E909(name, args, fragment):
+    with pytest.raises(D2GraphError) as e:
+        data.load(name, **args)
+    assert code_of(e) == "E909" and fragment in str(e.value) and "half the physical memory" in str(e.value)
+    assert "D2GRAPH_MEMORY_LIMIT" in str(e.value)
+
+
 # --- data against a graph -------------------------------------------------------------------
 
 

@@ -202,3 +202,144 @@ def test_a_cosine_schedule_decays_the_learning_rate_to_zero_by_the_last_step():
     assert rates[0] == 0.01 and rates[-1] == pytest.approx(0.0, abs=1e-15)
     assert all(a > b for a, b in zip(rates, rates[1:]))
     assert learning_rate_at(5, 8, 0.01, "constant") == 0.01
+
+
+# --- runs that must stop, runs that were killed, folders two runs want ------------------------
+
+
+def _strict_rows(path) -> list[dict]:
+    """metrics.jsonl as strict JSON: NaN and Infinity are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} in {path}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(early_exit, tmp_path, monkeypatch):
+    from d2graph.runs import Stage
+
+    real_step = Stage.step
+
+    def nan_in_epoch_2(self, loss, n):  # as if the weights had blown up during the second epoch
+        real_step(self, float("nan") if (self.epoch, self.steps_done) == (1, 3) else loss, n)
+
+    monkeypatch.setattr(Stage, "step", nan_in_epoch_2)
+    run, config = _run(early_exit, tmp_path, "nan")
+    with pytest.raises(D2GraphError) as e:
+        train(early_exit, config, run, quiet=True, echo=None)
+    assert _codes(e) == ["E925"]
+    text = str(e.value)
+    assert "training loss of nan at epoch 2, step 4" in text and "--set lr=" in text
+    assert "last.pt holds the last good state (stage `backbone` after epoch 1)" in text
+    state = load_checkpoint(run.folder / "last.pt")
+    assert (state["stage_index"], state["epoch"], state["step"]) == (0, 1, 0)
+    assert all(torch.isfinite(w).all() for w in state["weights"].values() if w.is_floating_point())
+    rows = _strict_rows(run.folder / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1]
+
+
+def test_a_run_killed_mid_epoch_resumes_from_its_mid_epoch_checkpoint(early_exit, tmp_path, monkeypatch):
+    """`checkpoint_every` saves last.pt within an epoch; a process killed outright (no Ctrl-C
+    handler, no `finally` that saves) resumes from there to the metrics of a run never killed,
+    and the resume removes the temporary files the killed writer left (only those)."""
+    from d2graph.runs import Stage
+
+    overrides = [*SMALL, "checkpoint_every=4"]
+    run, config = _run(early_exit, tmp_path, "whole", overrides)
+    whole = train(early_exit, config, run, quiet=True, echo=None).reports["test"].to_json()
+
+    class Killed(BaseException):
+        pass
+
+    real_step = Stage.step
+
+    def killed_after_step_7_of_epoch_2(self, loss, n):
+        real_step(self, loss, n)
+        if (self.index, self.epoch, self.steps_done) == (0, 1, 6):
+            raise Killed
+
+    monkeypatch.setattr(Stage, "step", killed_after_step_7_of_epoch_2)
+    run, config = _run(early_exit, tmp_path, "killed", overrides)
+    with pytest.raises(Killed):
+        train(early_exit, config, run, quiet=True, echo=None)
+    monkeypatch.undo()
+    state = load_checkpoint(run.folder / "last.pt")
+    assert (state["stage_index"], state["epoch"], state["step"]) == (0, 1, 4)  # not the end of epoch 1
+    stale = [".last.pt.k2j4h6g8.tmp", ".metrics.jsonl.a_b3c4d5.tmp"]
+    kept = [".notes.tmp", "mine.tmp", ".last.pt.short.tmp"]
+    for name in stale + kept:
+        (run.folder / name).write_bytes(b"half a file")
+    (run.folder / ".d2graph.lock").write_text("999999\n")  # a killed process's: its flock went with it
+    resumed = train(early_exit, config, Run.open(run.folder), resume=True, quiet=True, echo=None)
+    assert resumed.reports["test"].to_json() == whole
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (run.folder / "metrics.jsonl").read_text()
+    assert not any((run.folder / name).exists() for name in stale + [".d2graph.lock"])
+    assert all((run.folder / name).exists() for name in kept)
+
+
+def test_checkpoint_seconds_saves_within_an_epoch_when_the_time_has_come(early_exit, tmp_path, monkeypatch):
+    import d2graph.runs as runs
+
+    clock = iter(range(0, 10**6, 40))  # every look at the clock: 40 s later
+    monkeypatch.setattr(runs.time, "monotonic", lambda: next(clock))
+    saved = []
+    real_save = Run.save
+    monkeypatch.setattr(Run, "save", lambda self, name, state: (saved.append((name, state["epoch"], state["step"])),
+                                                                 real_save(self, name, state)))
+    run, config = _run(early_exit, tmp_path, "timed", ["data.n=300", "batch=32", "stage.backbone.epochs=1",
+                                                      "checkpoint_seconds=100"])
+    train(early_exit, config, run, quiet=True, echo=None, evaluate=False)
+    mid = [(epoch, step) for name, epoch, step in saved if name == "last" and step]
+    assert mid and all(epoch == 0 for epoch, _ in mid) and len(mid) < 7  # 7 steps: not at every one
+
+
+def test_resume_refuses_a_checkpoint_of_another_version_of_the_graph(early_exit, tmp_path, monkeypatch):
+    run, config = _run(early_exit, tmp_path, "swapped", ["data.n=300", "batch=32", "stage.backbone.epochs=1"])
+    ctrl_c_after(monkeypatch, stage=0, epoch=0, step=2)
+    with pytest.raises(Interrupted):
+        train(early_exit, config, run, quiet=True, echo=None)
+    monkeypatch.undo()
+    copy = run.folder / "early_exit.d2"
+    source = copy.read_text()
+    assert "Q1 => skip | B2" in source
+    copy.write_text(source.replace("Q1 => skip | B2", "Q1 => B2 | skip"))  # the same weights fit
+    swapped = d2graph.load(copy)
+    with pytest.raises(D2GraphError) as e:
+        train(swapped, config, Run.open(run.folder), resume=True, quiet=True, echo=None)
+    assert _codes(e) == ["E922"] and "trained on another version of graph `early_exit`" in str(e.value)
+    # a checkpoint written before checkpoints carried a fingerprint still loads
+    state = load_checkpoint(run.folder / "last.pt")
+    del state["fingerprint"]
+    torch.save(state, run.folder / "last.pt")
+    train(swapped, config, Run.open(run.folder), resume=True, quiet=True, echo=None, evaluate=False)
+
+
+def test_two_runs_started_in_one_folder_at_once_one_is_refused(early_exit, tmp_path):
+    import threading
+
+    config = resolve(early_exit, SMALL)
+    source = (EXAMPLES / "early_exit.d2").read_text()
+    start = threading.Barrier(2)
+    made, refused = [], []
+
+    def attempt():
+        start.wait()
+        try:
+            made.append(Run.create(early_exit, source, config, tmp_path / "one"))
+        except D2GraphError as e:
+            refused.append(e)
+
+    threads = [threading.Thread(target=attempt) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and len(refused) == 1
+    assert _codes_of(refused[0]) == ["E922"] and "is in use: another d2graph process" in str(refused[0])
+    made[0].lock.release()  # what `train` does when it ends
+    assert not (tmp_path / "one" / ".d2graph.lock").exists()
+    Run.create(early_exit, source, config, tmp_path / "one").lock.release()  # free again: no checkpoint yet
+
+
+def _codes_of(error) -> list[str]:
+    return [d.code for d in error.diagnostics]

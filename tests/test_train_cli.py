@@ -292,3 +292,52 @@ def test_the_report_puts_the_full_network_next_to_the_policy(run):
         exits = [line.split()[0] for line in table.strip().splitlines()[1:] if line.strip()]
         exits = exits[:exits.index("test:")] if "test:" in exits else exits
         assert len(exits) >= 2 and exits == sorted(exits, key=["H1", "H2", "B3"].index), exits  # shallowest first
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda c: c["settings"].update(batch=0), "`settings.batch` must be a positive integer, not 0"),
+    (lambda c: c["settings"].update(lr="fast"), '`settings.lr` must be a number, not "fast"'),
+    (lambda c: c["settings"].update(seed=None), "`settings.seed` must be an integer, not null"),
+    (lambda c: c["settings"].update(device="tpu"), '`settings.device` must be one of `auto`, `cpu`, `cuda`, not "tpu"'),
+    (lambda c: c["settings"].update(optimizer="lbfgs"), '`settings.optimizer` must be one of `adam`, `adamw`, `sgd`'),
+    (lambda c: c["data"].pop("args"), '`data` must be {"name": DATA SET, "args": {...}}'),
+    (lambda c: c["stages"][0]["params"].update(epochs="many"), "argument `epochs` of trainer `supervised`"),
+    (lambda c: c.update(graph="../../x"), '`graph` must be the graph\'s name'),
+])
+def test_a_hand_edited_config_is_refused_by_every_command_that_reads_the_run(edit, fragment, run, tmp_path, capsys):
+    """Checked with the train block's schemas; the graph's name never leads out of the run folder
+    (where a copy of the source waits that would otherwise be read)."""
+    import shutil
+
+    copy = tmp_path / "a" / "b" / "run"
+    shutil.copytree(run, copy)
+    (tmp_path / "a" / "x.d2").write_text((copy / "early_exit.d2").read_text())
+    config = json.loads((copy / "config.json").read_text())
+    edit(config)
+    (copy / "config.json").write_text(json.dumps(config))
+    for argv in (["eval", str(copy)], ["train", "--resume", str(copy), "--quiet"],
+                 ["render", EARLY, "-o", str(tmp_path / "g.dot"), "--stats", str(copy)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "[E922]" in err and fragment in err and "Traceback" not in err and "internal error" not in err, err
+
+
+def test_eval_refuses_a_checkpoint_of_another_version_of_the_graph(run, tmp_path, capsys):
+    swapped = tmp_path / "early_exit.d2"
+    swapped.write_text((ROOT / "examples" / "early_exit.d2").read_text().replace("Q2 => skip | B3", "Q2 => B3 | skip"))
+    assert main(["eval", str(swapped), "--checkpoint", str(run / "last.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "[E922]" in err and "was trained on another version of graph `early_exit`" in err
+
+
+def test_a_diverging_run_exits_2_with_a_diagnostic_and_no_nan_in_its_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", EARLY, "--set", "data.n=300", "--set", "batch=32", "--set", "stage.backbone.epochs=1",
+            "--set", "optimizer=sgd", "--set", "lr=1e12", "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error[E925]: training diverged: stage `backbone` has a training loss of nan" in err, err
+    assert "lower one (`--set lr=...`; it is 1e+12)" in err and "Traceback" not in err
+    assert not (out / "last.pt").exists() and not (out / ".d2graph.lock").exists()
+    for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []:
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
