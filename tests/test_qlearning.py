@@ -18,6 +18,7 @@ from d2graph.diagnostics import D2GraphError
 from d2graph.evaluate import per_example
 from d2graph.executor import compile
 from d2graph.runs import Interrupted, Run, Trained, derive_seed, resolve, train
+from d2graph.runs import load_data as runs_load_data_root
 from d2graph.trainers import LearnedPolicy
 from d2graph.trainers.qlearning import QLearningTrainer, bag_reward, epsilon_at, full_targets, minibag_size
 
@@ -83,6 +84,10 @@ graph bag {
   }
 }
 """
+
+
+def runs_load_data(config, graph):
+    return runs_load_data_root(config, graph, None)
 
 
 def _examples(n: int, rng: np.random.Generator):
@@ -178,6 +183,48 @@ def test_full_backups_learn_the_known_routing_sooner_than_sampled_ones():
     agreement = {backup: _agreement(0.5, [*short, f"policy.backup={backup}"]) for backup in ("full", "sampled")}
     print("agreement with the known routing after 4 epochs:", agreement)
     assert agreement["full"] >= 0.75 and agreement["sampled"] <= 0.70
+
+
+def test_rewards_on_held_out_examples_do_not_trust_what_a_branch_memorised():
+    # B "memorised" the training examples: there its input shows the true class, on every
+    # other example a random one (right a quarter of the time). Rewarded on the training
+    # split, B looks perfect, and λ = 0.5 sends the unflagged half to it; rewarded on held-out
+    # examples (`data.holdout`, which the function nodes never saw) it is worse than A
+    # everywhere, and A takes every example.
+    graph, data, flag = _synthetic()
+    rng = np.random.default_rng(1)
+    held, _ = _examples(1024, rng)
+    for dataset in (held, data.val):  # examples B did not learn: its input is noise
+        x, y = dataset.tensors
+        x[:, 5:9] = torch.nn.functional.one_hot(torch.from_numpy(rng.integers(0, 4, len(y))), 4).float()
+    try:
+        shares = {}
+        for name, holdout in (("train", None), ("held out", held)):
+            splits = Splits("synthetic", data.train, data.val, data.test, 4, (13,), holdout=holdout)
+            config = resolve(graph, ["policy.lambda=0.5"])
+            trained = train(graph, config, None, quiet=True, echo=None,
+                            start=Trained(_hand_set(graph, 0), LearnedPolicy(), splits, config, None))
+            shares[name] = float(np.mean(per_example(trained.executor, data.val)["action.Q"] == 1))
+    finally:
+        _synthetic.cache_clear()  # the validation inputs were overwritten
+    print("share of validation examples sent to B, rewarded on:", shares)
+    assert shares["train"] >= 0.4 and shares["held out"] <= 0.05
+
+
+def test_a_fifth_of_the_training_examples_is_held_out_with_qlearning_and_never_trained_on(tmp_path):
+    graph = d2graph.load(ROOT / "examples" / "high_low.d2")
+    config = resolve(graph, ["data.n=300", "stage.backbone.epochs=1", "stage.policy.epochs=1"])
+    assert config.settings["holdout"] == "auto"
+    data = runs_load_data(config, graph)
+    x_train, x_held = data.train.tensors[0], data.holdout.tensors[0]
+    assert len(x_held) == pytest.approx(0.2 * (len(x_train) + len(x_held)), abs=5)
+    assert not (x_train.flatten(1)[:, None, :] == x_held.flatten(1)[None, :, :]).all(-1).any()  # disjoint
+    same = runs_load_data(config, graph)
+    assert torch.equal(same.holdout.tensors[0], x_held)  # drawn from the seed
+    # `holdout = 0`, or a trainer that asks for none: every training example trains the nodes
+    assert runs_load_data(resolve(graph, ["data.n=300", "holdout=0"]), graph).holdout is None
+    config.stages = config.stages[:1]
+    assert runs_load_data(config, graph).holdout is None
 
 
 def test_full_targets_take_the_best_continuation_that_agrees_with_the_choices_above():
