@@ -5,7 +5,9 @@ Out: `Diagnostic` values (data, never printed here) and their rendering in the
      rustc/Elm style — position, source excerpt, caret, help — or as JSON.
 Guarantees: a `Span` always knows its `Source`, so any diagnostic can be rendered
 without re-reading files; spans never take part in equality, so two ASTs or IRs
-that differ only in positions compare equal.
+that differ only in positions compare equal. Rendered text never carries a control
+character from the user's file to the terminal: excerpts, messages, labels and help
+show them escaped (`\\x1b`, `\\r`, `\\u202e`), with the caret still under the span.
 
 Example:
     >>> src = Source("g.d2", "graph g {\\n  input x\\n}\\n")
@@ -17,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -105,7 +108,7 @@ class Diagnostic:
         return self.severity == "error"
 
     def render(self) -> str:
-        head = f"{self.severity}[{self.code}]: {self.message}"
+        head = f"{self.severity}[{self.code}]: {printable(self.message)}"
         if self.span is None:
             lines = [head]
         else:
@@ -114,7 +117,7 @@ class Diagnostic:
                 lines += _excerpt(note.span, note.label, arrow="::")
         if self.help:
             pad = " " * (len(str(self.span.end_line)) if self.span else 0)
-            lines.append(f"{pad} = help: {self.help}")
+            lines.append(f"{pad} = help: {printable(self.help)}")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -137,6 +140,20 @@ class Diagnostic:
         return out
 
 
+def _shown(ch: str) -> str:
+    """How one character of a source line is printed: control characters (escape
+    sequences, a lone carriage return, bidi overrides, line separators) as escapes, so
+    that the user's file cannot move the cursor or recolour the terminal; tabs as they are."""
+    if ch != "\t" and unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+        return ch.encode("unicode_escape").decode("ascii")
+    return ch
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters escaped (see `_shown`); newlines are kept."""
+    return "\n".join("".join(_shown(ch) for ch in part) for part in text.split("\n"))
+
+
 def _excerpt(span: Span, label: str, arrow: str = "-->") -> list[str]:
     """Location line, the source line and a caret line under the span's first line."""
     line, col = span.line, span.column
@@ -145,13 +162,16 @@ def _excerpt(span: Span, label: str, arrow: str = "-->") -> list[str]:
     end = span.end if span.end_line == line else span.start + max(1, len(text) - col + 1)
     width = max(1, min(end - span.start, len(text) - col + 1))
     gutter = " " * len(str(line))
-    # Tabs are kept under the caret so that it lines up with the source line.
-    lead = "".join(ch if ch == "\t" else " " for ch in text[: col - 1])
-    caret = lead + "^" * width + (f" {label}" if label else "")
+    shown = [_shown(ch) for ch in text]
+    # Tabs are kept under the caret so that it lines up with the source line; an escaped
+    # character is as wide as its escape.
+    lead = "".join(s if s == "\t" else " " * len(s) for s in shown[: col - 1])
+    carets = sum(len(s) for s in shown[col - 1 : col - 1 + width]) or 1
+    caret = lead + "^" * carets + (f" {printable(label)}" if label else "")
     return [
         f"{gutter}{arrow} {span.location()}",
         f"{gutter} |",
-        f"{line} | {text}",
+        f"{line} | {''.join(shown)}",
         f"{gutter} | {caret}",
     ]
 
