@@ -8,7 +8,8 @@ lark terminal name — with a caret under the offending text. A file written in
 Terrastruct's D2 diagram language (the other `.d2`) is recognised and said to be so.
 Limits are checked before anything recursive runs: a text longer than `MAX_SOURCE_CHARS`
 (E011) or with brackets nested deeper than `MAX_NESTING` (E007) is refused, so every
-later stage (the AST builder, AST equality, fmt, the checker) recurses at most that deep.
+later stage (the AST builder, AST equality, fmt, the checker) recurses at most that deep;
+a number literal longer than `MAX_NUMBER_CHARS` is E008.
 Line breaks are LF, CRLF or a lone CR, read the same way from a file and from a string:
 all become LF before parsing (spans point into that text).
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import re
 import threading
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -50,6 +51,10 @@ _ESCAPES = {"n": "\n", "t": "\t"}
 # checker's values) recurse once or a few times per level; 64 keeps them far from
 # Python's recursion limit while leaving room for any real shape or argument list.
 MAX_NESTING = 64
+
+# The longest number literal: far beyond any real constant, and short of Python's limit on
+# converting digits to an integer (4,300), which would otherwise raise from the parser.
+MAX_NUMBER_CHARS = 100
 
 # The largest source accepted, in characters of text (bytes of a file): a .d2 file is a
 # few kilobytes; a megabyte is a generated network of thousands of nodes.
@@ -98,6 +103,13 @@ class _Parser:
         if comments is not None:
             comments.append(token)
 
+    @cached_property
+    def lexer(self) -> Lark:
+        """A lexer-only twin of the parser, built at the first syntax error: `Lark.lex` on a
+        parser builds (and checks for collisions) a new lexer on every call, tens of
+        milliseconds each; this one keeps its lexer."""
+        return Lark(grammar_text(), parser=None, lexer="basic")
+
     def parse(self, text: str):
         self._local.comments = []
         tree = self.lark.parse(text)
@@ -130,7 +142,12 @@ def parse(text: str, filename: str = "<input>") -> ast.File:
     except lark.exceptions.UnexpectedInput as e:
         raise D2GraphError([_syntax_diagnostic(e, source, p)]) from None
     builder = _Builder(source)
-    file = builder.transform(tree)
+    try:
+        file = builder.transform(tree)
+    except lark.exceptions.VisitError as e:  # a limit found while building (E008), raised bare
+        if isinstance(e.orig_exc, D2GraphError):
+            raise e.orig_exc from None
+        raise
     comments = tuple(ast.Comment(t.value.rstrip(), _tok_span(source, t)) for t in comment_tokens)
     return ast.File(file.items, comments, file.span)
 
@@ -289,6 +306,10 @@ class _Builder(Transformer):
 
     def number(self, meta, ch):
         text = str(ch[0])
+        if len(text) > MAX_NUMBER_CHARS:
+            raise D2GraphError([Diagnostic("E008", f"a number of {len(text):,} characters", self._span(meta),
+                                           f"at most {MAX_NUMBER_CHARS} characters",
+                                           help="write a large or small number with an exponent, e.g. `1e9`")])
         value = float(text) if re.search(r"[.eE]", text) else int(text)
         return ast.Number(value, text, self._span(meta))
 
@@ -375,7 +396,7 @@ def _open_brackets(tokens: list[Token]) -> list[Token]:
 def _tokens_before(text: str, pos: int, p: _Parser) -> list[Token]:
     out = []
     try:
-        for t in p.lark.lex(text):
+        for t in p.lexer.lex(text):
             if t.start_pos >= pos:
                 break
             out.append(t)
