@@ -98,7 +98,7 @@ class _Parser:
         self.words.update(_TERMINAL_WORDS)
 
     def _comment(self, token: Token) -> None:
-        # lex() for error messages also fires this callback; only parse() collects.
+        # Only parse() collects (error messages lex with `lexer`, which has no callback).
         comments = getattr(self._local, "comments", None)
         if comments is not None:
             comments.append(token)
