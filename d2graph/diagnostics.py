@@ -169,7 +169,7 @@ def _excerpt(span: Span, label: str, arrow: str = "-->") -> list[str]:
     carets = sum(len(s) for s in shown[col - 1 : col - 1 + width]) or 1
     caret = lead + "^" * carets + (f" {printable(label)}" if label else "")
     return [
-        f"{gutter}{arrow} {span.location()}",
+        f"{gutter}{arrow} {printable(span.location())}",
         f"{gutter} |",
         f"{line} | {''.join(shown)}",
         f"{gutter} | {caret}",
