@@ -11,9 +11,9 @@ show them escaped (`\\x1b`, `\\r`, `\\u202e`), with the caret still under the sp
 
 Example:
     >>> src = Source("g.d2", "graph g {\\n  input x\\n}\\n")
-    >>> d = Diagnostic("E002", "unexpected `}`", Span(src, 19, 20), "expected a shape")
+    >>> d = Diagnostic("E002", "unexpected `}`", Span(src, 20, 21), "expected a shape")
     >>> print(d.render().splitlines()[1])
-      --> g.d2:3:1
+     --> g.d2:3:1
 """
 
 from __future__ import annotations
