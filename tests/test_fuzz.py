@@ -8,7 +8,9 @@ input, `d2graph.check` and the formatter must:
 - raise nothing but `D2GraphError` (the formatter) and nothing at all (`check`);
 - give every diagnostic a position (line:col) inside the text, and render it without a
   raw control character;
-- finish within a bound per input (a hang or runaway work is a bug, as a crash is).
+- finish within a bound per input (a hang or runaway work is a bug, as a crash is);
+- and a graph that checks must draw: its DOT text has no string Graphviz would refuse.
+A few of the inputs also go through the command line, which must never exit 70.
 
 The seed is fixed, so a failure names an input that reproduces it: the assertion message
 carries its example, index and text.
@@ -23,7 +25,9 @@ import time
 import pytest
 
 import d2graph
+from d2graph.cli import main
 from d2graph.diagnostics import D2GraphError
+from d2graph.render import to_dot
 
 from .conftest import EXAMPLES
 
@@ -96,6 +100,8 @@ def test_damaged_examples_get_positioned_diagnostics_never_exceptions(path):
         elapsed = time.perf_counter() - started
         assert elapsed < SECONDS_PER_INPUT, f"{elapsed:.1f} s for {where}"
         assert graph is not None or any(d.is_error for d in diags), where
+        if graph is not None:
+            assert max(map(len, to_dot(graph).splitlines())) < 16_384, where
         for d in diags:
             assert d.span is not None, f"{d.code} without a position: {where}"
             assert 0 <= d.span.start <= d.span.end <= len(d.span.source.text), where
@@ -103,3 +109,13 @@ def test_damaged_examples_get_positioned_diagnostics_never_exceptions(path):
             shown = d.render()
             assert f":{d.span.line}:{d.span.column}" in shown, where
             assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", shown), f"raw control character: {where}"
+
+
+def test_damaged_examples_through_the_command_line(tmp_path, capsys):
+    path = EXAMPLES[0]
+    for n, text in enumerate(_inputs(path)[:30]):
+        f = tmp_path / f"{n}.d2"
+        f.write_bytes(text.encode("utf-8", "surrogatepass"))
+        for argv in (["check", str(f)], ["fmt", "--check", str(f)], ["render", str(f), "-o", str(tmp_path / "g.dot")]):
+            assert main(argv) in (0, 1, 2), f"{argv[0]} on input {n}: {text[:300]!r}"
+        assert "internal error" not in capsys.readouterr().err
