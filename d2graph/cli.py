@@ -293,7 +293,6 @@ def cmd_render(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import bench, bench_table
     from .check import load
-
     from .executor import require_buildable
 
     graph = load(args.file, allow_imports=args.allow_imports)
