@@ -40,9 +40,10 @@ from .syntax import parse, read_source
 TOTALITY_STEPS = 1_000_000
 
 # A graph expands into at most this many layers (blocks expanded, a `resnet_stage` counted
-# as its blocks) and declares at most this many edges: the checker builds and measures
-# every layer, so without a bound nested blocks would make its work exponential (E815).
-MAX_LAYERS = 10_000
+# by its size, four per basic block) and declares at most this many edges: the checker
+# builds and measures every layer (a few milliseconds each, unless the same layer was
+# measured before), so without a bound nested blocks would make its work exponential (E815).
+MAX_LAYERS = 2_000
 MAX_EDGES = 100_000
 
 _NODE_ATTRS = {
@@ -281,7 +282,7 @@ class _Checker:
                 self.error("E815", f"the graph expands into more than {MAX_LAYERS:,} layers", decl.name_span,
                            f"`{decl.name}` passes the limit",
                            help="blocks are expanded into their layers for every use, and a `resnet_stage` "
-                                "counts as its blocks: use fewer or smaller blocks")
+                                "counts four layers per basic block: use fewer or smaller blocks")
             consts = [i for i, layer in enumerate(decl.layers) if layer[0] == "const"]
             if decl.kind == "dummy" and (not decl.layers or consts[:1] != [0]) and decl.decl.pipeline:
                 first = decl.decl.pipeline[0]
@@ -319,8 +320,8 @@ class _Checker:
                 continue
             args = self.bind_call(spec.schema, call, env, "layer")
             if args is not None:
-                if spec.repeats:  # `resnet_stage(c, blocks)` builds `blocks` blocks
-                    self.layer_budget -= max(0, args[spec.repeats] - 1)
+                if spec.size is not None:  # `resnet_stage(c, blocks)` builds `blocks` blocks
+                    self.layer_budget -= max(0, spec.size(args) - 1)
                     if self.layer_budget <= 0:
                         return out
                 out.append((name, args, call.span, _summary(spec.schema, args)))
