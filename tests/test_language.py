@@ -298,7 +298,13 @@ def test_totality_is_bounded_by_work_and_says_when_it_is_partial():
 def test_totality_search_does_not_recurse_per_control_node(monkeypatch):
     check_module = importlib.import_module("d2graph.check")
     monkeypatch.setattr(check_module, "TOTALITY_STEPS", 50_000)
-    graph, diags = d2graph.check(_independent_controls(1200))  # deeper than Python's recursion limit
+    # 1,200 control nodes that all switch one head: a search 1,200 decisions deep, more
+    # than Python's recursion limit (the layer limit leaves no room for a head each)
+    lines = ["graph many {", "  input x [4]", "  output y [merge=select]", "  node A = fc(4)", "  node N = fc(4)",
+             "  x -> A, N", "  A, N -> y"]
+    for i in range(1200):
+        lines += [f"  control Q{i} = fc(2)", f"  x -> Q{i}", f"  Q{i} => N | skip"]
+    graph, diags = d2graph.check("\n".join(lines + ["}"]))
     assert graph is not None and [d.code for d in diags] == ["W701"]
 
 
