@@ -18,9 +18,11 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import unicodedata
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterable, Sequence
 
 
@@ -31,16 +33,28 @@ class Source:
     name: str
     text: str
 
+    @cached_property
+    def line_starts(self) -> list[int]:
+        """Offsets at which lines start, computed once: a position is then a binary search,
+        not a scan of the text (a file with many diagnostics would be quadratic)."""
+        starts, at = [0], self.text.find("\n")
+        while at >= 0:
+            starts.append(at + 1)
+            at = self.text.find("\n", at + 1)
+        return starts
+
     def position(self, offset: int) -> tuple[int, int]:
         """1-based (line, column) of a character offset."""
         offset = max(0, min(offset, len(self.text)))
-        line = self.text.count("\n", 0, offset) + 1
-        line_start = self.text.rfind("\n", 0, offset) + 1
-        return line, offset - line_start + 1
+        line = bisect.bisect_right(self.line_starts, offset)
+        return line, offset - self.line_starts[line - 1] + 1
 
     def line_text(self, line: int) -> str:
-        lines = self.text.split("\n")
-        return lines[line - 1] if 0 < line <= len(lines) else ""
+        starts = self.line_starts
+        if not 0 < line <= len(starts):
+            return ""
+        end = starts[line] - 1 if line < len(starts) else len(self.text)
+        return self.text[starts[line - 1] : end]
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from . import ast
 from .diagnostics import D2GraphError, Diagnostic, Span
-from .syntax import parse
+from .syntax import MAX_SOURCE_CHARS, parse
 
 LINE_WIDTH = 100
 INDENT = "  "
@@ -360,6 +360,11 @@ def _value(v) -> str:
 
 def _check_same(file: ast.File, result: str, filename: str) -> None:
     """Raise E020 unless `result` parses to `file`'s AST with the same comments in order."""
+    if len(result) > MAX_SOURCE_CHARS:  # indentation can push a file near the limit over it
+        raise D2GraphError([Diagnostic(
+            "E011", f"formatted, this file would be larger than the {MAX_SOURCE_CHARS:,} characters d2graph reads; "
+                    "nothing was written", help="split the graph, or keep this file as it is",
+        )])
     help = "this is a bug in d2graph fmt; please report it with this file"
     try:
         again = parse(result, filename)

@@ -233,3 +233,12 @@ def test_shipped_examples_are_canonical(path):
     """`d2graph fmt --check examples/*.d2` passes: what we ship is what fmt writes."""
     text = path.read_text(encoding="utf-8")
     assert format_source(text, str(path)) == text
+
+
+def test_fmt_refuses_to_grow_a_file_past_the_size_limit(monkeypatch):
+    # Indentation and spaces can push a file just under the limit over it; scaled down here.
+    text = "graph g {\ninput x [4]\noutput y\n" + "x->y\n" * 10 + "}\n"
+    monkeypatch.setattr(fmt, "MAX_SOURCE_CHARS", len(text) + 10)
+    with pytest.raises(D2GraphError) as info:
+        fmt.format_source(text)
+    assert [d.code for d in info.value.diagnostics] == ["E011"]
