@@ -786,12 +786,13 @@ class _Checker:
                 continue
             e = edges[j]
             if earlier:
-                first = edges[min(earlier)]
+                lowest = min(earlier)  # once: inside the comprehension it made a wide merge cubic
+                first = edges[lowest]
                 why = (f"`{first.source}`, listed before it, has a default and so is always present"
                        if first.default is not None else f"`{first.source}`, listed before it, is present "
                                                          f"whenever `{e.source}` is")
-                order = [x.source for x in edges[:min(earlier)]] + [e.source] + \
-                        [x.source for k, x in enumerate(edges) if k >= min(earlier) and k != j]
+                order = [x.source for x in edges[:lowest]] + [e.source] + \
+                        [x.source for k, x in enumerate(edges) if k >= lowest and k != j]
                 fix = f"list `{e.source}` before `{first.source}` (`{', '.join(order)} -> {name}`)"
                 if first.default is not None:
                     fix = f"drop the default of `{first.source} -> {name}` or " + fix

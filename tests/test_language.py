@@ -365,3 +365,16 @@ def test_expansion_and_edges_are_bounded():
     graph, diags = d2graph.check(f"graph g {{ input x [4] output y node A = fc(4) {names} -> {names.replace('x', 'A')} A -> y }}")
     assert graph is None and "E815" in [d.code for d in diags]
     assert time.perf_counter() - started < 20
+
+
+def test_a_wide_select_merge_checks_in_linear_time():
+    # W703 for each of 1,199 shadowed inputs once computed min() per list element: cubic, ~25 s.
+    import time
+
+    n = 1200
+    text = ("graph g {\n  input x [4]\n  output y [merge=select]\n"
+            + "".join(f"  node N{i} = relu\n  x -> N{i} -> y\n" for i in range(n)) + "}\n")
+    started = time.perf_counter()
+    graph, diags = d2graph.check(text)
+    assert graph is not None and [d.code for d in diags] == ["W703"] * (n - 1)
+    assert time.perf_counter() - started < 12
