@@ -10,9 +10,9 @@ Guarantees: the DOT text depends only on the graph and the stats — the same in
 byte-identical text (nodes and edges in IR order, numbers formatted with fixed
 precision), so it can be compared with golden files. A graph that checks also draws:
 long names, shapes and layer lists are shortened with `…` (Graphviz refuses a string of
-more than 16,384 characters), and a long node name gets a short DOT id of its own. Every file is written atomically
-(a temporary file in the same folder, then `os.replace`): a reader never sees half a
-drawing. The DOT file is written before `dot` runs, so a user without Graphviz still
+more than 16,384 characters), and a long node name gets a short DOT id of its own.
+Every file is written atomically (a temporary file in the same folder, then
+`os.replace`): a reader never sees half a drawing. The DOT file is written before `dot` runs, so a user without Graphviz still
 gets something to render elsewhere.
 
 Drawing conventions:
