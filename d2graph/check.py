@@ -666,7 +666,7 @@ class _Checker:
         self.warn("W604", f"the graph has {describe_params(total)}: more than d2graph builds "
                           f"({describe_params(MAX_PARAMS)})", self.decls[largest].name_span,
                   f"`{largest}` alone has {params[largest]:,} parameters",
-                  help="train, bench, sweep and eval will refuse it (E925); make the largest layers "
+                  help="train, bench, sweep and eval will refuse it (E926); make the largest layers "
                        "smaller (an `fc` after a large feature map holds its input width × its output width)")
 
     # --- totality: R7 ------------------------------------------------------------------

@@ -454,7 +454,7 @@ def compile(graph: Graph) -> Executor:  # noqa: A001 - the stage's verb (DESIGN.
 
 
 def require_buildable(graph: Graph) -> None:
-    """Raise `D2GraphError` (E925) when `graph` has more parameters than d2graph builds
+    """Raise `D2GraphError` (E926) when `graph` has more parameters than d2graph builds
     (`ir.MAX_PARAMS`), before any memory is allocated for them: the run commands call it
     first, so that they refuse with the figure instead of dying in the allocator.
 
@@ -465,7 +465,7 @@ def require_buildable(graph: Graph) -> None:
         return
     largest = max(graph.nodes, key=lambda n: n.params)
     raise D2GraphError([Diagnostic(
-        "E925", f"graph `{graph.name}` has {describe_params(graph.params)}: more than d2graph builds "
+        "E926", f"graph `{graph.name}` has {describe_params(graph.params)}: more than d2graph builds "
                 f"({describe_params(MAX_PARAMS)})", largest.span, f"`{largest.name}` alone has {largest.params:,}",
         help="nothing was built or written; make the largest layers smaller (an `fc` holds its input width × "
              "its output width)",

@@ -27,7 +27,7 @@ from .schema import format_value
 Shape = tuple[int, ...]
 
 # The most parameters (elements) a graph may have for d2graph to build it: the checker
-# warns above it (W604) and `compile` refuses (E925). 2^31 parameters are 8 GiB of
+# warns above it (W604) and `compile` refuses (E926). 2^31 parameters are 8 GiB of
 # float32 weights, and training keeps about three times that (gradients, Adam's moments).
 MAX_PARAMS = 1 << 31
 

@@ -218,6 +218,6 @@ def test_run_commands_refuse_a_graph_too_large_to_build(command, tmp_path, capsy
                  "  train {\n    data = digits\n    stage all = supervised(epochs=1)\n  }\n}\n")
     assert main([command, str(f)]) == 2
     err = capsys.readouterr().err
-    assert "[E925]" in err and "65,000,000,000 parameters (242 GiB in float32)" in err
+    assert "[E926]" in err and "65,000,000,000 parameters (242 GiB in float32)" in err
     assert "internal error" not in err
     assert [p.name for p in tmp_path.iterdir()] == ["huge.d2"]  # no run or sweep folder

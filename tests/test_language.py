@@ -339,7 +339,7 @@ def test_a_graph_too_large_to_build_checks_with_a_warning_and_is_refused_by_comp
     with pytest.raises(D2GraphError) as info:
         compile(graph)
     (d,) = info.value.diagnostics
-    assert d.code == "E925" and "5,000,000,000 parameters (18.6 GiB in float32)" in d.message
+    assert d.code == "E926" and "5,000,000,000 parameters (18.6 GiB in float32)" in d.message
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=IDS)
