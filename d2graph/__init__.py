@@ -107,11 +107,12 @@ def train(graph: Graph, overrides=(), *, out=None, quiet: bool = True, source=No
     from pathlib import Path
 
     from .runs import Run, resolve, train
+    from .syntax import read_source
 
     config = resolve(graph, list(overrides))
     run = None
     if out is not None:
-        text = Path(source).read_text() if source is not None else ""
+        text = read_source(source) if source is not None else ""
         run = Run.create(graph, text, config, out)
     root = Path(source).resolve().parent if source is not None else None
     return train(graph, config, run, root=root, quiet=quiet, echo=None if quiet else print)

@@ -28,13 +28,23 @@ import networkx as nx
 from . import ast
 from .cost import measure
 from .diagnostics import D2GraphError, Diagnostic, Note, Span, did_you_mean
-from .ir import ControlEdge, DataEdge, Graph, Layer, Node, TrainConfig, TrainStage
+from .ir import MAX_PARAMS, ControlEdge, DataEdge, Graph, Layer, Node, TrainConfig, TrainStage, describe_params
 from .layers import LAYERS, LayerError
 from .schema import DATASETS, TRAINERS, TRAIN_SETTINGS, Param, Schema, Symbol, format_value
 from .syntax import parse, read_source
 
-# Above this many action combinations, totality (R7) is checked on a bounded search.
-TOTALITY_LIMIT = 200_000
+# Totality (R7) walks the action combinations; it stops after this many steps (a node
+# evaluated on one combination) and says that its answer is partial (W701). Bounded by
+# work, not by combinations: one combination of a graph of a thousand nodes costs a
+# thousand steps. About a second of checking.
+TOTALITY_STEPS = 1_000_000
+
+# A graph expands into at most this many layers (blocks expanded, a `resnet_stage` counted
+# by its size, four per basic block) and declares at most this many edges: the checker
+# builds and measures every layer (a few milliseconds each, unless the same layer was
+# measured before), so without a bound nested blocks would make its work exponential (E815).
+MAX_LAYERS = 2_000
+MAX_EDGES = 100_000
 
 _NODE_ATTRS = {
     "node": Schema("node", (Param("cost", "number", None, doc="declared cost per example"),
@@ -100,6 +110,8 @@ class _Checker:
         # Nodes named in an edge statement that had an error: their missing edges are
         # a consequence, not a second mistake, so E504 and W501 stay quiet about them.
         self.tainted: set[str] = set()
+        self.layer_budget = MAX_LAYERS  # layers (and block uses) left to expand; E815 at 0
+        self.edge_budget = MAX_EDGES
 
     def error(self, code, message, span, label="", help="", notes=()):
         self.diags.append(Diagnostic(code, message, span, label, help, tuple(notes)))
@@ -137,6 +149,7 @@ class _Checker:
         if acyclic:
             self.check_reachability()
             self.infer_shapes()
+            self.check_size()
             if structure_ok and not self.has_errors:
                 self.check_totality()
         train = self.check_train([s for s in g.body if isinstance(s, ast.TrainBlock)])
@@ -147,8 +160,10 @@ class _Checker:
         return graph, self._sorted()
 
     def _sorted(self) -> list[Diagnostic]:
-        # Stable order of appearance in the file, errors and warnings interleaved.
-        return sorted(self.diags, key=lambda d: (d.span.start if d.span else -1))
+        # Stable order of appearance in the file, errors and warnings interleaved. A block
+        # used many times reports a mistake in its body once, not once per use.
+        unique = list({(d.code, d.message, d.span, d.span and d.span.source.name): d for d in self.diags}.values())
+        return sorted(unique, key=lambda d: (d.span.start if d.span else -1))
 
     # --- names: lets, blocks, nodes -------------------------------------------------------
 
@@ -260,8 +275,14 @@ class _Checker:
             if decl.kind in ("input", "output"):
                 continue
             errors_before = len(self.diags)
+            budget_before = self.layer_budget
             decl.layers = self.expand(decl.decl.pipeline, self.lets, [], decl)
-            decl.broken = len(self.diags) > errors_before
+            decl.broken = len(self.diags) > errors_before or self.layer_budget <= 0
+            if self.layer_budget <= 0 and budget_before > 0:
+                self.error("E815", f"the graph expands into more than {MAX_LAYERS:,} layers", decl.name_span,
+                           f"`{decl.name}` passes the limit",
+                           help="blocks are expanded into their layers for every use, and a `resnet_stage` "
+                                "counts four layers per basic block: use fewer or smaller blocks")
             consts = [i for i, layer in enumerate(decl.layers) if layer[0] == "const"]
             if decl.kind == "dummy" and (not decl.layers or consts[:1] != [0]) and decl.decl.pipeline:
                 first = decl.decl.pipeline[0]
@@ -276,6 +297,11 @@ class _Checker:
     def expand(self, calls, env: dict, stack: list[str], decl: _Decl) -> list:
         out = []
         for call in calls:
+            # Every call costs one unit, a block use too: nested blocks expand
+            # exponentially, and the budget stops them long before that bites.
+            self.layer_budget -= 1
+            if self.layer_budget <= 0:
+                return out
             name = call.name.text
             if name in self.blocks:
                 out += self.expand_block(call, env, stack, decl)
@@ -294,6 +320,10 @@ class _Checker:
                 continue
             args = self.bind_call(spec.schema, call, env, "layer")
             if args is not None:
+                if spec.size is not None:  # `resnet_stage(c, blocks)` builds `blocks` blocks
+                    self.layer_budget -= max(0, spec.size(args) - 1)
+                    if self.layer_budget <= 0:
+                        return out
                 out.append((name, args, call.span, _summary(spec.schema, args)))
         return out
 
@@ -354,6 +384,16 @@ class _Checker:
                 ok = [all([self.node_ref(n) for n in hop]) for hop in stmt.hops]
                 if not all(ok):
                     self.tainted |= {n.text for hop in stmt.hops for n in hop}
+                pairs = sum(len(a) * len(b) for a, b in zip(stmt.hops, stmt.hops[1:]))
+                self.edge_budget -= pairs
+                if self.edge_budget < 0:  # `a, b, ... -> c, d, ...` is every pair: quadratic in its length
+                    self.tainted |= {n.text for hop in stmt.hops for n in hop}
+                    if self.edge_budget + pairs >= 0:
+                        self.error("E815", f"the graph declares more than {MAX_EDGES:,} data edges", stmt.span,
+                                   f"this statement declares {pairs:,}",
+                                   help="`A, B -> C, D` declares an edge for every pair of a left and a right "
+                                        "name: split the statement, or merge nodes first")
+                    continue
                 for (left, lok), (right, rok) in zip(zip(stmt.hops, ok), zip(stmt.hops[1:], ok[1:])):
                     if not (lok and rok):
                         continue
@@ -598,14 +638,14 @@ class _Checker:
         for lname, args, span, written in d.layers:
             shape_in = () if lname == "const" else shape
             try:
-                out, macs = measure(lname, args, shape_in if shape_in is not None else ())
+                out, macs, params = measure(lname, args, shape_in if shape_in is not None else ())
             except LayerError as e:
                 self.error("E604", str(e), span, f"input here is {list(shape_in or ())}",
                            help=_layer_help(lname, shape_in or ()))
                 self.shapes[d.name] = None
                 return
             layers.append(Layer(lname, tuple((k, _freeze(v)) for k, v in args.items()), tuple(shape_in or ()),
-                                out, macs, written, span))
+                                out, macs, params, written, span))
             cost += macs
             shape = out
         self.layers[d.name] = tuple(layers)
@@ -615,6 +655,19 @@ class _Checker:
             self.error("E805", f"the cost of `{d.name}` cannot be negative", d.name_span, f"cost={declared}",
                        help="costs are per example, in one unit for the whole graph")
         self.costs[d.name] = declared if declared is not None else cost
+
+    def check_size(self) -> None:
+        """W604 when the graph has more parameters than the run commands will build."""
+        params = {name: sum(layer.params for layer in layers) for name, layers in self.layers.items()}
+        total = sum(params.values())
+        if total <= MAX_PARAMS:
+            return
+        largest = max(params, key=params.__getitem__)
+        self.warn("W604", f"the graph has {describe_params(total)}: more than d2graph builds "
+                          f"({describe_params(MAX_PARAMS)})", self.decls[largest].name_span,
+                  f"`{largest}` alone has {params[largest]:,} parameters",
+                  help="train, bench, sweep and eval will refuse it (E926); make the largest layers "
+                       "smaller (an `fc` after a large feature map holds its input width × its output width)")
 
     # --- totality: R7 ------------------------------------------------------------------
 
@@ -628,13 +681,15 @@ class _Checker:
         actions = {name: lst[0].actions for name, lst in self.control_lists.items()}
         outputs = [n for n in order if self.decls[n].kind == "output"]
         found: dict[str, list] = {}
-        budget = [TOTALITY_LIMIT]
+        steps = 0  # node evaluations so far, plus the bookkeeping of each finished combination
+        combinations = 0
         ever_ran: set[str] = set()
         # For each `select` merge: the inputs it took on some combination, and for each input,
-        # the earlier inputs present on every combination it is present on (None: never present).
+        # the earlier inputs present on every combination it is present on (None: never present),
+        # as bit masks (bit i: input i), so that a merge of many inputs costs one pass.
         selects = [n for n in order if self.decls[n].attrs.get("merge") == "select" and len(inputs_of.get(n, [])) > 1]
         taken: dict[str, set[int]] = {n: set() for n in selects}
-        shadowed: dict[str, list[set[int] | None]] = {n: [None] * len(inputs_of[n]) for n in selects}
+        shadowed: dict[str, list[int | None]] = {n: [None] * len(inputs_of[n]) for n in selects}
 
         def runs(name: str, present: dict, chosen: dict) -> bool:
             if name in controllers and not any(chosen.get(c.source) == c.action for c in controllers[name]):
@@ -647,34 +702,48 @@ class _Checker:
                 return any(ok)
             return bool(ok) and all(ok)
 
-        def walk(i: int, present: dict, chosen: dict, trail: list) -> None:
-            if budget[0] <= 0 or len(found) == len(outputs):
-                return
+        # Depth first over the actions of the control nodes that run, in topological order,
+        # with a stack of its own (a chain of many control nodes must not exhaust Python's).
+        stack: list[tuple[int, dict, dict, list]] = [(0, {}, {}, [])]
+        while stack and steps < TOTALITY_STEPS and len(found) < len(outputs):
+            i, present, chosen, trail = stack.pop()
+            branched = False
             while i < len(order):
                 name = order[i]
                 present[name] = runs(name, present, chosen)
+                steps += 1 + len(inputs_of.get(name, ()))
                 if present[name] and name in actions:
-                    for a in range(len(actions[name])):
-                        walk(i + 1, dict(present), {**chosen, name: a}, trail + [(name, a)])
-                    return
+                    # pushed last action first, so that action 1 is tried first
+                    for a in reversed(range(len(actions[name]))):
+                        stack.append((i + 1, dict(present), {**chosen, name: a}, trail + [(name, a)]))
+                    steps += len(present) * len(actions[name])
+                    branched = True
+                    break
                 i += 1
-            budget[0] -= 1
+            if branched:
+                continue
+            combinations += 1
+            steps += len(present)
             ever_ran.update(n for n, ran in present.items() if ran)
             for n in selects:
                 if not present[n]:
                     continue
-                ok = [present[e.source] or e.default is not None for e in inputs_of[n]]
-                taken[n].add(ok.index(True))
-                for j in range(1, len(ok)):
-                    if ok[j]:
-                        earlier = {i for i in range(j) if ok[i]}
-                        shadowed[n][j] = earlier if shadowed[n][j] is None else shadowed[n][j] & earlier
+                mask = 0  # the inputs present before input j
+                for j, e in enumerate(inputs_of[n]):
+                    if not (present[e.source] or e.default is not None):
+                        continue
+                    if not mask:
+                        taken[n].add(j)
+                    if j:
+                        seen = shadowed[n][j]
+                        shadowed[n][j] = mask if seen is None else seen & mask
+                    mask |= 1 << j
+                steps += len(inputs_of[n])
             for o in outputs:
                 if not present[o] and o not in found:
                     found[o] = (trail, dict(present))
-
-        walk(0, {}, {}, [])
-        if budget[0] > 0 and not found:
+        partial = bool(stack) and len(found) < len(outputs)
+        if not partial and not found:
             for name in order:
                 if name not in ever_ran:
                     self.warn("W702", f"`{name}` never runs, whatever the control nodes choose",
@@ -682,7 +751,8 @@ class _Checker:
                               help="an input of it is null whenever it is activated: add a `default` to that "
                               "edge, or `merge=select`")
             for n in selects:
-                self.warn_unselectable(n, taken[n], shadowed[n])
+                self.warn_unselectable(n, taken[n], [None if m is None else {i for i in range(m.bit_length()) if m >> i & 1}
+                                                     for m in shadowed[n]])
         for o in outputs:
             if o not in found:
                 continue
@@ -699,10 +769,12 @@ class _Checker:
                                             f"declare `output {o} [merge=select]`, ")
                        + f"or route every action to a node that feeds `{o}`",
                        notes=notes)
-        if budget[0] <= 0:
-            self.warn("W701", f"totality was checked on the first {TOTALITY_LIMIT:,} action combinations only",
-                      self.file.graphs[0].name.span, "too many combinations to check them all",
-                      help="the graph is valid on every combination tried")
+        if partial:
+            self.warn("W701", f"totality was checked on the first {combinations:,} action combinations only",
+                      self.file.graphs[0].name.span,
+                      f"too many combinations to check them all in {TOTALITY_STEPS:,} steps",
+                      help="every output gets a value on each combination tried; the others were not "
+                           "tried (nodes that never run and unused `select` inputs are not reported either)")
 
     def warn_unselectable(self, name: str, taken: set[int], shadowed: list[set[int] | None]) -> None:
         """W703: an input of a `select` merge that is never the first present one, on any
@@ -714,12 +786,13 @@ class _Checker:
                 continue
             e = edges[j]
             if earlier:
-                first = edges[min(earlier)]
+                lowest = min(earlier)  # once: inside the comprehension it made a wide merge cubic
+                first = edges[lowest]
                 why = (f"`{first.source}`, listed before it, has a default and so is always present"
                        if first.default is not None else f"`{first.source}`, listed before it, is present "
                                                          f"whenever `{e.source}` is")
-                order = [x.source for x in edges[:min(earlier)]] + [e.source] + \
-                        [x.source for k, x in enumerate(edges) if k >= min(earlier) and k != j]
+                order = [x.source for x in edges[:lowest]] + [e.source] + \
+                        [x.source for k, x in enumerate(edges) if k >= lowest and k != j]
                 fix = f"list `{e.source}` before `{first.source}` (`{', '.join(order)} -> {name}`)"
                 if first.default is not None:
                     fix = f"drop the default of `{first.source} -> {name}` or " + fix
@@ -810,6 +883,14 @@ class _Checker:
     def build(self, g: ast.GraphDecl, train: TrainConfig | None) -> Graph:
         position = {name: i for i, name in enumerate(self.decls)}  # ties keep the file's order
         order = list(nx.lexicographical_topological_sort(self.dag, key=position.__getitem__))
+        inputs: dict[str, list[DataEdge]] = {}  # grouped once: a per-node scan would be quadratic
+        controllers: dict[str, list[ControlEdge]] = {}
+        actions: dict[str, list[str | None]] = {}
+        for e in self.data_edges:
+            inputs.setdefault(e.target, []).append(e)
+        for c in self.control_edges:
+            controllers.setdefault(c.target, []).append(c)
+            actions.setdefault(c.source, []).append(c.target)
         nodes = []
         for name in order:
             d = self.decls[name]
@@ -822,9 +903,9 @@ class _Checker:
                 out_shape=self.shapes[name],
                 cost=self.costs.get(name, 0),
                 cost_declared=d.attrs.get("cost") is not None,
-                inputs=tuple(e for e in self.data_edges if e.target == name),
-                controllers=tuple(c for c in self.control_edges if c.target == name),
-                actions=tuple(c.target for c in self.control_edges if c.source == name),
+                inputs=tuple(inputs.get(name, ())),
+                controllers=tuple(controllers.get(name, ())),
+                actions=tuple(actions.get(name, ())),
                 span=d.span,
             ))
         warnings = tuple(d for d in self.diags if not d.is_error)

@@ -212,7 +212,7 @@ def cmd_check(args) -> int:
         except D2GraphError as e:
             everything += e.diagnostics
             failed = True
-            unreadable |= any(d.code == "E010" for d in e.diagnostics)
+            unreadable |= any(d.code in ("E010", "E011") for d in e.diagnostics)
             if args.format == "text":
                 _print_diagnostics(e.diagnostics)
             continue
@@ -293,14 +293,17 @@ def cmd_render(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import bench, bench_table
     from .check import load
+    from .executor import require_buildable
 
     graph = load(args.file, allow_imports=args.allow_imports)
+    require_buildable(graph)
     print(bench_table(bench(graph, batch=args.batch, rounds=args.rounds)))
     return EXIT_OK
 
 
 def cmd_train(args) -> int:
     from .check import load
+    from .executor import require_buildable
     from .runs import Interrupted, Run, refuse_sweep, resolve, train
     from .syntax import read_source
 
@@ -317,6 +320,7 @@ def cmd_train(args) -> int:
         if not args.file:
             raise _usage("train needs a .d2 file (or --resume RUN)", "e.g. `d2graph train examples/early_exit.d2`")
         graph = load(args.file, allow_imports=args.allow_imports)
+        require_buildable(graph)  # before a run folder is made for it
         source = Path(args.file)
         config = resolve(graph, args.overrides)
         if args.print_config:
@@ -384,9 +388,11 @@ def cmd_eval(args) -> int:
 
 def cmd_sweep(args) -> int:
     from .check import load
+    from .executor import require_buildable
     from .sweep import sweep
 
     graph = load(args.file, allow_imports=args.allow_imports)
+    require_buildable(graph)  # before a sweep folder is made for it
     _print_diagnostics(graph.warnings)
     echo = (lambda text: print(text, file=sys.stderr)) if not args.quiet else None
     result = sweep(graph, Path(args.file), budgets=args.budgets, methods=args.methods, param=args.param,

@@ -5,19 +5,24 @@ Out: `Diagnostic` values (data, never printed here) and their rendering in the
      rustc/Elm style — position, source excerpt, caret, help — or as JSON.
 Guarantees: a `Span` always knows its `Source`, so any diagnostic can be rendered
 without re-reading files; spans never take part in equality, so two ASTs or IRs
-that differ only in positions compare equal.
+that differ only in positions compare equal. Rendered text never carries a control
+character from the user's file to the terminal: excerpts, messages, labels and help
+show them escaped (`\\x1b`, `\\r`, `\\u202e`), with the caret still under the span.
 
 Example:
     >>> src = Source("g.d2", "graph g {\\n  input x\\n}\\n")
-    >>> d = Diagnostic("E002", "unexpected `}`", Span(src, 19, 20), "expected a shape")
+    >>> d = Diagnostic("E002", "unexpected `}`", Span(src, 20, 21), "expected a shape")
     >>> print(d.render().splitlines()[1])
-      --> g.d2:3:1
+     --> g.d2:3:1
 """
 
 from __future__ import annotations
 
+import bisect
 import difflib
+import unicodedata
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterable, Sequence
 
 
@@ -28,16 +33,28 @@ class Source:
     name: str
     text: str
 
+    @cached_property
+    def line_starts(self) -> list[int]:
+        """Offsets at which lines start, computed once: a position is then a binary search,
+        not a scan of the text (a file with many diagnostics would be quadratic)."""
+        starts, at = [0], self.text.find("\n")
+        while at >= 0:
+            starts.append(at + 1)
+            at = self.text.find("\n", at + 1)
+        return starts
+
     def position(self, offset: int) -> tuple[int, int]:
         """1-based (line, column) of a character offset."""
         offset = max(0, min(offset, len(self.text)))
-        line = self.text.count("\n", 0, offset) + 1
-        line_start = self.text.rfind("\n", 0, offset) + 1
-        return line, offset - line_start + 1
+        line = bisect.bisect_right(self.line_starts, offset)
+        return line, offset - self.line_starts[line - 1] + 1
 
     def line_text(self, line: int) -> str:
-        lines = self.text.split("\n")
-        return lines[line - 1] if 0 < line <= len(lines) else ""
+        starts = self.line_starts
+        if not 0 < line <= len(starts):
+            return ""
+        end = starts[line] - 1 if line < len(starts) else len(self.text)
+        return self.text[starts[line - 1] : end]
 
 
 @dataclass(frozen=True)
@@ -105,7 +122,7 @@ class Diagnostic:
         return self.severity == "error"
 
     def render(self) -> str:
-        head = f"{self.severity}[{self.code}]: {self.message}"
+        head = f"{self.severity}[{self.code}]: {printable(self.message)}"
         if self.span is None:
             lines = [head]
         else:
@@ -114,7 +131,7 @@ class Diagnostic:
                 lines += _excerpt(note.span, note.label, arrow="::")
         if self.help:
             pad = " " * (len(str(self.span.end_line)) if self.span else 0)
-            lines.append(f"{pad} = help: {self.help}")
+            lines.append(f"{pad} = help: {printable(self.help)}")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -137,6 +154,20 @@ class Diagnostic:
         return out
 
 
+def _shown(ch: str) -> str:
+    """How one character of a source line is printed: control characters (escape
+    sequences, a lone carriage return, bidi overrides, line separators) as escapes, so
+    that the user's file cannot move the cursor or recolour the terminal; tabs as they are."""
+    if ch != "\t" and unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+        return ch.encode("unicode_escape").decode("ascii")
+    return ch
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters escaped (see `_shown`); newlines are kept."""
+    return "\n".join("".join(_shown(ch) for ch in part) for part in text.split("\n"))
+
+
 def _excerpt(span: Span, label: str, arrow: str = "-->") -> list[str]:
     """Location line, the source line and a caret line under the span's first line."""
     line, col = span.line, span.column
@@ -145,13 +176,16 @@ def _excerpt(span: Span, label: str, arrow: str = "-->") -> list[str]:
     end = span.end if span.end_line == line else span.start + max(1, len(text) - col + 1)
     width = max(1, min(end - span.start, len(text) - col + 1))
     gutter = " " * len(str(line))
-    # Tabs are kept under the caret so that it lines up with the source line.
-    lead = "".join(ch if ch == "\t" else " " for ch in text[: col - 1])
-    caret = lead + "^" * width + (f" {label}" if label else "")
+    shown = [_shown(ch) for ch in text]
+    # Tabs are kept under the caret so that it lines up with the source line; an escaped
+    # character is as wide as its escape.
+    lead = "".join(s if s == "\t" else " " * len(s) for s in shown[: col - 1])
+    carets = sum(len(s) for s in shown[col - 1 : col - 1 + width]) or 1
+    caret = lead + "^" * carets + (f" {printable(label)}" if label else "")
     return [
-        f"{gutter}{arrow} {span.location()}",
+        f"{gutter}{arrow} {printable(span.location())}",
         f"{gutter} |",
-        f"{line} | {text}",
+        f"{line} | {''.join(shown)}",
         f"{gutter} | {caret}",
     ]
 

@@ -71,12 +71,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .ir import DataEdge, Graph, Node
+from .diagnostics import D2GraphError, Diagnostic
+from .ir import MAX_PARAMS, DataEdge, Graph, Node, describe_params
 from .layers import build_layer
 
 MODES = ("argmax", "force", "explore", "sample", "all")
 
-__all__ = ["MODES", "Executor", "Interpreter", "Result", "Rows", "compile", "route"]
+__all__ = ["MODES", "Executor", "Interpreter", "Result", "Rows", "compile", "require_buildable", "route"]
 
 
 # --- sets of examples ---------------------------------------------------------------------
@@ -448,7 +449,27 @@ def compile(graph: Graph) -> Executor:  # noqa: A001 - the stage's verb (DESIGN.
         >>> sorted(executor.state_dict())[:2]                             # doctest: +SKIP
         ['nodes.N1.0.bias', 'nodes.N1.0.weight']
     """
+    require_buildable(graph)
     return Executor(graph)
+
+
+def require_buildable(graph: Graph) -> None:
+    """Raise `D2GraphError` (E926) when `graph` has more parameters than d2graph builds
+    (`ir.MAX_PARAMS`), before any memory is allocated for them: the run commands call it
+    first, so that they refuse with the figure instead of dying in the allocator.
+
+    Example:
+        >>> require_buildable(d2graph.load("examples/cascade.d2"))        # doctest: +SKIP
+    """
+    if graph.params <= MAX_PARAMS:
+        return
+    largest = max(graph.nodes, key=lambda n: n.params)
+    raise D2GraphError([Diagnostic(
+        "E926", f"graph `{graph.name}` has {describe_params(graph.params)}: more than d2graph builds "
+                f"({describe_params(MAX_PARAMS)})", largest.span, f"`{largest.name}` alone has {largest.params:,}",
+        help="nothing was built or written; make the largest layers smaller (an `fc` holds its input width × "
+             "its output width)",
+    )])
 
 
 # --- the interpreter ----------------------------------------------------------------------

@@ -3,7 +3,9 @@
 In:  a destination path and its content (or a program that writes to a path).
 Out: the file, replaced in one `os.replace` from a temporary file in the same folder.
 Guarantees: the old file stays intact until the new one is complete; no temporary file
-is left behind, whatever happens; files get the permissions a plain `open()` would give.
+is left behind, whatever happens; a new file gets the permissions a plain `open()` would
+give, a replaced one keeps its own; a symbolic link is written through (its target is
+replaced, the link stays a link).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -25,12 +28,16 @@ FILE_MODE = 0o666 & ~_UMASK
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path`."""
-    path = Path(path)
+    path = Path(os.path.realpath(path))  # through symlinks: replace the target, keep the link
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)  # `fmt` must not widen a private file
+    except OSError:
+        mode = FILE_MODE
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, FILE_MODE)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from . import ast
 from .diagnostics import D2GraphError, Diagnostic, Span
-from .syntax import parse
+from .syntax import MAX_SOURCE_CHARS, parse
 
 LINE_WIDTH = 100
 INDENT = "  "
@@ -107,6 +107,9 @@ class _Printer:
         self._line_starts = [0] + [m.end() for m in re.finditer(r"\n", text)]
         self.place = _Placement()
         self._inside: dict[int, tuple[ast.Statement, list[ast.Comment]]] = {}
+        # id(container) → its items with spans and their start offsets, for binary search:
+        # a linear scan per comment made a file of many comments quadratic.
+        self._items: dict[int, tuple[list, list[int]]] = {}
         for comment in file.comments:
             if comment.span is not None:
                 self._place(comment, file)
@@ -144,18 +147,22 @@ class _Printer:
 
     def _place(self, comment: ast.Comment, container: _Container) -> None:
         pos = comment.span.start
-        items = [i for i in _children(container) if i.span is not None]
-        for item in items:
-            if item.span.start <= pos < item.span.end:
-                if _children(item) is not None and pos > self._brace(item):
-                    self._place(comment, item)
-                else:
-                    self._inside.setdefault(id(item), (item, []))[1].append(comment)
-                return
-        previous = [i for i in items if i.span.end <= pos]
+        if id(container) not in self._items:
+            items = [i for i in _children(container) if i.span is not None]  # in source order
+            self._items[id(container)] = (items, [i.span.start for i in items])
+        items, starts = self._items[id(container)]
+        k = bisect_right(starts, pos) - 1  # the last item that starts at or before the comment
+        if k >= 0 and pos < items[k].span.end:
+            item = items[k]
+            if _children(item) is not None and pos > self._brace(item):
+                self._place(comment, item)
+            else:
+                self._inside.setdefault(id(item), (item, []))[1].append(comment)
+            return
+        previous = items[k] if k >= 0 else None  # items do not overlap: it ends before the comment
         line = self._line(pos)
-        if previous and self._line(previous[-1].span.end) == line:
-            self.place.after[id(previous[-1])] = comment
+        if previous is not None and self._line(previous.span.end) == line:
+            self.place.after[id(previous)] = comment
         elif not isinstance(container, ast.File) and self._line(self._brace(container)) == line:
             self.place.opener[id(container)] = comment
         else:
@@ -172,11 +179,13 @@ class _Printer:
         if not isinstance(stmt, (ast.NodeDecl, ast.BlockDef)):
             return None
         gaps: dict[int, tuple[ast.Comment | None, list[ast.Comment]]] = {}
+        ends = [call.span.end for call in stmt.pipeline]
         for comment in comments:
             pos = comment.span.start
-            layer = next((a for a, b in zip(stmt.pipeline, stmt.pipeline[1:]) if a.span.end <= pos < b.span.start), None)
-            if layer is None:
+            k = bisect_right(ends, pos) - 1  # the last layer that ends before the comment
+            if not 0 <= k < len(stmt.pipeline) - 1 or pos >= stmt.pipeline[k + 1].span.start:
                 return None
+            layer = stmt.pipeline[k]
             end_of_line, own_lines = gaps.get(id(layer), (None, []))
             code_before = self.text[self._line_starts[self._line(pos)] : pos].strip()
             if end_of_line is None and not own_lines and code_before:
@@ -360,6 +369,11 @@ def _value(v) -> str:
 
 def _check_same(file: ast.File, result: str, filename: str) -> None:
     """Raise E020 unless `result` parses to `file`'s AST with the same comments in order."""
+    if len(result) > MAX_SOURCE_CHARS:  # indentation can push a file near the limit over it
+        raise D2GraphError([Diagnostic(
+            "E011", f"formatted, this file would be larger than the {MAX_SOURCE_CHARS:,} characters d2graph reads; "
+                    "nothing was written", help="split the graph, or keep this file as it is",
+        )])
     help = "this is a bug in d2graph fmt; please report it with this file"
     try:
         again = parse(result, filename)

@@ -26,6 +26,11 @@ from .schema import format_value
 
 Shape = tuple[int, ...]
 
+# The most parameters (elements) a graph may have for d2graph to build it: the checker
+# warns above it (W604) and `compile` refuses (E926). 2^31 parameters are 8 GiB of
+# float32 weights, and training keeps about three times that (gradients, Adam's moments).
+MAX_PARAMS = 1 << 31
+
 KINDS = ("input", "output", "node", "control", "dummy")
 MERGES = ("sum", "concat", "select")
 
@@ -33,13 +38,15 @@ MERGES = ("sum", "concat", "select")
 @dataclass(frozen=True)
 class Layer:
     """One layer of a node's pipeline: its name, bound arguments (defaults filled, in
-    schema order), input and output shape per example, and its cost per example."""
+    schema order), input and output shape per example, its cost per example and its
+    number of parameters (elements)."""
 
     name: str
     args: tuple[tuple[str, Any], ...]
     in_shape: Shape
     out_shape: Shape
     cost: int = 0
+    params: int = 0
     written: str = field(default="", compare=False)  # canonical call, constants filled in: fc(10)
     span: Span = span_field()
 
@@ -88,6 +95,11 @@ class Node:
 
     def summary(self) -> str:
         return ", ".join(layer.summary() for layer in self.layers)
+
+    @property
+    def params(self) -> int:
+        """Parameters of the node's layers (elements; 4 bytes each in float32)."""
+        return sum(layer.params for layer in self.layers)
 
 
 @dataclass(frozen=True)
@@ -146,6 +158,11 @@ class Graph:
     @property
     def control_nodes(self) -> tuple[Node, ...]:
         return self.of_kind("control")
+
+    @property
+    def params(self) -> int:
+        """Parameters of every node together (elements; 4 bytes each in float32)."""
+        return sum(n.params for n in self.nodes)
 
     @property
     def full_cost(self) -> int | float:
@@ -226,21 +243,29 @@ class Graph:
                 problems.append(f"{c.source} emits control but is a {kind[c.source]} node")
             if c.target is not None and position[c.source] >= position[c.target]:
                 problems.append(f"nodes are not in topological order at {c.source} => {c.target}")
+        inputs: dict[str, list[DataEdge]] = {}  # grouped once: a per-node scan would be quadratic
+        controllers: dict[str, list[ControlEdge]] = {}
+        actions: dict[str, list[str | None]] = {}
+        for e in self.data_edges:
+            inputs.setdefault(e.target, []).append(e)
+        for c in self.control_edges:
+            controllers.setdefault(c.target, []).append(c)
+            actions.setdefault(c.source, []).append(c.target)
         for n in self.nodes:
             if n.kind not in KINDS:
                 problems.append(f"{n.name} has an unknown kind {n.kind!r}")
             if n.merge not in MERGES:
                 problems.append(f"{n.name} has an unknown merge {n.merge!r}")
-            if n.inputs != tuple(e for e in self.data_edges if e.target == n.name):
+            if n.inputs != tuple(inputs.get(n.name, ())):
                 problems.append(f"{n.name}.inputs disagrees with the data edges")
-            if n.controllers != tuple(c for c in self.control_edges if c.target == n.name):
+            if n.controllers != tuple(controllers.get(n.name, ())):
                 problems.append(f"{n.name}.controllers disagrees with the control edges")
             if n.kind in ("node", "control", "output") and not n.inputs:
                 problems.append(f"{n.name} has no data input")
             if n.kind == "control":
                 if n.controllers:
                     problems.append(f"control node {n.name} is itself controlled (R3)")
-                own = tuple(c.target for c in self.control_edges if c.source == n.name)
+                own = tuple(actions.get(n.name, ()))
                 if own != n.actions or not n.actions:
                     problems.append(f"{n.name}.actions disagrees with its control edges")
                 if n.out_shape != (len(n.actions),):
@@ -262,6 +287,16 @@ def _call_text(name: str, args: tuple[tuple[str, Any], ...]) -> str:
 
 def exact_cost(cost: int | float) -> str:
     return f"{cost:,}" if isinstance(cost, int) else f"{cost:g}"
+
+
+def describe_params(params: int) -> str:
+    """2147483648 → '2,147,483,648 parameters (8 GiB in float32)'."""
+    size = params * 4.0
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if size < 1024 or unit == "PiB":
+            break
+        size /= 1024
+    return f"{params:,} parameters ({size:.3g} {unit} in float32)"
 
 
 def format_cost(cost: int | float) -> str:

@@ -8,9 +8,11 @@ Out: `to_dot(graph, stats)` returns DOT text; `render(graph, path, stats)` write
      runs Graphviz's `dot` on it.
 Guarantees: the DOT text depends only on the graph and the stats — the same input gives
 byte-identical text (nodes and edges in IR order, numbers formatted with fixed
-precision), so it can be compared with golden files. Every file is written atomically
-(a temporary file in the same folder, then `os.replace`): a reader never sees half a
-drawing. The DOT file is written before `dot` runs, so a user without Graphviz still
+precision), so it can be compared with golden files. A graph that checks also draws:
+long names, shapes and layer lists are shortened with `…` (Graphviz refuses a string of
+more than 16,384 characters), and a long node name gets a short DOT id of its own.
+Every file is written atomically (a temporary file in the same folder, then
+`os.replace`): a reader never sees half a drawing. The DOT file is written before `dot` runs, so a user without Graphviz still
 gets something to render elsewhere.
 
 Drawing conventions:
@@ -69,6 +71,14 @@ Stats = Any
 WRAP = 40
 WRAP_CONTROL = 26
 
+# Shortened with `…` past these lengths: a label is read at a glance, and Graphviz refuses
+# any string (an id, a label) longer than 16,384 characters.
+NAME_CHARS = 60  # a node's or the graph's name in a label
+ID_CHARS = 100  # a node name used as a DOT id as it is; a longer one is cut and numbered
+LAYER_CHARS = 2 * WRAP  # one layer's summary (`module("…")`, `const(0, shape=[…])`)
+LAYER_LINES = 12  # lines of layers in one box, then "… N more layers"
+SHAPE_DIMS = 6  # a shape with more dimensions shows its first and last few and its rank
+
 FONT = "Helvetica"
 PEN_MIN, PEN_MAX = 0.5, 6.0
 DOT_TIMEOUT_S = 120
@@ -120,7 +130,8 @@ def to_dot(graph: Graph, stats: Stats = None) -> str:
     if hasattr(stats, "to_json"):  # a Report (not imported: evaluation is a later stage)
         stats = stats.to_json()
     rates, traffic, taken = _read_stats(graph, stats)
-    dot = graphviz.Digraph(name=graph.name)
+    ids = _ids(graph)
+    dot = graphviz.Digraph(name=_short(graph.name, ID_CHARS))
     dot.attr(
         rankdir="TB",
         label=f"<{_title(graph, _headline(stats))}>",
@@ -137,7 +148,7 @@ def to_dot(graph: Graph, stats: Stats = None) -> str:
     dot.attr("edge", fontname=FONT, fontsize="10", arrowsize="0.7")
 
     for node in graph.nodes:
-        dot.node(node.name, label=f"<{_label(node, rates)}>", **_node_style(node))
+        dot.node(ids[node.name], label=f"<{_label(node, rates)}>", **_node_style(node))
 
     # Outputs share the bottom rank so that every answer of the network reads off one line.
     outputs = graph.outputs
@@ -145,16 +156,16 @@ def to_dot(graph: Graph, stats: Stats = None) -> str:
         with dot.subgraph() as bottom:
             bottom.attr(rank="sink")
             for node in outputs:
-                bottom.node(node.name)
+                bottom.node(ids[node.name])
 
     for node in graph.nodes:
         ordered = node.merge in ("select", "concat") and len(node.inputs) > 1
         for i, edge in enumerate(node.inputs):
-            dot.edge(edge.source, edge.target,
+            dot.edge(ids[edge.source], ids[edge.target],
                      **_data_edge_style(edge, i if ordered else None, rates, traffic))
 
     for node in graph.control_nodes:
-        skip_id = f"{node.name}.skip"  # a '.' cannot occur in a .d2 name: no clash
+        skip_id = f"{ids[node.name]}.skip"  # a '.' cannot occur in a .d2 name: no clash
         if None in node.actions:
             dot.node(skip_id, label="skip", shape="plaintext", fontsize="10",
                      fontcolor=CONTROL_INK, width="0", height="0", margin="0.02")
@@ -170,17 +181,37 @@ def to_dot(graph: Graph, stats: Stats = None) -> str:
                 # A report counts the actions themselves: exact traffic, skip included.
                 attrs["label"] = _on_paper(f"{action + 1} · {share:.0%}")
                 attrs.update(_pen(share))
-                dot.edge(node.name, target or skip_id, **({"arrowhead": "empty"} if target is None else {}),
-                         **attrs)
+                dot.edge(ids[node.name], ids[target] if target else skip_id,
+                         **({"arrowhead": "empty"} if target is None else {}), **attrs)
             elif target is None:
                 # Node rates cannot tell how often `skip` was chosen (the targets of the
                 # other actions may also be switched on by other control nodes), so the
                 # skip edge keeps the plain width rather than show a made-up traffic.
-                dot.edge(node.name, skip_id, arrowhead="empty", **attrs)
+                dot.edge(ids[node.name], skip_id, arrowhead="empty", **attrs)
             else:
-                dot.edge(node.name, target, **attrs, **_width(rates, node.name, target))
+                dot.edge(ids[node.name], ids[target], **attrs, **_width(rates, node.name, target))
 
     return dot.source
+
+
+def _ids(graph: Graph) -> dict[str, str]:
+    """Node name → DOT id: the name itself, or, past ID_CHARS, its start and its position
+    after a `.` (which no .d2 name contains, so no id can clash with another)."""
+    return {n.name: n.name if len(n.name) <= ID_CHARS else f"{n.name[:ID_CHARS]}.{i}"
+            for i, n in enumerate(graph.nodes)}
+
+
+def _short(text: str, width: int) -> str:
+    """`text`, or its first `width` - 1 characters and `…`."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _shape_text(shape) -> str:
+    """`[3, 32, 32]`; a shape of many dimensions as `[1, 2, 3, …, 9, 10] (6,000 dims)`."""
+    if len(shape) <= SHAPE_DIMS:
+        return format_value(list(shape))
+    head, tail = ", ".join(map(str, shape[:3])), ", ".join(map(str, shape[-2:]))
+    return f"[{head}, …, {tail}] ({len(shape):,} dims)"
 
 
 def _read_stats(graph: Graph, stats: Stats) -> tuple[dict[str, float], dict[str, float],
@@ -228,7 +259,7 @@ def _title(graph: Graph, headline: Mapping[str, Any] | None = None) -> str:
     declared = any(n.cost_declared for n in graph.nodes)
     unit = "" if declared else " MACs"
     title = (
-        f"<B>{_esc(graph.name)}</B><BR/>"
+        f"<B>{_esc(_short(graph.name, NAME_CHARS))}</B><BR/>"
         f'<FONT POINT-SIZE="11" COLOR="{NOTE_INK}">full cost {cost}{unit} per example</FONT>'
     )
     if headline is not None:  # what the run achieved, the first thing its drawing should say
@@ -257,10 +288,10 @@ def _node_style(node: Node) -> dict[str, str]:
 
 def _label(node: Node, rates: Mapping[str, float]) -> str:
     """An HTML-like label: the name in bold, then smaller lines of detail."""
-    lines = [f"<B>{_esc(node.name)}</B>"]
+    lines = [f"<B>{_esc(_short(node.name, NAME_CHARS))}</B>"]
     small: list[str] = []
     if node.kind in ("input", "output"):
-        small.append(_esc(format_value(list(node.out_shape))))
+        small.append(_esc(_shape_text(node.out_shape)))
         if node.merge != "sum" and len(node.inputs) > 1:
             small.append(f"merge={node.merge}")
     else:
@@ -285,11 +316,14 @@ def _wrap(node: Node) -> list[str]:
     width = WRAP_CONTROL if node.is_control else WRAP
     lines: list[str] = []
     current = ""
-    for layer in node.layers:
-        part = layer.summary()
+    for i, layer in enumerate(node.layers):
+        part = _short(layer.summary(), LAYER_CHARS)
         if current and len(current) + 2 + len(part) > width:
             lines.append(current + ",")
             current = part
+            if len(lines) == LAYER_LINES:
+                rest = len(node.layers) - i
+                return lines + [f"… {rest:,} more layer{'s' if rest != 1 else ''}"]
         else:
             current = f"{current}, {part}" if current else part
     if current:

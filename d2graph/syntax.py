@@ -6,6 +6,12 @@ Guarantees: a syntax error raises `D2GraphError` with one diagnostic (E001–E00
 names what was found and what was expected in the language's own words — never a
 lark terminal name — with a caret under the offending text. A file written in
 Terrastruct's D2 diagram language (the other `.d2`) is recognised and said to be so.
+Limits are checked before anything recursive runs: a text longer than `MAX_SOURCE_CHARS`
+(E011) or with brackets nested deeper than `MAX_NESTING` (E007) is refused, so every
+later stage (the AST builder, AST equality, fmt, the checker) recurses at most that deep;
+a number literal longer than `MAX_NUMBER_CHARS` is E008.
+Line breaks are LF, CRLF or a lone CR, read the same way from a file and from a string:
+all become LF before parsing (spans point into that text).
 
 Example:
     >>> f = parse("graph g { input x [4]  output y  x -> y }", "g.d2")
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import re
 import threading
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -40,6 +46,23 @@ _STATEMENT_STARTS = ("node", "control", "dummy", "input", "output", "let", "bloc
 
 # Escapes inside strings; any other escaped character stands for itself (\" and \\).
 _ESCAPES = {"n": "\n", "t": "\t"}
+
+# How deep `(`, `[` and `{` may nest. The AST and every pass over it (equality, fmt, the
+# checker's values) recurse once or a few times per level; 64 keeps them far from
+# Python's recursion limit while leaving room for any real shape or argument list.
+MAX_NESTING = 64
+
+# The longest number literal: far beyond any real constant, and short of Python's limit on
+# converting digits to an integer (4,300), which would otherwise raise from the parser.
+MAX_NUMBER_CHARS = 100
+
+# The largest source accepted, in characters of text (bytes of a file): a .d2 file is a
+# few kilobytes; a megabyte is a generated network of thousands of nodes.
+MAX_SOURCE_CHARS = 1 << 20
+
+# Brackets outside strings and comments (an unclosed string runs to the end of its line,
+# as the lexer reads it).
+_BRACKETS = re.compile(r'"(?:[^"\\\n]|\\.)*"?|#[^\n]*|[\[\](){}]')
 
 _KEYWORDS = {"graph", "let", "block", "input", "output", "node", "control", "dummy",
              "train", "stage", "skip", "true", "false"}
@@ -75,10 +98,17 @@ class _Parser:
         self.words.update(_TERMINAL_WORDS)
 
     def _comment(self, token: Token) -> None:
-        # lex() for error messages also fires this callback; only parse() collects.
+        # Only parse() collects (error messages lex with `lexer`, which has no callback).
         comments = getattr(self._local, "comments", None)
         if comments is not None:
             comments.append(token)
+
+    @cached_property
+    def lexer(self) -> Lark:
+        """A lexer-only twin of the parser, built at the first syntax error: `Lark.lex` on a
+        parser builds (and checks for collisions) a new lexer on every call, tens of
+        milliseconds each; this one keeps its lexer."""
+        return Lark(grammar_text(), parser=None, lexer="basic")
 
     def parse(self, text: str):
         self._local.comments = []
@@ -91,25 +121,47 @@ def _parser(strict: bool = False) -> _Parser:
     return _Parser(strict)
 
 
+def normalise_newlines(text: str) -> str:
+    r"""`\r\n` and a lone `\r` become `\n`: the line breaks the language accepts, read as
+    Python reads a text file, so `parse(text)` and `parse(read_source(path))` agree."""
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
 def parse(text: str, filename: str = "<input>") -> ast.File:
     """Parse .d2 source text into an AST; raise `D2GraphError` on a syntax error."""
-    source = Source(filename, text)
+    if len(text) > MAX_SOURCE_CHARS:
+        raise D2GraphError([_too_large(Source(filename, text[:MAX_SOURCE_CHARS + 1]), f"{len(text):,} characters")])
+    source = Source(filename, normalise_newlines(text))
+    text = source.text
+    too_deep = _nesting_diagnostic(source)
+    if too_deep is not None:
+        raise D2GraphError([too_deep])
     p = _parser()
     try:
         tree, comment_tokens = p.parse(text)
     except lark.exceptions.UnexpectedInput as e:
         raise D2GraphError([_syntax_diagnostic(e, source, p)]) from None
     builder = _Builder(source)
-    file = builder.transform(tree)
+    try:
+        file = builder.transform(tree)
+    except lark.exceptions.VisitError as e:  # a limit found while building (E008), raised bare
+        if isinstance(e.orig_exc, D2GraphError):
+            raise e.orig_exc from None
+        raise
     comments = tuple(ast.Comment(t.value.rstrip(), _tok_span(source, t)) for t in comment_tokens)
     return ast.File(file.items, comments, file.span)
 
 
 def read_source(path: str | Path) -> str:
-    """Read a .d2 file, turning OS problems into a diagnostic."""
+    """Read a .d2 file (at most `MAX_SOURCE_CHARS` bytes), turning OS problems into a
+    diagnostic; line breaks come back as LF (see `normalise_newlines`)."""
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        with path.open("rb") as f:  # bounded: /dev/zero or a huge file must not fill memory
+            data = f.read(MAX_SOURCE_CHARS + 1)
+        if len(data) > MAX_SOURCE_CHARS:
+            raise D2GraphError([_too_large(None, f"more than {MAX_SOURCE_CHARS:,} bytes", path)])
+        return normalise_newlines(data.decode("utf-8"))
     except FileNotFoundError:
         raise D2GraphError([Diagnostic("E010", f"no such file: {path}",
                                        help="check the path; d2graph reads .d2 files")]) from None
@@ -120,6 +172,35 @@ def read_source(path: str | Path) -> str:
                                        help="save the file as UTF-8")]) from None
     except OSError as e:
         raise D2GraphError([Diagnostic("E010", f"cannot read {path}: {e.strerror}")]) from None
+
+
+def _too_large(source: Source | None, size: str, path: Path | None = None) -> Diagnostic:
+    what = str(path) if path is not None else "this text"
+    span = Span(source, MAX_SOURCE_CHARS, MAX_SOURCE_CHARS + 1) if source is not None else None
+    return Diagnostic("E011", f"{what} is too large for a .d2 file ({size})", span,
+                      f"the limit is {MAX_SOURCE_CHARS:,}",
+                      help=f"a .d2 file may hold at most {MAX_SOURCE_CHARS:,} characters; "
+                           "is this the file you meant?")
+
+
+def _nesting_diagnostic(source: Source) -> Diagnostic | None:
+    """E007 at the first bracket that opens level MAX_NESTING + 1, or None.
+
+    A flat scan of the text (strings and comments skipped), so that it runs before the
+    parser and the recursive passes that follow it."""
+    depth = 0
+    for m in _BRACKETS.finditer(source.text):
+        ch = m.group()
+        if ch in ("(", "[", "{"):
+            depth += 1
+            if depth > MAX_NESTING:
+                return Diagnostic("E007", f"brackets are nested more than {MAX_NESTING} deep",
+                                  Span(source, m.start(), m.end()), f"level {depth}",
+                                  help=f"d2graph reads at most {MAX_NESTING} levels of `(`, `[` and `{{`; "
+                                       "flatten this value")
+        elif ch in (")", "]", "}"):
+            depth = max(0, depth - 1)
+    return None
 
 
 # --- AST building ------------------------------------------------------------------------
@@ -225,6 +306,10 @@ class _Builder(Transformer):
 
     def number(self, meta, ch):
         text = str(ch[0])
+        if len(text) > MAX_NUMBER_CHARS:
+            raise D2GraphError([Diagnostic("E008", f"a number of {len(text):,} characters", self._span(meta),
+                                           f"at most {MAX_NUMBER_CHARS} characters",
+                                           help="write a large or small number with an exponent, e.g. `1e9`")])
         value = float(text) if re.search(r"[.eE]", text) else int(text)
         return ast.Number(value, text, self._span(meta))
 
@@ -311,7 +396,7 @@ def _open_brackets(tokens: list[Token]) -> list[Token]:
 def _tokens_before(text: str, pos: int, p: _Parser) -> list[Token]:
     out = []
     try:
-        for t in p.lark.lex(text):
+        for t in p.lexer.lex(text):
             if t.start_pos >= pos:
                 break
             out.append(t)

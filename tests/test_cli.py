@@ -170,3 +170,54 @@ def test_a_wrong_flag_is_reported_by_its_command_with_a_hint(argv, usage, hint, 
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(usage) and hint in err and "Traceback" not in err
+
+
+# --- issue 15: files, sizes and terminals ----------------------------------------------------
+
+
+def test_fmt_keeps_permissions_and_writes_through_symlinks(tmp_path, capsys):
+    import os
+    import stat
+
+    messy = "graph g {input x [4] output y x->y}"
+    private = tmp_path / "private.d2"
+    private.write_text(messy)
+    private.chmod(0o600)
+    target = tmp_path / "real.d2"
+    target.write_text(messy)
+    link = tmp_path / "link.d2"
+    link.symlink_to(target.name)
+    assert main(["fmt", str(private), str(link)]) == 0
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert link.is_symlink() and os.readlink(link) == target.name
+    assert target.read_text() == private.read_text() == "graph g {\n  input x [4]\n  output y\n  x -> y\n}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.d2", "private.d2", "real.d2"]
+
+
+@pytest.mark.parametrize("command", ["check", "fmt", "render"])
+def test_an_endless_file_is_refused_with_the_limit(command, tmp_path, capsys):
+    argv = [command, "/dev/zero"] + (["-o", str(tmp_path / "g.svg")] if command == "render" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "[E011]" in err and "1,048,576" in err and "internal error" not in err
+
+
+def test_terminal_escapes_in_a_file_do_not_reach_the_terminal(tmp_path, capsys):
+    f = tmp_path / "esc.d2"
+    f.write_text('graph g {\n  input x [4]\n  output y\n  node A = module("\x1b]0;title\x07\x1b[2J") \x1b[31m\n}\n')
+    assert main(["check", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "\\x1b" in err
+
+
+@pytest.mark.parametrize("command", ["bench", "train", "sweep"])
+def test_run_commands_refuse_a_graph_too_large_to_build(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    f = tmp_path / "huge.d2"
+    f.write_text("graph huge {\n  input x [64]\n  output y\n  node A = fc(1000000000)\n  x -> A -> y\n"
+                 "  train {\n    data = digits\n    stage all = supervised(epochs=1)\n  }\n}\n")
+    assert main([command, str(f)]) == 2
+    err = capsys.readouterr().err
+    assert "[E926]" in err and "65,000,000,000 parameters (242 GiB in float32)" in err
+    assert "internal error" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["huge.d2"]  # no run or sweep folder

@@ -2,6 +2,7 @@
 costs that agree with real torch modules, and robustness against arbitrary edits."""
 
 import dataclasses
+import importlib
 import random
 import re
 
@@ -178,3 +179,202 @@ def test_every_layer_has_a_documented_schema():
     for name in LAYERS.names():
         spec = LAYERS.get(name)
         assert spec.schema.doc, name
+
+
+# --- limits (issue 15): diagnostics, never an exception or unbounded work ---------------------
+
+
+def _nested(depth: int, where: str) -> str:
+    """A graph whose brackets nest `depth` deep (the graph's `{`, a call's `(`, then a list)
+    in a `let` value or in a layer argument."""
+    if where == "let":
+        value = "[" * (depth - 1) + "1" + "]" * (depth - 1)
+        return f"graph g {{\n  let deep = {value}\n  input x [4]\n  output y\n  x -> y\n}}\n"
+    value = "[" * (depth - 2) + "1" + "]" * (depth - 2)
+    return f"graph g {{\n  input x [4]\n  output y\n  node A = fc(4, bias={value})\n  x -> A -> y\n}}\n"
+
+
+@pytest.mark.parametrize("where", ["let", "argument"])
+def test_nesting_at_the_limit_passes_every_stage(where):
+    from d2graph.syntax import MAX_NESTING
+
+    text = _nested(MAX_NESTING, where)  # the deepest a file may nest
+    graph, diags = d2graph.check(text)
+    assert [d.code for d in diags] == ([] if where == "let" else ["E805"])  # a list is no `bias`
+    "\n".join(d.render() for d in diags)
+    formatted = d2graph.format(text)  # re-parses and compares the ASTs: recursion on both
+    assert parse(formatted) == parse(text)
+    if graph is not None:
+        graph.lint()
+        str(graph)
+
+
+@pytest.mark.parametrize("where", ["let", "argument"])
+@pytest.mark.parametrize("depth", [65, 500, 5000])
+def test_nesting_too_deep_is_a_diagnostic_before_anything_recursive(where, depth):
+    text = _nested(depth, where)
+    graph, diags = d2graph.check(text)
+    assert graph is None and [d.code for d in diags] == ["E007"]
+    (d,) = diags
+    assert d.span.line in (2, 4) and text[d.span.start] == "[" and "64" in d.message
+    with pytest.raises(D2GraphError) as info:
+        d2graph.format(text)
+    assert info.value.diagnostics[0].code == "E007"
+
+
+def test_brackets_in_strings_and_comments_do_not_count():
+    deep = "[" * 200
+    text = f'graph g {{  # {deep}\n  input x [4]\n  output y\n  node A = fc(4), module("{deep}")\n  x -> A -> y\n}}\n'
+    assert [d.code for d in d2graph.check(text)[1]] == ["E809"]
+
+
+def test_a_text_over_the_size_limit_is_a_diagnostic(tmp_path):
+    from d2graph.syntax import MAX_SOURCE_CHARS
+
+    text = "graph g { input x [4] output y x -> y }\n" + "#" * MAX_SOURCE_CHARS
+    graph, diags = d2graph.check(text, "big.d2")
+    assert graph is None and [d.code for d in diags] == ["E011"]
+    assert diags[0].span is not None and f"{MAX_SOURCE_CHARS:,}" in diags[0].render()
+    path = tmp_path / "big.d2"
+    path.write_text(text)
+    with pytest.raises(D2GraphError) as info:
+        d2graph.load(path)
+    assert [d.code for d in info.value.diagnostics] == ["E011"] and str(path) in info.value.diagnostics[0].message
+
+
+def test_a_lone_carriage_return_is_a_line_break_through_the_api_and_files(tmp_path):
+    # `# note\rnode A = ...`: a comment, then a declaration on the next line, both ways.
+    text = "graph g {\r  input x [4]\r  output y # note\r  node A = fc(4)\r\n  x -> A -> y\r}\r"
+    path = tmp_path / "cr.d2"
+    path.write_bytes(text.encode())
+    graph, diags = d2graph.check(text, "cr.d2")
+    assert diags == [] and "A" in graph
+    assert d2graph.load(path) == graph
+    broken = text.replace("fc(4)", "fc(4, nope=1)")
+    path.write_bytes(broken.encode())
+    _, api = d2graph.check(broken, str(path))
+    with pytest.raises(D2GraphError) as info:
+        d2graph.load(path)
+    assert [(d.code, d.span.line, d.span.column) for d in api] == \
+        [(d.code, d.span.line, d.span.column) for d in info.value.diagnostics] == [("E804", 4, 18)]
+    assert d2graph.format(text) == d2graph.format(text.replace("\r\n", "\n").replace("\r", "\n"))
+
+
+def test_control_characters_in_a_source_line_are_escaped_in_the_excerpt():
+    text = 'graph g {\n  input x [4]\n  output y\n  node A = module("\x1b[2J\x1b]0;owned\x07"), fc(4, nope=1)\n  x -> A -> y\n}\n'
+    _, diags = d2graph.check(text)
+    shown = "\n".join(d.render() for d in diags)
+    assert not any(ch in shown for ch in "\x1b\x07\r"), repr(shown)
+    assert "\\x1b[2J" in shown
+    (e804,) = [d for d in diags if d.code == "E804"]
+    lines = e804.render().splitlines()
+    row = next(i for i, ln in enumerate(lines) if ln.startswith("4 |"))
+    assert lines[row][lines[row + 1].index("^"):].startswith("nope")
+
+
+def _independent_controls(n: int) -> str:
+    """`n` control nodes, each switching one head of a `select` output that a first head
+    always feeds: total, with 2^n combinations of actions."""
+    lines = ["graph many {", "  input x [4]", "  output y [merge=select]", "  node A = fc(4)", "  x -> A"]
+    for i in range(n):
+        lines += [f"  control Q{i} = fc(2)", f"  x -> Q{i}", f"  Q{i} => N{i} | skip", f"  node N{i} = fc(4)",
+                  f"  x -> N{i}"]
+    lines += ["  " + ", ".join(["A"] + [f"N{i}" for i in range(n)]) + " -> y", "}"]
+    return "\n".join(lines)
+
+
+def test_totality_is_bounded_by_work_and_says_when_it_is_partial():
+    import time
+
+    text = _independent_controls(200)
+    started = time.perf_counter()
+    graph, diags = d2graph.check(text)
+    elapsed = time.perf_counter() - started
+    assert graph is not None and [d.code for d in diags] == ["W701"]
+    assert "action combinations only" in diags[0].message
+    assert elapsed < 20, f"checking took {elapsed:.1f} s"  # was ~40 s before the bound
+
+
+def test_totality_search_does_not_recurse_per_control_node(monkeypatch):
+    check_module = importlib.import_module("d2graph.check")
+    monkeypatch.setattr(check_module, "TOTALITY_STEPS", 50_000)
+    # 1,200 control nodes that all switch one head: a search 1,200 decisions deep, more
+    # than Python's recursion limit (the layer limit leaves no room for a head each)
+    lines = ["graph many {", "  input x [4]", "  output y [merge=select]", "  node A = fc(4)", "  node N = fc(4)",
+             "  x -> A, N", "  A, N -> y"]
+    for i in range(1200):
+        lines += [f"  control Q{i} = fc(2)", f"  x -> Q{i}", f"  Q{i} => N | skip"]
+    graph, diags = d2graph.check("\n".join(lines + ["}"]))
+    assert graph is not None and [d.code for d in diags] == ["W701"]
+
+
+@pytest.mark.parametrize("target, args", [
+    ("os:system", '"touch {marker}"'),
+    ("builtins:exec", '"open(\'{marker}\', \'w\').close()"'),
+    ("subprocess:getoutput", '"touch {marker}"'),
+    ("pathlib:Path.touch", '"{marker}"'),
+    ("shutil:rmtree", '"{folder}"'),
+    ("torch.nn:functional.relu", '1'),
+    ("collections:OrderedDict", '1'),
+])
+def test_allow_imports_constructs_only_torch_module_classes(target, args, tmp_path):
+    folder = tmp_path / "keep"
+    folder.mkdir()
+    marker = tmp_path / "called"
+    call = f'module("{target}", {args.format(marker=marker, folder=folder)})'
+    text = f"graph g {{ input x [4] output y node A = {call} x -> A -> y }}"
+    graph, diags = d2graph.check(text, allow_imports=True)
+    assert graph is None and [d.code for d in diags] == ["E604"]
+    assert "not a torch module class" in diags[0].message
+    assert not marker.exists() and folder.is_dir()  # nothing was called
+
+
+def test_a_graph_too_large_to_build_checks_with_a_warning_and_is_refused_by_compile():
+    from d2graph.executor import compile
+
+    text = "graph g { input x [4] output y node A = fc(1000000000) x -> A -> y }"
+    graph, diags = d2graph.check(text)
+    assert [d.code for d in diags] == ["W604"] and "5,000,000,000 parameters" in diags[0].message
+    assert graph.params == graph["A"].params == 5_000_000_000
+    with pytest.raises(D2GraphError) as info:
+        compile(graph)
+    (d,) = info.value.diagnostics
+    assert d.code == "E926" and "5,000,000,000 parameters (18.6 GiB in float32)" in d.message
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=IDS)
+def test_parameter_counts_agree_with_real_modules(path):
+    from d2graph.executor import compile
+
+    graph = d2graph.load(path)
+    executor = compile(graph)
+    for node in graph.nodes:
+        if node.layers:
+            assert node.params == sum(p.numel() for p in executor.nodes[node.name].parameters()), node.name
+
+
+def test_expansion_and_edges_are_bounded():
+    import time
+
+    started = time.perf_counter()
+    blocks = "block b0(w) = nope(w)\n" + "".join(f"block b{i + 1}(w) = b{i}(w), b{i}(w), b{i}(w)\n" for i in range(20))
+    graph, diags = d2graph.check(blocks + "graph g { input x [4] output y node A = b20(4) x -> A -> y }")
+    assert graph is None and sorted({d.code for d in diags}) == ["E803", "E815"]
+    assert sum(d.code == "E803" for d in diags) == 1  # a mistake in a block body, once
+    names = ", ".join(["x"] * 400)
+    graph, diags = d2graph.check(f"graph g {{ input x [4] output y node A = fc(4) {names} -> {names.replace('x', 'A')} A -> y }}")
+    assert graph is None and "E815" in [d.code for d in diags]
+    assert time.perf_counter() - started < 20
+
+
+def test_a_wide_select_merge_checks_in_linear_time():
+    # W703 for each of 1,199 shadowed inputs once computed min() per list element: cubic, ~25 s.
+    import time
+
+    n = 1200
+    text = ("graph g {\n  input x [4]\n  output y [merge=select]\n"
+            + "".join(f"  node N{i} = relu\n  x -> N{i} -> y\n" for i in range(n)) + "}\n")
+    started = time.perf_counter()
+    graph, diags = d2graph.check(text)
+    assert graph is not None and [d.code for d in diags] == ["W703"] * (n - 1)
+    assert time.perf_counter() - started < 12

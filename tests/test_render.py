@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from d2graph import check
 from d2graph.check import load
 from d2graph.diagnostics import D2GraphError
 from d2graph.render import WRAP, RenderError, render, to_dot
@@ -356,3 +357,25 @@ def test_render_error_codes_are_documented():
     doc = importlib.import_module("d2graph.render").__doc__
     for code in ("E030", "E031", "E032"):
         assert code in doc
+
+
+_SHAPE = ", ".join(["1"] * 6000)
+_LONG = "N" * 20000
+
+
+@pytest.mark.parametrize("text", [
+    f"graph g {{ input x [{_SHAPE}] output y x -> y }}",
+    f"graph {_LONG} {{ input x [4] output y node {_LONG} = fc(2) control Q{_LONG} = fc(2) "
+    f"Q{_LONG} => {_LONG} | skip x -> Q{_LONG} x -> {_LONG} -> y [default=0] }}",
+    "graph g { input x [4] output y node A = " + ", ".join(["relu"] * 1900) + " x -> A -> y }",
+    f"graph g {{ input x [4] output y dummy D = const(0, shape=[{_SHAPE}]), fc(4) x -> y D -> y }}",
+], ids=["6000-dim shape", "20000-char names", "1900 layers", "long layer"])
+def test_graphs_that_check_also_draw(text, tmp_path):
+    graph, diags = check(text)
+    assert graph is not None, diags
+    source = to_dot(graph)
+    assert max(len(line) for line in source.splitlines()) < 4000  # Graphviz's limit is 16,384
+    if shutil.which("dot") is None:
+        pytest.skip("Graphviz's dot is not installed")
+    out = render(graph, tmp_path / "g.svg")
+    ET.parse(out)
