@@ -12,11 +12,13 @@ policy stops exactly the flagged examples; with α = 0 nothing pays for stopping
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 import d2graph
 from d2graph.diagnostics import D2GraphError
@@ -106,6 +108,27 @@ def test_the_policy_stops_exactly_the_examples_the_cheap_exit_answers(graph, bac
     print(f"agreement {agreement:.3f}, accuracy {report.accuracy:.3f}, cost {report.cost_fraction:.3f}")
     assert agreement >= 0.9
     assert report.accuracy >= 0.85  # both halves are answered by the classifier that knows them
+
+
+def test_with_held_out_examples_the_rewards_come_from_them(graph, backbone):
+    # Held out: the training examples with the unflagged ones' labels shuffled, so B, which
+    # alone answers those, is no better than A on them. Rewarded there, running B never
+    # pays and the policy stops every example, where rewarded on the training split it runs
+    # B on the unflagged half (the test above).
+    base, weights = backbone
+    base.executor.load_state_dict(weights)
+    x, y = base.data.train.tensors
+    unflagged = torch.nonzero(x[:, 0] < 0).squeeze(1)
+    shuffled = y.clone()
+    shuffled[unflagged] = y[unflagged[torch.randperm(len(unflagged), generator=torch.Generator().manual_seed(0))]]
+    held = Trained(base.executor, base.policy,
+                   dataclasses.replace(base.data, holdout=TensorDataset(x, shuffled)), base.config, None)
+    config = resolve(graph)
+    config.stages = [{"name": "policy", "trainer": "reinforce", "params": {"epochs": 4, "alpha": 0.5}}]
+    trained = train(graph, config, None, quiet=True, echo=None, evaluate=False, start=held)
+    stop = per_example(trained.executor, trained.data.val, trained.policy)["action.Q"] == 0
+    print(f"share of validation examples stopped at A: {stop.mean():.3f}")
+    assert stop.mean() >= 0.85  # rewarded on the training split: about half (the flagged ones)
 
 
 def test_a_dearer_computation_never_buys_more_of_it(graph, backbone):

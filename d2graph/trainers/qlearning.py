@@ -90,7 +90,7 @@ from ..policies import LearnedPolicy, evaluating
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
 from .supervised import function_parameters
-from .toolkit import every_control
+from .toolkit import every_control, held_out_batch
 
 __all__ = ["FULL_BACKUP_PATHS", "QLearningTrainer", "bag_reward", "control_parameters", "epsilon_at",
            "full_targets", "minibag_size"]
@@ -296,7 +296,7 @@ class QLearningTrainer(Trainer):
                 epsilon = epsilon_at(epoch * steps_per_epoch + stage.steps_done, steps_per_epoch,
                                      p["epsilon_start"], p["epsilon_end"], p["epsilon_decay"])
                 if held is not None and epoch_data is data.train:
-                    xq, yq = self._held_batch(held, stage, len(y))
+                    xq, yq = held_out_batch(held, stage, len(y))
                 else:
                     xq, yq = x, y
                 r = executor(xq, mode="explore", epsilon=epsilon, generator=stage.generator("explore"))
@@ -328,16 +328,6 @@ class QLearningTrainer(Trainer):
                             val_cost_fraction=round(report.cost_fraction, 6),
                             train_reward=round(total / bags, 6) if bags else None,
                             epsilon=round(epsilon, 6))
-
-    @staticmethod
-    def _held_batch(held, stage, size: int) -> tuple[Tensor, Tensor]:
-        """`size` held-out examples (all when fewer) for the current step to learn its
-        rewards on, drawn without replacement from the step's own generator, so a resumed
-        epoch draws what the uninterrupted one would have."""
-        x_all, y_all = held.tensors
-        g = stage.generator("holdout")
-        idx = torch.randperm(len(y_all), generator=g, device=g.device)[:size].cpu()
-        return x_all[idx].to(stage.device), y_all[idx].to(stage.device)
 
     def _full_loss(self, executor, x, y, r, controls: list[str], lam: float) -> Tensor:
         """Σ over control nodes of the mean squared error between every action's Q-value and

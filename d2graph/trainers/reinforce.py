@@ -52,6 +52,10 @@ every example: one mode "all" pass
 gives them (as for `ThresholdPolicy`, the reported cost is that of the forced pass that follows).
 
 Guarantees:
+  - With held-out examples (`data.holdout`, when the train block sets `holdout`), the policy's
+    rewards and gradient come from as many held-out examples as each training batch holds,
+    and the classifiers' cross-entropy from the training batch; with `freeze=true` an epoch
+    is a pass over the held-out examples.
   - Deterministic: the examples' order, the sampled actions (`stage.generator("sample")`) and
     every update depend only on (seed, stage, epoch, step); α and the baselines live in
     `stage.extra`, so an interrupted run resumes to the same weights.
@@ -79,7 +83,8 @@ from .base import Trainer, register, trainer_error
 # The table of what every static path costs and predicts on validation, so that bisecting δ
 # needs no forward pass.
 from .toolkit import (
-    batches, budget_param, calibrate, check_budget, evaluating, every_control, path_table, search_under_budget,
+    batches, budget_param, calibrate, check_budget, evaluating, every_control, held_out_batch, path_table,
+    search_under_budget,
 )
 
 __all__ = ["BASELINES", "EXACT_PATHS", "OffsetPolicy", "ReinforceTrainer", "expected_reward"]
@@ -248,6 +253,11 @@ class ReinforceTrainer(Trainer):
         frozen = [w for w in function_params if w.requires_grad] if freeze else []
         for w in frozen:  # no gradient is needed through the classifiers' weights
             w.requires_grad_(False)
+        # With held-out examples (`data.holdout`) the policy learns its rewards on them and the
+        # classifiers their cross-entropy on the others; frozen classifiers need only the former.
+        held = data.holdout if getattr(data, "holdout", None) is not None and len(data.holdout) else None
+        epoch_data = held if held is not None and freeze else data.train
+        pair = held is not None and epoch_data is data.train
         try:
             for epoch in stage.epochs(p["epochs"]):
                 executor.train()
@@ -259,8 +269,9 @@ class ReinforceTrainer(Trainer):
                 if extra.get("totals", {}).get("epoch") != epoch:
                     extra["totals"] = {"epoch": epoch, "sums": [0.0, 0.0, 0]}
                 totals = extra["totals"]["sums"]
-                for x, y in stage.batches(data.train, epoch):
-                    reward, cost = self._step(executor, x, y, stage, optimizer, controls, output, values)
+                for x, y in stage.batches(epoch_data, epoch):
+                    xq, yq = held_out_batch(held, stage, len(y)) if pair else (x, y)
+                    reward, cost = self._step(executor, x, y, xq, yq, stage, optimizer, controls, output, values)
                     totals[0] += float(reward.sum())
                     totals[1] += float(cost.sum())
                     totals[2] += len(y)
@@ -279,14 +290,16 @@ class ReinforceTrainer(Trainer):
             return self._calibrate(executor, data, stage)
         return LearnedPolicy()
 
-    def _step(self, executor: Executor, x: Tensor, y: Tensor, stage, optimizer, controls: list[str],
-              output: str, values: torch.nn.Parameter | None) -> tuple[Tensor, Tensor]:
-        """One REINFORCE step; returns the batch's rewards and cost fractions (detached)."""
+    def _step(self, executor: Executor, x: Tensor, y: Tensor, xq: Tensor, yq: Tensor, stage, optimizer,
+              controls: list[str], output: str, values: torch.nn.Parameter | None) -> tuple[Tensor, Tensor]:
+        """One REINFORCE step: the classifiers learn on (x, y), the policy on (xq, yq) — the same
+        batch, or held-out examples; returns the policy batch's rewards and cost fractions (detached)."""
         p, extra = self.params, stage.extra
         alpha = extra["alpha"]
-        r = executor(x, mode="sample", generator=stage.generator("sample"))
+        learn = executor(x, mode="sample", generator=stage.generator("sample"))
+        r = learn if xq is x else executor(xq, mode="sample", generator=stage.generator("sample", "holdout"))
         # Read everything the loss needs before backward (Result builds these lazily).
-        ce = F.cross_entropy(r.outputs[output].float(), y, reduction="none")
+        ce = F.cross_entropy(r.outputs[output].float(), yq, reduction="none")
         cost = r.cost_fraction.to(ce.dtype)
         reward = (-ce - alpha * cost).detach()
         log_probs = torch.stack([r.log_probs[q] for q in controls], 1)  # [B, Q], 0 where q did not act
@@ -294,7 +307,7 @@ class ReinforceTrainer(Trainer):
         loss = ce.new_zeros(())
         if self.paths is not None:
             # The exact gradient of the expected reward: no sampling noise, no baseline needed.
-            loss = loss - expected_reward(executor, x, y, self.paths, controls, output, alpha).mean()
+            loss = loss - expected_reward(executor, xq, yq, self.paths, controls, output, alpha).mean()
         elif values is not None:
             if not extra["values_started"]:  # start each b_q at its examples' mean reward
                 with torch.no_grad():
@@ -315,8 +328,8 @@ class ReinforceTrainer(Trainer):
             entropy = sum((-(F.softmax(scores[q].float(), 1) * F.log_softmax(scores[q].float(), 1)).sum(1)
                            * acted[:, i]) for i, q in enumerate(controls))
             loss = loss - p["entropy"] * entropy.mean()
-        if not p["freeze"]:
-            loss = loss + ce.mean()  # the classifiers learn from the routed output (joint training)
+        if not p["freeze"]:  # the classifiers learn from the routed output (joint training)
+            loss = loss + (ce if learn is r else F.cross_entropy(learn.outputs[output].float(), y)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -54,7 +54,7 @@ from ..policies import evaluating
 from ..schema import Param, trainer_error
 
 __all__ = ["BUDGET_NONE", "PathTable", "batches", "budget_param", "calibrate", "check_budget", "drop_param",
-           "evaluating", "every_control", "path_table", "search_under_budget", "validate_budget"]
+           "evaluating", "every_control", "held_out_batch", "path_table", "search_under_budget", "validate_budget"]
 
 # The word that turns a trainer's budget off where the trainer can run without one (`reinforce`).
 BUDGET_NONE = "none"
@@ -231,6 +231,17 @@ def batches(dataset, batch: int) -> Iterator[tuple[Tensor, Tensor]]:
     x, y = dataset.tensors[0], dataset.tensors[1]
     for start in range(0, len(y), batch):
         yield x[start:start + batch], y[start:start + batch]
+
+
+def held_out_batch(held, stage, size: int) -> tuple[Tensor, Tensor]:
+    """`size` examples of `held` (a TensorDataset; all of them when fewer) for the current step
+    of `stage`, drawn without replacement from the step's own generator, so a resumed epoch
+    draws what the uninterrupted one would have. Policy trainers pair each batch of the
+    training examples with these when the run holds examples out (`data.holdout`)."""
+    x_all, y_all = held.tensors
+    g = stage.generator("holdout")
+    idx = torch.randperm(len(y_all), generator=g, device=g.device)[:size].cpu()
+    return x_all[idx].to(stage.device), y_all[idx].to(stage.device)
 
 
 def every_control(graph, actions: Mapping[str, int | Tensor], n: int) -> dict[str, Tensor]:
