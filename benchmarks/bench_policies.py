@@ -10,7 +10,8 @@ validation and reported on test. The methods are the built-in policy trainers:
   0.5);
 - the joint trainers, which have no budget, at a small grid of their cost parameter:
   `qlearning` λ ∈ {0.3, 0.5, 0.7, 0.9} and `reinforce` α ∈ {0.1, 0.5, 1, 2}. When the file's own
-  policy stage is one of them, its parameter is swept with `--param` (the budgeted methods
+  policy stage is one of them, its parameter is swept with `--param` over the grid and the
+  file's own value (the budgeted methods
   are then also calibrated to the validation costs it reached, rows marked "at ..."); the
   other joint trainer is fitted as a method spec with a grid (`reinforce:alpha=0.1/0.5/1/2`).
 
@@ -73,7 +74,9 @@ def plan(graph, *, quick: bool) -> tuple[list[str], str | None, list[str]]:
     param = None
     for trainer, (key, values) in GRIDS.items():
         if own is not None and own["trainer"] == trainer:
-            param = f"stage.{own['name']}.{key}=" + ",".join(map(str, values))
+            shipped = own["params"].get(key)  # the file's own value is always among the points
+            grid = sorted({*values, shipped}) if isinstance(shipped, (int, float)) else values
+            param = f"stage.{own['name']}.{key}=" + ",".join(map(str, grid))
             if quick:
                 overrides.append(f"stage.{own['name']}.epochs={QUICK_EPOCHS[trainer]}")
         else:

@@ -51,3 +51,5 @@ def test_the_plan_sweeps_the_files_own_joint_trainer():
     assert "qlearning:lambda=0.3/0.5/0.7/0.9" in methods and not any(m.startswith("reinforce") for m in methods)
     methods, param, _ = bench.plan(d2graph.load(ROOT / "examples" / "early_exit.d2"), quick=False)
     assert param is None and "reinforce:budget=none:alpha=0.1/0.5/1/2" in methods
+    _, param, _ = bench.plan(d2graph.load(ROOT / "examples" / "high_low.d2"), quick=False)
+    assert param == "stage.policy.lambda=0.3,0.5,0.7,0.75,0.9"  # the file's own λ = 0.75 among the grid
