@@ -997,6 +997,8 @@ def _train(graph: Graph, config: Config, run: Run | None, *, resume: bool, root,
     trainers = make_trainers(config, graph)
     splits = start.data if start is not None else load_data(config, graph, root)
     session = _Session(config, run, device, quiet, echo)
+    if splits.holdout is not None and start is None:  # say that the function nodes see fewer examples
+        session.echo(f"data: {splits.describe()}; the held-out ones only teach the policy stages (`holdout`)")
     if start is not None:
         executor, session.policy = start.executor, start.policy
     else:
