@@ -28,7 +28,8 @@ import networkx as nx
 from . import ast
 from .cost import measure
 from .diagnostics import D2GraphError, Diagnostic, Note, Span, did_you_mean
-from .ir import MAX_PARAMS, ControlEdge, DataEdge, Graph, Layer, Node, TrainConfig, TrainStage, describe_params
+from .ir import (MAX_PARAMS, ControlEdge, DataEdge, Graph, Layer, Node, TrainConfig, TrainStage, describe_params,
+                 edges_by_node)
 from .layers import LAYERS, LayerError
 from .schema import DATASETS, TRAINERS, TRAIN_SETTINGS, Param, Schema, Symbol, format_value
 from .syntax import parse, read_source
@@ -883,14 +884,7 @@ class _Checker:
     def build(self, g: ast.GraphDecl, train: TrainConfig | None) -> Graph:
         position = {name: i for i, name in enumerate(self.decls)}  # ties keep the file's order
         order = list(nx.lexicographical_topological_sort(self.dag, key=position.__getitem__))
-        inputs: dict[str, list[DataEdge]] = {}  # grouped once: a per-node scan would be quadratic
-        controllers: dict[str, list[ControlEdge]] = {}
-        actions: dict[str, list[str | None]] = {}
-        for e in self.data_edges:
-            inputs.setdefault(e.target, []).append(e)
-        for c in self.control_edges:
-            controllers.setdefault(c.target, []).append(c)
-            actions.setdefault(c.source, []).append(c.target)
+        inputs, controllers, actions = edges_by_node(self.data_edges, self.control_edges)
         nodes = []
         for name in order:
             d = self.decls[name]

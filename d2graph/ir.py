@@ -243,14 +243,7 @@ class Graph:
                 problems.append(f"{c.source} emits control but is a {kind[c.source]} node")
             if c.target is not None and position[c.source] >= position[c.target]:
                 problems.append(f"nodes are not in topological order at {c.source} => {c.target}")
-        inputs: dict[str, list[DataEdge]] = {}  # grouped once: a per-node scan would be quadratic
-        controllers: dict[str, list[ControlEdge]] = {}
-        actions: dict[str, list[str | None]] = {}
-        for e in self.data_edges:
-            inputs.setdefault(e.target, []).append(e)
-        for c in self.control_edges:
-            controllers.setdefault(c.target, []).append(c)
-            actions.setdefault(c.source, []).append(c.target)
+        inputs, controllers, actions = edges_by_node(self.data_edges, self.control_edges)
         for n in self.nodes:
             if n.kind not in KINDS:
                 problems.append(f"{n.name} has an unknown kind {n.kind!r}")
@@ -278,6 +271,21 @@ class Graph:
                 problems.append(f"{n.name}'s last layer shape disagrees with the node's shape")
         if problems:
             raise ValueError("IR invariants violated:\n- " + "\n- ".join(problems))
+
+
+def edges_by_node(data_edges, control_edges) -> tuple[dict[str, list[DataEdge]], dict[str, list[ControlEdge]],
+                                                     dict[str, list[str | None]]]:
+    """The edges grouped once (a per-node scan would be quadratic): each node's incoming data
+    edges, each node's incoming control edges, and each control node's action targets in order."""
+    inputs: dict[str, list[DataEdge]] = {}
+    controllers: dict[str, list[ControlEdge]] = {}
+    actions: dict[str, list[str | None]] = {}
+    for e in data_edges:
+        inputs.setdefault(e.target, []).append(e)
+    for c in control_edges:
+        controllers.setdefault(c.target, []).append(c)
+        actions.setdefault(c.source, []).append(c.target)
+    return inputs, controllers, actions
 
 
 def _call_text(name: str, args: tuple[tuple[str, Any], ...]) -> str:
