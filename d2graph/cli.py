@@ -326,6 +326,7 @@ def cmd_train(args) -> int:
         if args.print_config:
             print(config.text(), end="")
             return EXIT_OK
+        config.data_root = str(source.resolve().parent)
         run = Run.create(graph, read_source(args.file), config, args.out)
         if run.restarted:
             print(f"note: {run.folder} held a run that stopped before its first checkpoint; starting it again there",
@@ -335,7 +336,8 @@ def cmd_train(args) -> int:
     if echo:
         echo(f"run folder: {run.folder}")
     try:
-        trained = train(graph, config, run, resume=bool(args.resume), root=Path(source).resolve().parent,
+        root = Path(config.data_root) if config.data_root else Path(source).resolve().parent
+        trained = train(graph, config, run, resume=bool(args.resume), root=root,
                         quiet=args.quiet, echo=echo)
     except Interrupted:
         print(f"interrupted: the last checkpoint is in {run.folder / 'last.pt'}; continue with "
@@ -454,7 +456,8 @@ def _load_run(folder, checkpoint: str) -> dict:
     other = {"last": "best", "best": "last"}.get(checkpoint)
     intact = other is not None and (run.folder / f"{other}.pt").is_file()
     help = f"try the run's other checkpoint: `--checkpoint {other}`" if intact else None
-    return _restore(load(run.source), run.config, run.source.resolve().parent, path, help=help)
+    root = Path(run.config.data_root) if run.config.data_root else run.source.resolve().parent
+    return _restore(load(run.source), run.config, root, path, help=help)
 
 
 def _restore(graph, config, root: Path, path: Path, help: str | None = None) -> dict:

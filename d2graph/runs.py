@@ -147,9 +147,13 @@ class Config:
     data: dict[str, Any]  # {"name": ..., "args": {...}}
     settings: dict[str, Any]
     stages: list[dict[str, Any]]  # [{"name", "trainer", "params": {...}}]
+    # The folder relative data paths (`npz("data.npz")`) are read from: the .d2 file's, kept so
+    # that `eval` and `--resume`, which read the source copy in the run folder, find the data.
+    data_root: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"graph": self.graph, "data": self.data, "settings": self.settings, "stages": self.stages}
+        out = {"graph": self.graph, "data": self.data, "settings": self.settings, "stages": self.stages}
+        return out if self.data_root is None else {**out, "data_root": self.data_root}
 
     @classmethod
     def from_json(cls, d: Any, where: str = "config.json") -> Config:
@@ -234,12 +238,15 @@ def validate_config(raw: Any, where: str) -> Config:
             continue
         checked.append({"name": stage["name"], "trainer": trainer,
                         "params": bound(TRAINERS.get(trainer).schema, stage["params"], f"stages[{i}].params")})
+    data_root = raw.get("data_root")
+    if data_root is not None and not isinstance(data_root, str):
+        problems.append(f"`data_root` must be a folder's path, not {json.dumps(data_root)}")
     if problems:
         help = ("config.json is written by `d2graph train`: undo the edit, or start a new run with the change as "
                 "`--set KEY=VALUE` (another --out)")
         raise D2GraphError([Diagnostic("E922", f"{where}: {problem}", None, "", help=help if i == len(problems) - 1
                                        else "") for i, problem in enumerate(problems)])
-    return Config(graph, data, resolved, checked)
+    return Config(graph, data, resolved, checked, data_root)
 
 
 def resolve(graph: Graph, overrides: list[str] | tuple[str, ...] = ()) -> Config:

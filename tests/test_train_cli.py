@@ -341,3 +341,25 @@ def test_a_diverging_run_exits_2_with_a_diagnostic_and_no_nan_in_its_metrics(tmp
     assert not (out / "last.pt").exists() and not (out / ".d2graph.lock").exists()
     for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []:
         json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+
+
+def test_a_run_on_a_relative_npz_path_evaluates_from_anywhere(tmp_path, capsys, monkeypatch):
+    # The .d2 file names its data relative to itself; `eval` and `--resume` read the source
+    # copy inside the run folder, so the run keeps the folder the data was read from.
+    import numpy as np
+
+    project = tmp_path / "project"
+    project.mkdir()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    np.savez(project / "data.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    (project / "g.d2").write_text('graph g {\n  input x [8]\n  output y\n  node a = fc(2)\n  x -> a -> y\n'
+                                  '  train {\n    data = npz(path="data.npz")\n'
+                                  '    stage backbone = supervised(epochs=1)\n  }\n}\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", str(project / "g.d2"), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_root"] == str(project.resolve())
+    capsys.readouterr()
