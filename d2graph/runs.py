@@ -74,11 +74,9 @@ from .schema import DATASETS, TRAIN_SETTINGS, TRAINERS, Symbol
 from .paths import path_costs
 from .policies import LearnedPolicy, Policy, StaticPolicy, load_policy, save_policy
 
-__all__ = ["SWEEP_FILE", "Config", "Interrupted", "Run", "Stage", "Trained", "config_error", "derive_seed",
-           "describe_best", "holdout_fraction", "refuse_sweep", "resolve", "sweep_folder", "train"]
 __all__ = ["LOCK_FILE", "SWEEP_FILE", "Config", "Interrupted", "Run", "RunLock", "Stage", "Trained",
-           "check_fingerprint", "config_error", "derive_seed", "describe_best", "graph_fingerprint", "refuse_sweep",
-           "resolve", "sweep_folder", "train", "validate_config"]
+           "check_fingerprint", "config_error", "derive_seed", "describe_best", "graph_fingerprint", "holdout_fraction",
+           "refuse_sweep", "resolve", "sweep_folder", "train", "validate_config"]
 
 CHECKPOINT_FORMAT = 1
 # Settings whose default changes what a run computes, with the value that reproduces a run

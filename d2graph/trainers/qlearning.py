@@ -90,7 +90,7 @@ from ..policies import LearnedPolicy, evaluating
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
 from .supervised import function_parameters
-from .toolkit import every_control, held_out_batch
+from .toolkit import every_control, held_out, held_out_batch
 
 __all__ = ["FULL_BACKUP_PATHS", "QLearningTrainer", "bag_reward", "control_parameters", "epsilon_at",
            "full_targets", "minibag_size"]
@@ -281,7 +281,7 @@ class QLearningTrainer(Trainer):
         lam, mix = float(p["lambda"]), float(p["mix"])
         output = executor.graph.outputs[0].name
         controls = [q.name for q in executor.graph.control_nodes]
-        held = data.holdout if data.holdout is not None and len(data.holdout) else None
+        held = held_out(data)
         # With held-out examples the rewards come from them and the cross-entropy from the
         # rest; an epoch is a pass over the examples the function nodes learn from (over the
         # held-out ones when nothing else learns).

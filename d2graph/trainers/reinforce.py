@@ -83,7 +83,7 @@ from .base import Trainer, register, trainer_error
 # The table of what every static path costs and predicts on validation, so that bisecting δ
 # needs no forward pass.
 from .toolkit import (
-    batches, budget_param, calibrate, check_budget, evaluating, every_control, held_out_batch, path_table,
+    batches, budget_param, calibrate, check_budget, evaluating, every_control, held_out, held_out_batch, path_table,
     search_under_budget,
 )
 
@@ -255,7 +255,7 @@ class ReinforceTrainer(Trainer):
             w.requires_grad_(False)
         # With held-out examples (`data.holdout`) the policy learns its rewards on them and the
         # classifiers their cross-entropy on the others; frozen classifiers need only the former.
-        held = data.holdout if getattr(data, "holdout", None) is not None and len(data.holdout) else None
+        held = held_out(data)
         epoch_data = held if held is not None and freeze else data.train
         pair = held is not None and epoch_data is data.train
         try:

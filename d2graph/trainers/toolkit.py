@@ -54,7 +54,7 @@ from ..policies import evaluating
 from ..schema import Param, trainer_error
 
 __all__ = ["BUDGET_NONE", "PathTable", "batches", "budget_param", "calibrate", "check_budget", "drop_param",
-           "evaluating", "every_control", "held_out_batch", "path_table", "search_under_budget", "validate_budget"]
+           "evaluating", "every_control", "held_out", "held_out_batch", "path_table", "search_under_budget", "validate_budget"]
 
 # The word that turns a trainer's budget off where the trainer can run without one (`reinforce`).
 BUDGET_NONE = "none"
@@ -231,6 +231,13 @@ def batches(dataset, batch: int) -> Iterator[tuple[Tensor, Tensor]]:
     x, y = dataset.tensors[0], dataset.tensors[1]
     for start in range(0, len(y), batch):
         yield x[start:start + batch], y[start:start + batch]
+
+
+def held_out(data):
+    """The run's held-out training examples (`data.holdout`, a TensorDataset), or None when it
+    holds none out."""
+    held = getattr(data, "holdout", None)
+    return held if held is not None and len(held) else None
 
 
 def held_out_batch(held, stage, size: int) -> tuple[Tensor, Tensor]:
