@@ -161,8 +161,8 @@ def current_head(graph: Graph, control: str, classes: int | None = None) -> str 
     """The classifier a control node can read when it decides, or None.
 
     1. Among the control node's own data inputs, the last one that is (or is computed
-       from) class scores: a head, or a node with `classes` outputs (`early_exit.d2`'s Q2
-       reads H1 and H2: H2 is current).
+       from) class scores: a head, or a function node with `classes` outputs, not an input
+       that happens to be as wide (`early_exit.d2`'s Q2 reads H1 and H2: H2 is current).
     2. Otherwise the head that runs on exactly the examples the control node runs on and
        does not depend on its decision, latest in the graph's order (`cascade.d2`: Q1
        reads features of N1; N2, the stage's classifier, is current)."""
@@ -170,7 +170,7 @@ def current_head(graph: Graph, control: str, classes: int | None = None) -> str 
     head_names = heads(graph)
     for edge in reversed(q.inputs):
         src = graph[edge.source]
-        if edge.source in head_names or (classes is not None and src.out_shape == (classes,)):
+        if edge.source in head_names or (classes is not None and src.kind == "node" and src.out_shape == (classes,)):
             return edge.source
     after_q = nx.descendants(graph.to_networkx(), control)
     paths = path_costs(graph)

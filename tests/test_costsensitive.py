@@ -7,7 +7,10 @@
   network: the learned policy (each multiclass reduction) beats `uniform` at the same budget;
 - the ANN network-selection example (a DAG: Q1 with 3 actions, Q2 below it) trains end to end;
 - the same inputs give the same weights, and the caller's random state is left alone;
-- a control node whose input depends on the route above it is flagged as approximate."""
+- a control node whose input depends on the route above it is flagged as approximate;
+- where what predicts the cheap exit's errors is its own confidence, which the control node's
+  linear scores cannot express, the head term (`heads=true`) learns it: at least as good as
+  the max-probability threshold, far better than the node alone (`heads=false`)."""
 
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ import d2graph
 from d2graph import runs
 from d2graph.diagnostics import D2GraphError
 from d2graph.evaluate import per_example
-from d2graph.trainers import LearnedPolicy
-from d2graph.trainers.costsensitive import CostSensitiveTrainer, _filter_tree, lambda_at
+from d2graph.policies import evaluating
+from d2graph.trainers import LearnedPolicy, load_policy, save_policy
+from d2graph.trainers.costsensitive import CostSensitivePolicy, CostSensitiveTrainer, _filter_tree, lambda_at
 
 from .conftest import ROOT
 
@@ -119,10 +123,11 @@ def policy_run(graph, backbone: runs.Trained, **params) -> runs.Trained:
 
 def test_the_cheap_exits_subset_and_only_it_stops(two_exit):
     graph, trained, budget = two_exit
-    assert isinstance(trained.policy, LearnedPolicy)
+    assert isinstance(trained.policy, CostSensitivePolicy)  # Q reads x; H1 is its current head
+    assert trained.policy.heads == {"Q": "H1"}
     assert trained.reports["val"].cost_fraction <= budget + 1e-9
     for split in ("val", "test"):
-        rows = per_example(trained.executor, trained.data[split])
+        rows = per_example(trained.executor, trained.data[split], trained.policy)
         stops = rows["action.Q"] == 0
         easy = subset(trained.data[split].tensors[0])
         assert np.mean(stops == easy) >= 0.9, split
@@ -143,7 +148,8 @@ def test_lambda_sets_the_trade_off_without_a_budget(two_exit):
     cheap = policy_run(graph, trained, budget="none", **{"lambda": 0})
     assert cheap.reports["val"].cost_fraction == pytest.approx(0.1)
     # λ = 2: an error costs more than the deep branch (0.9), so the subset stops and the rest continue.
-    rows = per_example(policy_run(graph, trained, budget="none", **{"lambda": 2}).executor, trained.data.test)
+    run = policy_run(graph, trained, budget="none", **{"lambda": 2})
+    rows = per_example(run.executor, trained.data.test, run.policy)
     assert np.mean((rows["action.Q"] == 0) == subset(trained.data.test.tensors[0])) >= 0.9
 
 
@@ -153,13 +159,18 @@ def test_the_same_inputs_give_the_same_policy(two_exit):
     for _ in range(2):
         executor, logs = copy.deepcopy(trained.executor), []
         before = torch.random.get_rng_state()
-        CostSensitiveTrainer(budget=0.5, loss="cross_entropy").fit(executor, trained.data, stage(logs))
+        policy = CostSensitiveTrainer(budget=0.5, loss="cross_entropy").fit(executor, trained.data, stage(logs))
         assert torch.equal(before, torch.random.get_rng_state())  # the caller's random stream is untouched
         (row,) = logs
         row.pop("seconds")
-        results.append((executor.nodes["Q"].state_dict(), row))
-    (a, row_a), (b, row_b) = results
-    assert row_a == row_b
+        results.append((executor.nodes["Q"].state_dict(), row, save_policy(policy)))
+    (a, row_a, policy_a), (b, row_b, policy_b) = results
+    assert row_a == row_b and policy_a == policy_b
+    # The policy is plain data and loads back into one that decides the same.
+    x = trained.data.val.tensors[0]
+    reloaded = load_policy(trained.executor.graph, policy_a)
+    with evaluating(executor):
+        assert torch.equal(reloaded.decide(executor, x)["Q"], policy.decide(executor, x)["Q"])
     assert all(torch.equal(a[k], b[k]) for k in a)
     # The cached tables predict what the executor does (no control input depends on the route).
     assert row_a["simulated_val_cost_fraction"] == pytest.approx(row_a["val_cost_fraction"], abs=1e-12)
@@ -219,7 +230,8 @@ def test_ann_network_selection_trains_end_to_end():
     graph, _ = d2graph.check(text)
     config = runs.resolve(graph, ["data.n=600", "stage.backbone.epochs=1", "batch=128"])
     trained = runs.train(graph, config, None, quiet=True, echo=None)
-    assert isinstance(trained.policy, LearnedPolicy)
+    assert isinstance(trained.policy, CostSensitivePolicy)
+    assert trained.policy.heads == {"Q1": "A", "Q2": "B"}  # the networks whose scores E1, E2 pass on
     assert trained.reports["val"].cost_fraction <= 0.5 + 1e-9
 
 
@@ -294,3 +306,33 @@ graph dep {{
     logs: list = []
     CostSensitiveTrainer(**{"lambda": 1.0}).fit(trained.executor, trained.data, stage(logs))
     assert logs[0]["approximate"] == "Q2"
+
+
+def test_the_head_term_learns_what_only_the_heads_confidence_shows(tmp_path):
+    """y = [u > 0] where |u| > 0.5, else [v > 0]. The cheap linear exit H1 learns (mostly) the
+    sign of u, so it is right where |u| is large and guesses where it is small: its errors are
+    predicted by its confidence, not by any line in (u, v), which is all Q's own fc can draw.
+    At the budget that the small-|u| examples cost, the head term finds them."""
+    rng = np.random.default_rng(3)
+    n = 4000
+    u, v = rng.normal(size=n), rng.normal(size=n)
+    y = np.where(np.abs(u) > 0.5, u > 0, v > 0).astype(np.int64)
+    np.savez(tmp_path / "inner.npz", x=np.stack([u, v], 1).astype(np.float32), y=y)
+    graph, diags = d2graph.check(TWO_EXIT.replace("PATH", str(tmp_path / "inner.npz")))
+    assert not diags
+    backbone = runs.train(graph, runs.resolve(graph), None, quiet=True, echo=None, stages=slice(0, 1))
+    u_val = backbone.data.val.tensors[0][:, 0].numpy()
+    budget = round(float(np.where(np.abs(u_val) > 0.5, 0.1, 1.0).mean()) + 0.02, 4)
+    runs_by = {name: policy_run(graph, backbone, budget=budget, **params)
+               for name, params in (("heads", {}), ("alone", {"heads": "false"}))}
+    config = runs.resolve(graph, [f"stage.policy.budget={budget}"])
+    config.stages[1].update(trainer="threshold", params={"measure": "maxprob", "budget": budget, "drop": -1})
+    start = runs.Trained(copy.deepcopy(backbone.executor), LearnedPolicy(), backbone.data, config, None)
+    threshold = runs.train(graph, config, None, quiet=True, echo=None, start=start, stages=slice(1, 2))
+    assert isinstance(runs_by["heads"].policy, CostSensitivePolicy)
+    assert isinstance(runs_by["alone"].policy, LearnedPolicy)
+    accuracy = {name: run.reports["test"].accuracy for name, run in {**runs_by, "threshold": threshold}.items()}
+    for run in (*runs_by.values(), threshold):
+        assert run.reports["val"].cost_fraction <= budget + 1e-9
+    assert accuracy["heads"] >= accuracy["threshold"] - 0.005, accuracy
+    assert accuracy["heads"] >= accuracy["alone"] + 0.05, accuracy

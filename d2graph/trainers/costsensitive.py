@@ -64,17 +64,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..executor import Executor
-from ..paths import action_order, parameter_count, static_paths
-from ..policies import LearnedPolicy, evaluating
+from ..executor import Executor, Result
+from ..paths import action_order, current_head, parameter_count, static_paths
+from ..policies import LearnedPolicy, Policy, evaluating, register_policy, run_policy
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
+from .baselines import confidence
 from .toolkit import PathTable, budget_param, calibrate, check_budget, search_under_budget
 
-__all__ = ["CostSensitiveTrainer", "LOSSES", "MULTICLASS", "lambda_at"]
+__all__ = ["CostSensitivePolicy", "CostSensitiveTrainer", "HEAD_FEATURES", "LOSSES", "MULTICLASS", "head_features",
+           "head_values", "lambda_at"]
 
 LOSSES = ("error", "cross_entropy")
 MULTICLASS = ("expected", "argmin", "filter_tree")
+# What the head term reads of a control node's current head: three ways of saying how sure it is.
+HEAD_FEATURES = ("maxprob", "entropy", "margin")
 
 LAMBDA_STEPS = 6  # bisection steps on λ (each one retrains every policy; the offset then meets the budget)
 OFFSET_STEPS = 40  # bisection steps on the final offset (a table lookup each)
@@ -114,6 +118,7 @@ class _SplitCache(PathTable):
         self.loss: list[np.ndarray] = []
         self.inputs: dict[str, Tensor] = {}
         self.approximate: set[str] = set()
+        self.heads: dict[str, Tensor] = {}  # control node → its head's features [N, 3] (`_head_table`)
         self._tables: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         cost = {n.name: n.cost for n in executor.graph.nodes}
         priced = sorted(((a, nodes, float(sum(cost[n] for n in nodes))) for a, nodes in paths),
@@ -167,6 +172,68 @@ class _SplitCache(PathTable):
         return fraction[path], loss[path, rows], correct[path, rows]
 
 
+def head_features(scores: Tensor) -> Tensor:
+    """How sure a head is, float64 [B, 3]: its max probability, 1 − normalised entropy and
+    margin (`HEAD_FEATURES`, each in [0, 1]), from its class scores [B, C].
+
+    Example:
+        >>> head_features(torch.tensor([[0.0, 0.0]])).tolist()
+        [[0.5, 0.0, 0.0]]
+    """
+    return torch.stack([confidence(scores, m) for m in HEAD_FEATURES], dim=1)
+
+
+def head_values(executor: Executor, x: Tensor, heads) -> tuple[Result, dict[str, Tensor]]:
+    """One pass of the whole graph (mode="all": every node on every example) and each head's
+    `head_features` on the batch, float64 CPU [B, 3], by head name."""
+    wanted = sorted(set(heads))
+    result = executor(x, mode="all", keep=wanted)
+    found = {}
+    for head in wanted:
+        index, scores = result.values[head]
+        feats = torch.zeros(result.batch_size, len(HEAD_FEATURES), dtype=torch.float64)
+        feats[index.cpu()] = head_features(scores).cpu()
+        found[head] = feats
+    return result, found
+
+
+@register_policy
+class CostSensitivePolicy(Policy):
+    """Each control node's own scores plus a linear term on its current head's confidence:
+    s_q(input) + W_q · features(head_q) + b_q, argmax. `costsensitive` learns both; the term
+    lets it express a confidence threshold when the node itself reads only features.
+
+    The heads' and control nodes' scores come from one mode="all" pass (every node on every
+    example), so deciding costs a full forward pass; the cost reported for the routing is that
+    of the forced pass that follows, as for `threshold` and `eenet`."""
+
+    kind = "costsensitive"
+
+    def __init__(self, heads: Mapping[str, str], weight: Mapping[str, list], bias: Mapping[str, list]):
+        self.heads = {str(q): str(h) for q, h in heads.items()}
+        self.weight = {q: torch.tensor(w, dtype=torch.float64) for q, w in weight.items()}
+        self.bias = {q: torch.tensor(b, dtype=torch.float64) for q, b in bias.items()}
+
+    def decide(self, executor, x, y=None, generator=None):
+        with torch.no_grad():
+            result, found = head_values(executor, x, self.heads.values())
+            actions = {}
+            for q in executor.graph.control_nodes:
+                s = result.scores[q.name].double().cpu()
+                if q.name in self.heads:
+                    s = s + found[self.heads[q.name]] @ self.weight[q.name].T + self.bias[q.name]
+                actions[q.name] = s.argmax(1)
+        return actions
+
+    def state(self) -> dict[str, Any]:
+        return {"heads": dict(self.heads), "weight": {q: w.tolist() for q, w in self.weight.items()},
+                "bias": {q: b.tolist() for q, b in self.bias.items()}}
+
+    def describe(self) -> str:
+        return ("the control nodes' scores plus a learned term on the confidence of "
+                + ", ".join(f"{h} (for {q})" for q, h in self.heads.items()))
+
+
 # --- learning one policy --------------------------------------------------------------------
 
 
@@ -212,6 +279,29 @@ def _last_bias(module: nn.Module, k: int) -> Tensor | None:
     return None
 
 
+class _Scorer(nn.Module):
+    """What `costsensitive` trains for one control node: the node's own pipeline on its input,
+    plus, where the node has a current head, `term` — a linear map of the head's features
+    (`head_features`), zero at the start, so that training begins from the node alone."""
+
+    def __init__(self, node: nn.Module, k: int, with_term: bool):
+        super().__init__()
+        self.node = node
+        # skip_init: no draw from the caller's random stream for weights that start at zero.
+        self.term = nn.utils.skip_init(nn.Linear, len(HEAD_FEATURES), k) if with_term else None
+        if self.term is not None:
+            nn.init.zeros_(self.term.weight)
+            nn.init.zeros_(self.term.bias)
+
+    def forward(self, x: Tensor, head: Tensor | None) -> Tensor:
+        scores = self.node(x).float()
+        return scores if self.term is None else scores + self.term(head)
+
+    def offset_bias(self, k: int) -> Tensor | None:
+        """The bias that the budget's offset moves: the term's, else the node's final `fc`'s."""
+        return self.term.bias if self.term is not None else _last_bias(self.node, k)
+
+
 @register
 class CostSensitiveTrainer(Trainer):
     """Bolukbasi et al.'s policies: cost-sensitive classification per control node, deepest first."""
@@ -227,6 +317,9 @@ class CostSensitiveTrainer(Trainer):
               doc="k > 2 actions: softmax expected cost, weighted cross-entropy to the cheapest, or a filter tree"),
         Param("epochs", "posint", 30, doc="passes over the cached training inputs per policy and λ"),
         Param("lr", "number", 0.05, doc="Adam's learning rate for the control nodes"),
+        Param("heads", "bool", True,
+              doc="add to each control node's scores a learned linear term on its current head's confidence "
+                  "(max probability, entropy, margin), so that it can express a confidence threshold"),
     ), doc="learned policies, deepest first, by cost-sensitive classification (Bolukbasi et al., ANN)")
 
     def __init__(self, **params: Any):
@@ -277,7 +370,14 @@ class CostSensitiveTrainer(Trainer):
         # example reaches j; those below decide with their trained policies.
         self.prefix = {j: {q: int(cheapest[j].get(q, 0)) for q in self.controls[:i]}
                        for i, j in enumerate(self.controls)}
-        modules = {q: executor.nodes[q] for q in self.controls}
+        heads = {}
+        if self.params["heads"]:
+            classes = data.classes if hasattr(data, "classes") else None
+            heads = {q: h for q in self.controls if (h := current_head(graph, q, classes)) is not None}
+        for cache in (train, val):
+            cache.heads = _head_table(executor, cache, heads)
+        modules = {q: _Scorer(executor.nodes[q], k, q in heads).to(stage.device)
+                   for q, k in zip(self.controls, self.widths)}
         initial = {q: copy.deepcopy(m.state_dict()) for q, m in modules.items()}
         was_training = executor.training
         g = stage.generator("costsensitive")
@@ -309,25 +409,23 @@ class CostSensitiveTrainer(Trainer):
             simulated = val.routing_outcome(self._decisions(modules, val))
         finally:
             executor.train(was_training)
-        cost_fraction, accuracy = _argmax_outcome(executor, data.val, batch, stage.device)
+        policy = LearnedPolicy() if not heads else CostSensitivePolicy(
+            heads, {q: modules[q].term.weight.double().tolist() for q in heads},
+            {q: modules[q].term.bias.double().tolist() for q in heads})
+        cost_fraction, accuracy = _policy_outcome(executor, policy, data.val, batch, stage.device)
         stage.log(**{"lambda": lam, "offset": " ".join(f"{o:.6g}" for o in offset),
                      "val_cost_fraction": cost_fraction, "val_accuracy": accuracy,
                      "simulated_val_cost_fraction": float(simulated[0].mean()),
                      "lambdas_tried": len(fits), "approximate": " ".join(sorted(train.approximate | val.approximate)),
+                     "heads": " ".join(f"{q}:{h}" for q, h in heads.items()),
                      "seconds": round(time.perf_counter() - started, 3)})
-        return LearnedPolicy()
+        return policy
 
     # --- the pieces ---
 
-    def _decisions(self, modules: Mapping[str, nn.Module], cache: _SplitCache) -> np.ndarray:
+    def _decisions(self, modules: Mapping[str, _Scorer], cache: _SplitCache) -> np.ndarray:
         """Every control node's argmax on its cached input: actions [N, controls]."""
-        return np.stack([self._scores(modules[q], cache.inputs[q]).argmax(1).numpy() for q in self.controls], axis=1)
-
-    @staticmethod
-    def _scores(module: nn.Module, x: Tensor) -> Tensor:
-        module.eval()
-        with torch.no_grad():
-            return torch.cat([module(x[i:i + 4096]).float().cpu() for i in range(0, len(x), 4096)])
+        return np.stack([_scores(modules[q], cache, q).argmax(1).numpy() for q in self.controls], axis=1)
 
     def _fit_all(self, modules: Mapping[str, nn.Module], cache: _SplitCache, lam: float) -> None:
         """Algorithm 1: each control node in reverse topological order, on its action costs."""
@@ -343,16 +441,18 @@ class CostSensitiveTrainer(Trainer):
                     matrix[:, c] = a if q == j else decided[q] if q in decided else self.prefix[j][q]
                 fraction[:, a], loss[:, a], _ = cache.routing_outcome(matrix)
             extra = np.maximum(loss - loss.min(1, keepdims=True), 0.0)  # (·)₊ over the best reachable
-            self._train(modules[j], cache.inputs[j], lam * extra + fraction, self.order[j], i)
-            decided[j] = self._scores(modules[j], cache.inputs[j]).argmax(1).numpy()
+            self._train(modules[j], cache, j, lam * extra + fraction, self.order[j], i)
+            decided[j] = _scores(modules[j], cache, j).argmax(1).numpy()
 
-    def _train(self, module: nn.Module, x: Tensor, costs: np.ndarray, order: list[int], index: int) -> None:
+    def _train(self, module: _Scorer, cache: _SplitCache, q: str, costs: np.ndarray, order: list[int],
+               index: int) -> None:
         gap = costs.max(1) - costs.min(1)
         if not gap.max() > 0:
             return  # every action costs the same for every example: nothing to prefer
         params = [p for p in module.parameters() if p.requires_grad]
         device = params[0].device
         c = torch.from_numpy(costs / gap.mean()).float().to(device)  # unit mean gap: one lr for every λ
+        x, head = cache.inputs[q], cache.heads.get(q)
         n, k = c.shape
         method = "binary" if k == 2 else str(self.params["multiclass"])
         step = min(max(math.ceil(n / 8), _BATCH[0]), _BATCH[1])
@@ -365,7 +465,7 @@ class CostSensitiveTrainer(Trainer):
                 perm = torch.randperm(n, generator=g).to(device)
                 for start in range(0, n, step):
                     idx = perm[start:start + step]
-                    scores = module(x[idx]).float()
+                    scores = module(x[idx], None if head is None else head[idx])
                     if method == "expected":
                         objective = _expected_cost(scores, c[idx])
                     elif method == "filter_tree":
@@ -377,17 +477,17 @@ class CostSensitiveTrainer(Trainer):
                     optimizer.step()
             module.eval()
 
-    def _calibrate_offset(self, modules: Mapping[str, nn.Module], cache: _SplitCache, budget: float) -> list[float]:
+    def _calibrate_offset(self, modules: Mapping[str, _Scorer], cache: _SplitCache, budget: float) -> list[float]:
         """One offset t for all control nodes, bias += t · rank / (k − 1), bisected on validation
         so that the mean cost meets the budget; then one offset per node searched from it
-        (`_search_offsets`); folded into each node's final bias. Returns the offsets."""
-        scores = {q: self._scores(modules[q], cache.inputs[q]) for q in self.controls}
+        (`_search_offsets`); folded into each scorer's `offset_bias`. Returns the offsets."""
+        scores = {q: _scores(modules[q], cache, q) for q in self.controls}
         ranks = {}
         for q, k in zip(self.controls, self.widths):
             r = torch.zeros(k)
             for position, a in enumerate(self.order[q]):
                 r[a] = position / max(k - 1, 1)
-            ranks[q] = r if _last_bias(modules[q], k) is not None else torch.zeros(k)
+            ranks[q] = r if modules[q].offset_bias(k) is not None else torch.zeros(k)
         if not any(bool(r.any()) for r in ranks.values()):
             return [0.0] * len(self.controls)
         spread = max(float(s.max() - s.min()) * max(k - 1, 1) for s, k in zip(scores.values(), self.widths))
@@ -418,7 +518,7 @@ class CostSensitiveTrainer(Trainer):
         offsets = self._search_offsets(scores, ranks, cache, budget, t, reach)
         with torch.no_grad():
             for q, k, o in zip(self.controls, self.widths, offsets):
-                bias = _last_bias(modules[q], k)
+                bias = modules[q].offset_bias(k)
                 if bias is not None:
                     bias.add_((o * ranks[q]).to(bias.device, bias.dtype))
         return offsets
@@ -451,15 +551,38 @@ class CostSensitiveTrainer(Trainer):
         return search_under_budget(outcome, grids, bounds, budget, [[shared] * len(self.controls)])
 
 
-def _argmax_outcome(executor: Executor, dataset, batch: int, device: torch.device) -> tuple[float, float]:
-    """The real mean cost fraction and accuracy of the control nodes' argmax on a split."""
+def _scores(module: _Scorer, cache: _SplitCache, q: str) -> Tensor:
+    """Control node q's scores on every example of a split, float32 CPU [N, k]."""
+    x, head = cache.inputs[q], cache.heads.get(q)
+    module.eval()
+    with torch.no_grad():
+        return torch.cat([module(x[i:i + 4096], None if head is None else head[i:i + 4096]).cpu()
+                          for i in range(0, len(x), 4096)])
+
+
+def _head_table(executor: Executor, cache: _SplitCache, heads: Mapping[str, str]) -> dict[str, Tensor]:
+    """Each control node's head features on every example of a split, float32 [N, 3], on the
+    device of the cached inputs (nothing when no control node has a head)."""
+    if not heads:
+        return {}
+    parts: dict[str, list[Tensor]] = {h: [] for h in set(heads.values())}
+    with evaluating(executor):
+        for start in range(0, cache.n, cache.batch):
+            _, found = head_values(executor, cache.x[start:start + cache.batch].to(cache.device), heads.values())
+            for h, feats in found.items():
+                parts[h].append(feats)
+    return {q: torch.cat(parts[h]).float().to(cache.inputs[q].device) for q, h in heads.items()}
+
+
+def _policy_outcome(executor: Executor, policy: Policy, dataset, batch: int, device: torch.device) -> tuple[float, float]:
+    """The real mean cost fraction and accuracy of the policy on a split."""
     x_all, y_all = dataset.tensors
     cost, right = 0.0, 0
     output = executor.graph.outputs[0].name
     with evaluating(executor, inference=False):
         for start in range(0, len(y_all), batch):
             x, y = x_all[start:start + batch].to(device), y_all[start:start + batch].to(device)
-            r = executor(x)
+            r = run_policy(executor, policy, x)
             cost += float(r.cost_fraction.double().sum())
             right += int((r.outputs[output].argmax(1) == y).sum())
     n = max(len(y_all), 1)
