@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in paths:
         graph = d2graph.load(path)
         methods, param, overrides = plan(graph, quick=args.quick)
+        overrides = [*overrides, f"threads={args.threads}"]  # the sweep sets torch's threads from its config
         folder = out / path.stem
         print(f"== {path.stem}: {len(methods)} methods, seeds {args.seeds}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()

@@ -17,8 +17,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 import d2graph
 from d2graph.runs import resolve, train
 
@@ -42,11 +40,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000, help="canvases in all (train split: 70%%)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     print("| graph | trainer | train examples | epochs | seconds | examples / s |\n|---|---|---:|---:|---:|---:|")
     for name, call in CASES:
         graph = d2graph.load(ROOT / "examples" / f"{name}.d2")
-        config = resolve(graph, [f"data.n={args.n}", "stage.backbone.epochs=1"])
+        config = resolve(graph, [f"data.n={args.n}", "stage.backbone.epochs=1", f"threads={args.threads}"])
         trainer = call.split("(")[0]
         params = dict(p.split("=") for p in call[len(trainer) + 1:-1].split(", ") if p)
         base = train(graph, config, None, quiet=True, echo=None, evaluate=False, stages=slice(0, 1))

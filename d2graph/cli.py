@@ -1,6 +1,8 @@
 """argv → library calls → exit code. The only module that prints.
 
-Commands: `check`, `fmt`, `render`, `bench`, `train`, `eval`, `sweep`.
+Commands: `check`, `fmt`, `render`, `bench`, `train`, `eval`, `sweep`, `policy`. Those that
+run a network (`bench`, `train`, `eval`, `sweep`, `policy export`) take `--threads` and compute
+on that many torch threads (else the file's or the run's `threads` setting).
 Exit codes: 0 success · 1 `check` found errors, or `fmt --check` found a file to
 reformat · 2 usage errors and malformed input to any other command · 3 a required
 external tool is missing (Graphviz's `dot`) · 130 interrupted · 70 internal error.
@@ -64,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("file", metavar="FILE")
     b.add_argument("--batch", type=_positive_int, default=256, help="examples per batch (default 256)")
     b.add_argument("--rounds", type=_positive_int, default=20, help="timed rounds per row (default 20)")
+    _add_threads(b, "the train block's `threads`, else auto")
     b.add_argument("--allow-imports", action="store_true", help="allow module(\"pkg.mod:Class\") layers")
 
     t = sub.add_parser("train", help="run the train block of a .d2 file: stages, checkpoints, report")
@@ -73,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", metavar="DIR", help="the run folder (default runs/<graph>/<timestamp>)")
     t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last.pt")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and stop")
+    _add_threads(t, "the train block's `threads`; with --resume, the count the run recorded")
     t.add_argument("--quiet", action="store_true", help="print only the final summary")
     t.add_argument("--allow-imports", action="store_true", help="allow module(\"pkg.mod:Class\") layers")
 
@@ -83,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "that validates, without the stages after it; a note says which), or a path to a .pt file")
     e.add_argument("--split", choices=("train", "val", "test"), default="test", help="the split (default test)")
     e.add_argument("--format", choices=("text", "json"), default="text", help="a table or JSON")
+    _add_threads(e, "the count the run recorded, or the file's `threads`")
 
     s = sub.add_parser("sweep", help="accuracy-cost curve: each budget, each baseline, each static path")
     s.add_argument("file", metavar="FILE")
@@ -101,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override the train block (repeatable)")
     s.add_argument("--out", metavar="DIR", help="the sweep folder (default runs/<graph>/sweep-<timestamp>)")
+    _add_threads(s, "the train block's `threads`")
     s.add_argument("--quiet", action="store_true", help="print only the final table")
     s.add_argument("--allow-imports", action="store_true", help="allow module(\"pkg.mod:Class\") layers")
 
@@ -112,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("run", metavar="RUN", help="a run folder of a multi-exit chain")
     pe.add_argument("--out", required=True, metavar="DIR", help="the predictions folder to write")
     pe.add_argument("--checkpoint", metavar="NAME|PATH", default="last", help="last, best, or a .pt file")
+    _add_threads(pe, "the count the run recorded")
     pf = psub.add_parser("fit", help="fit policies on per-exit predictions and compare them per budget")
     pf.add_argument("--predictions", required=True, metavar="DIR",
                     help="a folder with logits_single.pth and flops.pth / costs.json / seconds.csv")
@@ -146,6 +153,33 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, not {value}")
     return value
+
+
+def _add_threads(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--threads", type=_threads, default=None, metavar="N|auto",
+                        help=f"torch's CPU threads: a positive integer or auto (default: {default})")
+
+
+def _threads(text: str) -> int | str:
+    """`--threads`: a positive integer or `auto` (checked here: a bad value is a usage error, exit 2)."""
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or `auto`, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or `auto`, not {value}: torch needs at "
+                                         "least one thread")
+    return value
+
+
+def _using_threads(flag: int | str | None, setting):
+    """A context with torch's threads for a command: `--threads` when given, else `setting`
+    (the file's or the run's `threads`); torch's count is restored after, for callers of `main`."""
+    from .threads import thread_count, using_threads  # imports torch, which `fmt` and `--version` never need
+
+    return using_threads(thread_count(setting if flag is None else flag))
 
 
 def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
@@ -297,7 +331,9 @@ def cmd_bench(args) -> int:
 
     graph = load(args.file, allow_imports=args.allow_imports)
     require_buildable(graph)
-    print(bench_table(bench(graph, batch=args.batch, rounds=args.rounds)))
+    setting = dict(graph.train.settings).get("threads", "auto") if graph.train is not None else "auto"
+    with _using_threads(args.threads, setting):
+        print(bench_table(bench(graph, batch=args.batch, rounds=args.rounds)))
     return EXIT_OK
 
 
@@ -316,13 +352,21 @@ def cmd_train(args) -> int:
         source = run.source
         graph = load(source, allow_imports=args.allow_imports)
         config = run.config
+        if args.threads is not None:  # the machine's, not the run's: it may be busier than the first one
+            from .threads import thread_count
+
+            recorded, config.settings["threads"] = config.settings["threads"], thread_count(args.threads)
+            if config.settings["threads"] != recorded:
+                print(f"note: resuming on {config.settings['threads']} thread(s), not the {recorded} in the run's "
+                      "config.json: the metrics may differ in their last digits from an uninterrupted run",
+                      file=sys.stderr)
     else:
         if not args.file:
             raise _usage("train needs a .d2 file (or --resume RUN)", "e.g. `d2graph train examples/early_exit.d2`")
         graph = load(args.file, allow_imports=args.allow_imports)
         require_buildable(graph)  # before a run folder is made for it
         source = Path(args.file)
-        config = resolve(graph, args.overrides)
+        config = resolve(graph, _with_threads(args))
         if args.print_config:
             print(config.text(), end="")
             return EXIT_OK
@@ -348,6 +392,11 @@ def cmd_train(args) -> int:
     return EXIT_OK
 
 
+def _with_threads(args) -> list[str]:
+    """The command's `--set` overrides, and `--threads` as the override of the setting it is."""
+    return args.overrides + ([f"threads={args.threads}"] if args.threads is not None else [])
+
+
 def _summary(graph, report, policy: str, full=None) -> str:
     from .ir import format_cost
 
@@ -361,7 +410,7 @@ def _summary(graph, report, policy: str, full=None) -> str:
 def cmd_eval(args) -> int:
     from .check import load
     from .evaluate import evaluate
-    from .runs import resolve
+    from .runs import Run, resolve
 
     target = Path(args.target)
     if not target.exists():
@@ -369,18 +418,24 @@ def cmd_eval(args) -> int:
                                        help="give a folder that `d2graph train` created, or a .d2 file "
                                             "with --checkpoint PATH")])
     if target.is_dir():
-        trained = _load_run(target, args.checkpoint)
+        config = Run.open(target).config
     else:
         if args.checkpoint in ("last", "best"):
             raise _usage("evaluating a .d2 file needs --checkpoint PATH (a .pt file of a run)",
                          "or give the run folder: `d2graph eval runs/<graph>/<timestamp>`")
         graph = load(target)
-        trained = _restore(graph, resolve(graph), target.resolve().parent, Path(args.checkpoint))
+        config = resolve(graph)
     import torch
 
-    splits, policy = trained["splits"], trained["policy"]
-    report = evaluate(trained["executor"], splits[args.split], policy, classes=splits.classes, split=args.split,
-                      generator=torch.Generator().manual_seed(int(trained["config"].settings["seed"])))
+    # The data set is built (cluttered_digits draws its images with torch) on these threads too.
+    with _using_threads(args.threads, config.settings["threads"]):
+        if target.is_dir():
+            trained = _load_run(target, args.checkpoint)
+        else:
+            trained = _restore(graph, config, target.resolve().parent, Path(args.checkpoint))
+        splits, policy = trained["splits"], trained["policy"]
+        report = evaluate(trained["executor"], splits[args.split], policy, classes=splits.classes, split=args.split,
+                          generator=torch.Generator().manual_seed(int(trained["config"].settings["seed"])))
     if args.format == "json":
         print(json.dumps({"policy": policy.describe(), **report.to_json()}, indent=2))
     else:
@@ -398,7 +453,7 @@ def cmd_sweep(args) -> int:
     _print_diagnostics(graph.warnings)
     echo = (lambda text: print(text, file=sys.stderr)) if not args.quiet else None
     result = sweep(graph, Path(args.file), budgets=args.budgets, methods=args.methods, param=args.param,
-                   overrides=args.overrides, out=args.out, seeds=args.seeds, echo=echo)
+                   overrides=_with_threads(args), out=args.out, seeds=args.seeds, echo=echo)
     print(result.table())
     print(f"sweep folder: {result.folder}")
     return EXIT_OK
@@ -408,8 +463,11 @@ def cmd_policy(args) -> int:
     from . import predictions
 
     if args.policy_command == "export":
-        trained = _load_run(args.run, args.checkpoint)
-        pred = predictions.from_executor(trained["executor"], trained["splits"])
+        from .runs import Run
+
+        with _using_threads(args.threads, Run.open(args.run).config.settings["threads"]):
+            trained = _load_run(args.run, args.checkpoint)
+            pred = predictions.from_executor(trained["executor"], trained["splits"])
         print(f"wrote {predictions.save(pred, args.out)} ({pred.exits} exits: {', '.join(pred.exit_names)})")
         return EXIT_OK
     from .trainers.eenet import fit_on_predictions, threshold_on_predictions

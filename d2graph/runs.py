@@ -6,6 +6,7 @@ Out: `train(...)` runs the block's stages in order on one compiled executor and 
      (`runs/<graph>/<timestamp>/`, or `--out`) holds:
         <graph>.d2        a copy of the source (`d2graph train` on it reproduces the run)
         config.json       the resolved config: data set, settings, stages, every default filled
+                          (`threads`: the count the run used)
         metrics.jsonl     one JSON object per logged row (and metrics.csv, the same rows)
         last.pt, best.pt  checkpoints: state dicts and plain data, loaded with weights_only=True;
                           best.pt is the best epoch of the last stage that validates (each such
@@ -32,7 +33,9 @@ Guarantees:
     logged: last.pt keeps the last good state and metrics.jsonl stays strict JSON.
   - Determinism: the initial weights, each epoch's order of examples and each step's random
     numbers (dropout, exploration) derive from (seed, stage, epoch, step) alone, so the same
-    seed on the same machine gives the same metrics, resumed or not.
+    seed and thread count on the same machine give the same metrics, resumed or not. A run
+    computes on the config's `threads` (`auto` is fixed to a count by `resolve`, so config.json
+    records the count used), and torch's own count is restored when `train` returns.
   - Mistakes in overrides (E920), a trainer that does not suit the graph (E921), a missing,
     corrupt, foreign or busy run folder or checkpoint (E922), a file without a train block
     (E923) and a diverged run (E925) are `D2GraphError`s with a message and a hint.
@@ -73,6 +76,7 @@ from .plots import training_plot
 from .schema import DATASETS, TRAIN_SETTINGS, TRAINERS, Symbol
 from .paths import path_costs
 from .policies import LearnedPolicy, Policy, StaticPolicy, load_policy, save_policy
+from .threads import thread_count, using_threads
 
 __all__ = ["LOCK_FILE", "SWEEP_FILE", "Config", "Interrupted", "Run", "RunLock", "Stage", "Trained",
            "check_fingerprint", "config_error", "derive_seed", "describe_best", "graph_fingerprint", "holdout_fraction",
@@ -80,7 +84,9 @@ __all__ = ["LOCK_FILE", "SWEEP_FILE", "Config", "Interrupted", "Run", "RunLock",
 
 CHECKPOINT_FORMAT = 1
 # Settings whose default changes what a run computes, with the value that reproduces a run
-# folder written before they existed (its resume must see the same data).
+# folder written before they existed (its resume must see the same data). Not `threads`: such
+# a run used torch's default, one thread per CPU of the machine it ran on, which no value
+# recorded now can say; it takes `auto`, which at most changes the last digits of its metrics.
 BEFORE_SETTING = {"holdout": 0.0}
 SWEEP_FILE = "sweep.json"  # marks a folder `d2graph sweep` made (and each of its seeds' folders)
 LOCK_FILE = ".d2graph.lock"  # held (and there) while a process creates or trains a run in the folder
@@ -265,6 +271,9 @@ def resolve(graph: Graph, overrides: list[str] | tuple[str, ...] = ()) -> Config
                                for s in block.stages])
     for text in overrides:
         apply_override(config, text)
+    # `auto` depends on the machine and its environment, so the count is fixed here: config.json
+    # records the count the run used, and its resume and `eval` use it again.
+    config.settings["threads"] = thread_count(config.settings["threads"])
     return config
 
 
@@ -973,9 +982,10 @@ def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool 
           quiet: bool = False, echo=print, evaluate: bool = True, stages: slice | None = None,
           start: Trained | None = None) -> Trained:
     """Run the stages of `config` on `graph` (a fresh executor, or `start`'s), logging to
-    `run`. `resume=True` continues from `run/last.pt`. `stages` limits the stages run (the
-    sweep trains the backbone once, then each policy stage). Raises `Interrupted` on Ctrl-C
-    (after saving `last.pt`) and D2GraphError on mistakes in the config, data or run."""
+    `run`, on the config's `threads` (torch's count is restored afterwards). `resume=True`
+    continues from `run/last.pt`. `stages` limits the stages run (the sweep trains the
+    backbone once, then each policy stage). Raises `Interrupted` on Ctrl-C (after saving
+    `last.pt`) and D2GraphError on mistakes in the config, data or run."""
     if resume:
         refuse_sweep(run.folder, "--resume")
     if resume and not any(run.folder.glob("*.pt")):  # checked first: the data may be what stopped it
@@ -987,8 +997,9 @@ def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool 
     try:
         if resume:
             remove_stale_temporaries(run.folder)  # of the process that was killed, if it was
-        return _train(graph, config, run, resume=resume, root=root, quiet=quiet, echo=echo, evaluate=evaluate,
-                      stages=stages, start=start)
+        with using_threads(thread_count(config.settings.get("threads", "auto"))):
+            return _train(graph, config, run, resume=resume, root=root, quiet=quiet, echo=echo, evaluate=evaluate,
+                          stages=stages, start=start)
     finally:
         if run is not None and run.lock is not None:
             run.lock.release()

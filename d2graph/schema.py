@@ -291,4 +291,7 @@ TRAIN_SETTINGS = Schema("train", (
           doc="also save last.pt every this many steps of an epoch, to resume from after a crash; 0: off"),
     Param("checkpoint_seconds", "nonneg", 300,
           doc="also save last.pt when this many seconds passed since the last save (at a step's end); 0: off"),
+    Param("threads", "posint", "auto", also=("auto",),
+          doc="torch's CPU threads for the run; `auto`: OMP_NUM_THREADS if set, else the CPUs less one, "
+              "at least 1 and at most 8 (1 on a 2-CPU machine)"),
 ))

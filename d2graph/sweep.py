@@ -18,7 +18,8 @@ on a copy of its weights, so no point leaks into another — calibrated on valid
 reported on test. A method that cannot handle the graph (E921) is left out with a note, not
 a failure. The same seed gives the same curve. `sweep.json` in the sweep folder (and in each
 `seed-S/`) marks it as a sweep's: `train --resume`/`--out` refuse it (E922) instead of
-rewriting it into a run.
+rewriting it into a run. The whole sweep computes on the config's `threads` (each seed's
+config.json records the count); torch's own count is restored when `sweep` returns.
 
 Area under the curve (`area_under_curve`): for one method and one seed, its points
 (test cost fraction, test accuracy) sorted by cost (ties by accuracy) are joined by straight
@@ -306,41 +307,44 @@ def sweep(graph: Graph, source: Path, *, budgets: list[float] | None = None, met
     Without `param`, `budgets` default to 0.2, 0.3, 0.5, 0.7. `seeds` (≥ 1) repeats the whole
     sweep for seeds seed, seed+1, ..., seed+seeds−1."""
     from .runs import SWEEP_FILE, config_error, resolve
+    from .threads import using_threads
 
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise config_error("E920", f"--seeds must be a positive integer, not {seeds!r}",
                            help="e.g. `--seeds 3` repeats the sweep for seeds s, s+1, s+2")
     config = resolve(graph, overrides)
-    param_spec = _parse_param(config, param) if param is not None else None
-    specs = [parse_method(m) for m in methods] if methods is not None else None
-    if budgets is None and param is None:
-        budgets = [0.2, 0.3, 0.5, 0.7]
-    first = int(config.settings["seed"])
-    if out is None:
-        out = Path("runs") / graph.name / ("sweep-" + time.strftime("%Y%m%d-%H%M%S"))
-    out = Path(out)
-    say = echo or (lambda text: None)
-    result = Sweep(graph.name, out, seeds=list(range(first, first + seeds)))
-    # sweep.json marks the folder (and each seed's) as a sweep's, so that it is never taken for a run.
-    marker = {"graph": graph.name, "seeds": result.seeds, "budgets": budgets, "methods": methods, "param": param,
-              "overrides": list(overrides)}
-    if seeds > 1:
-        if any(out.glob("seed-*/*.pt")):
-            raise config_error("E922", f"{out} already holds a sweep", help="a sweep cannot be continued; choose "
-                                                                            "another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / SWEEP_FILE, json.dumps(marker, indent=2) + "\n")
-    for s in result.seeds:
-        folder = out if seeds == 1 else out / f"seed-{s}"
+    # The whole sweep, policies and evaluation included, on the config's threads (restored after).
+    with using_threads(config.settings["threads"]):
+        param_spec = _parse_param(config, param) if param is not None else None
+        specs = [parse_method(m) for m in methods] if methods is not None else None
+        if budgets is None and param is None:
+            budgets = [0.2, 0.3, 0.5, 0.7]
+        first = int(config.settings["seed"])
+        if out is None:
+            out = Path("runs") / graph.name / ("sweep-" + time.strftime("%Y%m%d-%H%M%S"))
+        out = Path(out)
+        say = echo or (lambda text: None)
+        result = Sweep(graph.name, out, seeds=list(range(first, first + seeds)))
+        # sweep.json marks the folder (and each seed's) as a sweep's, so that it is never taken for a run.
+        marker = {"graph": graph.name, "seeds": result.seeds, "budgets": budgets, "methods": methods, "param": param,
+                  "overrides": list(overrides)}
         if seeds > 1:
-            say(f"seed {s}")
-        _sweep_seed(graph, source, resolve(graph, [*overrides, f"seed={s}"]), result, folder, budgets=budgets,
-                    specs=specs, param=param_spec, say=say, echo=echo, marker={**marker, "seed": s})
-    if seeds > 1:
-        write_atomic(out / f"{graph.name}.d2", source.read_text())
-    _write(result, out)
-    _plot(result, out)
-    return result
+            if any(out.glob("seed-*/*.pt")):
+                raise config_error("E922", f"{out} already holds a sweep", help="a sweep cannot be continued; choose "
+                                                                                "another --out")
+            out.mkdir(parents=True, exist_ok=True)
+            write_atomic(out / SWEEP_FILE, json.dumps(marker, indent=2) + "\n")
+        for s in result.seeds:
+            folder = out if seeds == 1 else out / f"seed-{s}"
+            if seeds > 1:
+                say(f"seed {s}")
+            _sweep_seed(graph, source, resolve(graph, [*overrides, f"seed={s}"]), result, folder, budgets=budgets,
+                        specs=specs, param=param_spec, say=say, echo=echo, marker={**marker, "seed": s})
+        if seeds > 1:
+            write_atomic(out / f"{graph.name}.d2", source.read_text())
+        _write(result, out)
+        _plot(result, out)
+        return result
 
 
 def _sweep_seed(graph: Graph, source: Path, config, result: Sweep, folder: Path, *, budgets, specs, param,

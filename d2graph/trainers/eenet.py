@@ -60,11 +60,10 @@ leave at the first exit whose max probability reaches one τ), so a command can 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -76,6 +75,7 @@ from ..ir import Graph
 from ..policies import Policy, register_policy
 from ..predictions import Exit, Predictions, actions_for_exits, exits_of, from_executor, head_probs
 from ..schema import Param, Schema
+from ..threads import using_threads
 from .base import Trainer, register, trainer_error
 from .baselines import MEASURES, NEVER_STOP
 from .toolkit import budget_param, calibrate, check_budget, search_under_budget, validate_budget
@@ -276,16 +276,11 @@ def _scaled(fractions: np.ndarray) -> np.ndarray:
 # --- rules on predictions -------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
+def _one_thread():
     """The scorers' matrices are a few hundred numbers wide: intra-op threads only add
-    synchronisation (on a busy 2-core machine, 50× slower steps), so they run on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    synchronisation (on a busy 2-core machine, 50× slower steps), so they run on one,
+    whatever the run's `threads`."""
+    return using_threads(1)
 
 
 def _tensor(probs) -> Tensor:
