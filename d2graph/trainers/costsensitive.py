@@ -3,8 +3,10 @@
 In:  a compiled `Executor` whose function nodes are trained (a `supervised` stage came first),
      the data (`d2graph.data.Splits`: `train` to learn the policies, `val` to meet the budget)
      and a stage context (`batch`, `device`, `generator(*key)`, `log(**metrics)`).
-Out: the control nodes' own weights, trained in place, and `LearnedPolicy()`: from then on
-     every control node routes by the argmax of its scores. Function nodes are not touched.
+Out: the control nodes' own weights, trained in place, and the policy: `CostSensitivePolicy`
+     (each control node's scores plus its learned head term, argmax) when some control node
+     has a current head and `heads=true`, else `LearnedPolicy()` (every control node routes by
+     the argmax of its own scores). Function nodes are not touched.
 Guarantees:
   - Algorithm 1 of the paper on any graph the language can express: control nodes are
     trained one at a time, deepest first (reverse topological order, so every control node
@@ -19,6 +21,13 @@ Guarantees:
     output's scores (`loss=cross_entropy`). Min over j's own actions is "the best prediction
     reachable from j" (Eqs. 5, 7, 9 use the full network's loss; with that reference an
     example that only a middle network gets right would be sent to the cheapest one).
+  - The head term (`heads=true`): a control node j with a current head h (`paths.current_head`,
+    the classifier that answers if j stops; the one `threshold` reads) scores action a as
+    s_a(j's input) + W_a · f(h) + b_a, where f is h's max probability, 1 − normalised entropy
+    and margin (`head_features`) and W, b start at zero and learn with j's pipeline. It lets
+    the policy express a per-node confidence threshold even where j reads only features (the
+    D²NN cascade). Deciding then needs the heads, so the policy runs the graph once in mode
+    "all" and routes with a forced pass; the cost reported is the forced pass's.
   - Two actions: importance-weighted binary classification (Eqs. 4, 5, 7): label the
     cheaper action, weight |c[i,0] − c[i,1]|, a weighted cross-entropy on the node's two
     scores. k actions (Eq. 9, cost-sensitive multiclass), `multiclass=`:
@@ -372,8 +381,7 @@ class CostSensitiveTrainer(Trainer):
                        for i, j in enumerate(self.controls)}
         heads = {}
         if self.params["heads"]:
-            classes = data.classes if hasattr(data, "classes") else None
-            heads = {q: h for q in self.controls if (h := current_head(graph, q, classes)) is not None}
+            heads = {q: h for q in self.controls if (h := current_head(graph, q, data.classes)) is not None}
         for cache in (train, val):
             cache.heads = _head_table(executor, cache, heads)
         modules = {q: _Scorer(executor.nodes[q], k, q in heads).to(stage.device)
