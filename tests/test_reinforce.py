@@ -22,6 +22,7 @@ from torch.utils.data import TensorDataset
 
 import d2graph
 from d2graph.diagnostics import D2GraphError
+from d2graph.paths import heads
 from d2graph.evaluate import evaluate, per_example
 from d2graph.runs import Config, Interrupted, Run, Trained, load_checkpoint, load_data, resolve, train
 from d2graph.policies import LearnedPolicy, load_policy, save_policy
@@ -294,3 +295,87 @@ def test_the_exact_gradient_is_the_gradient_of_the_expected_reward(graph, backbo
     got.mean().backward()
     assert executor.nodes["Q"][0].weight.grad is not None
     assert float(executor.nodes["Q"][0].weight.grad.abs().sum()) > 0
+
+
+def test_the_best_path_loss_pulls_on_examples_the_expected_reward_has_given_up(graph, backbone):
+    # Q made sure of "run B" for every example. On the flagged examples stopping at A is the
+    # better path (A answers them, B costs 140× more), yet the expected reward's gradient there
+    # carries π(stop)·π(run) ≈ 0: no example could ever move back. The best-path loss is the
+    # cross-entropy to softmax(R / τ) over the paths, and pulls on exactly those.
+    from d2graph.paths import static_paths
+    from d2graph.trainers.reinforce import best_path_loss, expected_reward
+
+    base, weights = backbone
+    executor = base.executor
+    executor.load_state_dict(weights)
+    executor.eval()
+    x, y = base.data.val.tensors[0][:256], base.data.val.tensors[1][:256]
+    easy = x[:, 0] > 0
+    paths = [actions for actions, _ in static_paths(graph)]
+    fc = executor.nodes["Q"][0]
+    with torch.no_grad():
+        fc.weight.zero_()
+        fc.bias.copy_(torch.tensor([-12.0, 12.0]))  # action 0 = stop, action 1 = run B
+    pulls = {}
+    for name, objective in (("reward", lambda: -expected_reward(executor, x[easy], y[easy], paths, ["Q"], "y", 0.5)),
+                            ("best_path", lambda: best_path_loss(executor, x[easy], y[easy], paths, ["Q"], "y",
+                                                                 0.5, 0.05))):
+        executor.zero_grad()
+        objective().mean().backward()
+        pulls[name] = float(fc.bias.grad[0])  # descending moves the stop score up by −grad
+    print(pulls)
+    assert abs(pulls["reward"]) < 1e-6
+    assert pulls["best_path"] < -0.5
+    # The loss itself: the cross-entropy from softmax(R / τ), one-hot on the best path at τ = 0.
+    with torch.no_grad():
+        rewards = []
+        for a in (0, 1):
+            r = executor(x, mode="force", actions={"Q": torch.full((len(y),), a)})
+            rewards.append(-torch.nn.functional.cross_entropy(r.outputs["y"].float(), y, reduction="none")
+                           - 0.5 * r.cost_fraction.float())
+        rewards = torch.stack(rewards, 1)
+        log_pi = torch.log_softmax(executor.nodes["Q"](x).float(), 1)
+        for tau, target in ((0.05, (rewards / 0.05).softmax(1)),
+                            (0.0, torch.nn.functional.one_hot(rewards.argmax(1), 2).float())):
+            want = -(target * log_pi).sum(1)
+            assert torch.allclose(best_path_loss(executor, x, y, paths, ["Q"], "y", 0.5, tau), want, atol=1e-4)
+
+
+def test_objective_best_path_needs_every_path():
+    graph = d2graph.load(ROOT / "examples" / "early_exit.d2")
+    ReinforceTrainer(objective="best_path").check_graph(graph)  # 3 paths: auto takes them all
+    with pytest.raises(D2GraphError, match="needs every static path"):
+        ReinforceTrainer(objective="best_path", gradient="sampled").check_graph(graph)
+
+
+@pytest.mark.parametrize("name, params, every_head", [
+    ("guan_cascade", {}, True),            # best_path (3 paths) and an output that selects one head
+    ("guan_cascade", {"objective": "reward"}, False),
+    ("guan_cascade", {"classifiers": "routed"}, False),
+    ("guan_cascade", {"freeze": True, "classifiers": "all"}, False),
+    ("high_low", {}, False),               # the output sums its branches: each learns on its route
+    ("high_low", {"classifiers": "all"}, True),
+])
+def test_which_examples_the_classifiers_learn_from(name, params, every_head, monkeypatch):
+    graph = d2graph.load(ROOT / "examples" / f"{name}.d2")
+    config = Config(graph.name, {"name": "cluttered_digits", "args": {"n": 240}},
+                    {**resolve(graph).settings, "batch": 64, "holdout": 0.0},
+                    [{"name": "policy", "trainer": "reinforce", "params": {"epochs": 1, **params}}])
+    torch.manual_seed(0)
+    start = d2graph.compile(graph)
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    trainer_of = {}
+    original = ReinforceTrainer.fit
+
+    def spy(self, *args, **kwargs):  # keep the trainer the run builds, to read what it chose
+        trainer_of["it"] = self
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ReinforceTrainer, "fit", spy)
+    trained = train(graph, config, None, quiet=True, echo=None, evaluate=False,
+                    start=Trained(start, LearnedPolicy(), load_data(config, graph, None), config, None))
+    assert trainer_of["it"].every_head is every_head
+    if every_head:  # every head learned, whichever route the examples took
+        after = trained.executor.state_dict()
+        for h in heads(graph):
+            assert any(not torch.equal(after[k], before[k]) for k in after if k.split(".")[1] == h), h

@@ -33,12 +33,18 @@ works, cascades, early exits, k-way choices and trees alike. Baselines b (`basel
 With `gradient=exact` (`auto` on graphs of at most EXACT_PATHS static paths) the control
 nodes follow instead the exact gradient of the expected reward over every static path,
 Σ_P Π_q π_q(a_q | x) · R_P(x), each path's reward and scores from one forced pass
-(`expected_reward`): no sampling noise, and no baseline is needed.
+(`expected_reward`, `objective=reward`): no sampling noise, and no baseline is needed.
+With every path's reward at hand, `objective=best_path` (the default there, `auto`) trains
+the control nodes instead by the cross-entropy from each example's soft best path,
+softmax_P(R_P(x) / entropy), to the policy's path distribution (`best_path_loss`): the same
+optimum as the expected reward plus `entropy` times the path's entropy, without the flat
+gradient that let the expected reward settle on one path for every example.
 The classifiers learn at the same time from the cross-entropy of the routed output (each
 example trains the head that answered it), the paper's joint training; `freeze=true` trains
 only the control nodes (the ANN setting Guan et al. compare against): the function nodes are
 left out of the optimiser and kept in eval mode, so neither their weights nor their batch-norm
-statistics change. `entropy` adds a bonus for the entropy of the control nodes' softmax.
+statistics change. `entropy` adds a bonus for the entropy of the control nodes' softmax
+(with `best_path`: the temperature of the soft best path).
 
 α or a budget: without a budget (`budget=none`, the default) α is `alpha`, fixed. With `budget = b`, α
 starts at `alpha` and follows dual ascent after every step, α ← max(0, α + alpha_step·(mean
@@ -52,7 +58,8 @@ every example: one mode "all" pass
 gives them (as for `ThresholdPolicy`, the reported cost is that of the forced pass that follows).
 
 Guarantees:
-  - With held-out examples (`data.holdout`, when the train block sets `holdout`), the policy's
+  - With held-out examples (`data.holdout`: the train block's `holdout`, a fifth of the
+    training examples by default with this trainer), the policy's
     rewards and gradient come from as many held-out examples as each training batch holds,
     and the classifiers' cross-entropy from the training batch; with `freeze=true` an epoch
     is a pass over the held-out examples.
@@ -76,7 +83,7 @@ from torch import Tensor
 from ..evaluate import evaluate
 from ..executor import Executor
 from ..ir import Graph
-from ..paths import action_order, parameter_count, static_paths
+from ..paths import action_order, heads, parameter_count, static_paths
 from ..policies import LearnedPolicy, Policy, register_policy
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
@@ -87,8 +94,11 @@ from .toolkit import (
     search_under_budget,
 )
 
-__all__ = ["BASELINES", "EXACT_PATHS", "OffsetPolicy", "ReinforceTrainer", "expected_reward"]
+__all__ = ["BASELINES", "CLASSIFIERS", "EXACT_PATHS", "OBJECTIVES", "OffsetPolicy", "ReinforceTrainer", "best_path_loss",
+           "expected_reward"]
 
+OBJECTIVES = ("auto", "reward", "best_path")
+CLASSIFIERS = ("auto", "routed", "all")
 EXACT_PATHS = 16  # `gradient=auto` takes the exact expected reward on graphs of at most this many paths
 
 BASELINES = ("moving", "learned", "none")
@@ -120,6 +130,39 @@ def expected_reward(executor: Executor, x: Tensor, y: Tensor, paths: list[dict[s
                 log_p = log_p + F.log_softmax(r.scores[q].float(), 1)[:, actions[q]]
         total = total + log_p.exp() * reward
     return total
+
+
+def best_path_loss(executor: Executor, x: Tensor, y: Tensor, paths: list[dict[str, int]], controls: list[str],
+                   output: str, alpha: float, temperature: float) -> Tensor:
+    """Each example's cross-entropy from its soft best path, softmax_P(R_P(x) / temperature)
+    (the best path itself at temperature 0), to the policy's path distribution
+    Π_P = Π_{q on P} π_q(a_q | x), float [B], differentiable in the control nodes' scores.
+
+    Why: that softmax is the policy that maximises E[R] + temperature · H(path) for the
+    example, so this loss has the optimum of the entropy-regularised expected reward. But the
+    expected reward is flat for an example whose policy is already sure, right or wrong
+    (its gradient carries π(1 − π)): once the bulk of the examples pushed a node's bias to one
+    action, the examples that should take the other were stuck, and every α between the
+    extremes gave one path. The cross-entropy is convex in the scores of a linear control node
+    and pulls hardest on the examples it routes worst.
+    """
+    log_p, rewards = [], []
+    for actions in paths:
+        r = executor(x, mode="force", actions=every_control(executor.graph, actions, len(y)))
+        with torch.no_grad():
+            ce = F.cross_entropy(r.outputs[output].float(), y, reduction="none")
+            rewards.append(-ce - alpha * r.cost_fraction.float())
+        lp = x.new_zeros(len(y), dtype=torch.float32)
+        for q in controls:
+            if q in actions:
+                lp = lp + F.log_softmax(r.scores[q].float(), 1)[:, actions[q]]
+        log_p.append(lp)
+    rewards = torch.stack(rewards, 1)
+    if temperature > 0:
+        target = (rewards / temperature).softmax(1)
+    else:
+        target = F.one_hot(rewards.argmax(1), len(paths)).to(rewards.dtype)
+    return -(target * torch.stack(log_p, 1)).sum(1)
 
 
 @register_policy
@@ -180,6 +223,7 @@ class ReinforceTrainer(Trainer):
     """Guan et al.'s joint REINFORCE training of the routing and the classifiers."""
 
     name, role = "reinforce", "policy"
+    holdout = 0.2  # `holdout = auto` keeps a fifth of the training examples for the rewards
     schema = Schema("reinforce", (
         Param("epochs", "posint", 5, doc="passes over the training split"),
         Param("alpha", "number", 0.5,
@@ -195,11 +239,21 @@ class ReinforceTrainer(Trainer):
               doc="train the control nodes only, keeping the classifiers (function nodes) as they are"),
         Param("entropy", "number", 0.05,
               doc="weight of a bonus for the entropy of the control nodes' choices (keeps the policy from "
-                  "settling on one path before it tells examples apart)"),
+                  "settling on one path before it tells examples apart); with objective=best_path, the "
+                  "temperature of the soft best path"),
         Param("gradient", "choice", "auto", choices=("auto", "exact", "sampled"),
               doc="the policy gradient: `sampled` (REINFORCE on the sampled route, the paper), `exact` (the "
                   "expected reward over every static path, one forced pass each), `auto`: exact on graphs of "
                   f"at most {EXACT_PATHS} paths"),
+        Param("classifiers", "choice", "auto", choices=CLASSIFIERS,
+              doc="what the classifiers learn from while the routing does (unless `freeze`): `routed`, the "
+                  "output of the route each example took (the paper's); `all`, every head on every example "
+                  "(as `supervised`); `auto`: all with objective=best_path on a graph whose output selects "
+                  "one head (merge=select), else routed"),
+        Param("objective", "choice", "auto", choices=OBJECTIVES,
+              doc="what the control nodes learn with every path's reward at hand: `reward`, the expected reward "
+                  "(the paper's); `best_path`, the cross-entropy to each example's soft best path "
+                  "softmax(R / entropy); `auto`: best_path where the gradient is exact"),
     ), doc="stop policies and classifiers trained jointly with REINFORCE on −loss − α·cost (Guan et al.)")
 
     def __init__(self, **params: Any):
@@ -217,6 +271,16 @@ class ReinforceTrainer(Trainer):
         if not any(parameter_count(graph, q.name) for q in graph.control_nodes):
             raise trainer_error(self.name, "no control node has weights to learn",
                                 help="give a control node a layer with weights, e.g. `control Q = fc(2)`")
+        p = self.params
+        if p["objective"] == "best_path" and p["gradient"] != "exact":
+            count = len(static_paths(graph, max_paths=EXACT_PATHS + 1))
+            if p["gradient"] == "sampled" or count > EXACT_PATHS:
+                raise trainer_error(self.name, f"objective=best_path needs every static path's reward, and "
+                                               f"`gradient={p['gradient']}` samples them"
+                                               + (f" (the graph has more than {EXACT_PATHS} paths)"
+                                                  if p["gradient"] == "auto" else ""),
+                                    help="use `gradient=exact` (one forced pass per path in each step) or "
+                                         "`objective=reward`")
 
     def fit(self, executor: Executor, data, stage) -> Policy:
         graph = executor.graph
@@ -250,6 +314,13 @@ class ReinforceTrainer(Trainer):
         paths = static_paths(graph, max_paths=1 << 30)
         exact = p["gradient"] == "exact" or (p["gradient"] == "auto" and len(paths) <= EXACT_PATHS)
         self.paths = [actions for actions, _ in paths] if exact else None
+        self.best_path = exact and p["objective"] != "reward"
+        self.heads = heads(graph)
+        # Every head on every example where the routing is learned from every path's reward
+        # and the output answers with one head: each classifier keeps improving on all the
+        # examples, not only on those its current route sends it (docs/trainers.md).
+        self.every_head = not freeze and (p["classifiers"] == "all" or (
+            p["classifiers"] == "auto" and self.best_path and graph.outputs[0].merge == "select"))
         frozen = [w for w in function_params if w.requires_grad] if freeze else []
         for w in frozen:  # no gradient is needed through the classifiers' weights
             w.requires_grad_(False)
@@ -296,8 +367,9 @@ class ReinforceTrainer(Trainer):
         batch, or held-out examples; returns the policy batch's rewards and cost fractions (detached)."""
         p, extra = self.params, stage.extra
         alpha = extra["alpha"]
-        learn = executor(x, mode="sample", generator=stage.generator("sample"))
-        r = learn if xq is x else executor(xq, mode="sample", generator=stage.generator("sample", "holdout"))
+        held = xq is not x
+        generator = stage.generator("sample", "holdout") if held else stage.generator("sample")
+        r = executor(xq, mode="sample", generator=generator)
         # Read everything the loss needs before backward (Result builds these lazily).
         ce = F.cross_entropy(r.outputs[output].float(), yq, reduction="none")
         cost = r.cost_fraction.to(ce.dtype)
@@ -306,8 +378,11 @@ class ReinforceTrainer(Trainer):
         acted = torch.stack([r.actions[q] >= 0 for q in controls], 1).to(ce.dtype)
         loss = ce.new_zeros(())
         if self.paths is not None:
-            # The exact gradient of the expected reward: no sampling noise, no baseline needed.
-            loss = loss - expected_reward(executor, xq, yq, self.paths, controls, output, alpha).mean()
+            if self.best_path:
+                loss = loss + best_path_loss(executor, xq, yq, self.paths, controls, output, alpha,
+                                             float(p["entropy"])).mean()
+            else:  # the exact gradient of the expected reward: no sampling noise, no baseline needed
+                loss = loss - expected_reward(executor, xq, yq, self.paths, controls, output, alpha).mean()
         elif values is not None:
             if not extra["values_started"]:  # start each b_q at its examples' mean reward
                 with torch.no_grad():
@@ -323,13 +398,17 @@ class ReinforceTrainer(Trainer):
             if p["baseline"] == "moving":
                 b = extra["baseline"] if extra["baseline"] is not None else float(reward.mean())
             loss = loss - ((reward - b) * log_probs.sum(1)).mean()
-        if p["entropy"] > 0:
+        if p["entropy"] > 0 and not self.best_path:  # the best path's softmax has the entropy in it
             scores = r.scores
             entropy = sum((-(F.softmax(scores[q].float(), 1) * F.log_softmax(scores[q].float(), 1)).sum(1)
                            * acted[:, i]) for i, q in enumerate(controls))
             loss = loss - p["entropy"] * entropy.mean()
-        if not p["freeze"]:  # the classifiers learn from the routed output (joint training)
-            loss = loss + (ce if learn is r else F.cross_entropy(learn.outputs[output].float(), y)).mean()
+        if self.every_head:  # every head on every example, as `supervised`
+            every = executor(x, mode="all", keep=self.heads)
+            loss = loss + sum(F.cross_entropy(every.values[h][1].float(), y) for h in self.heads) / len(self.heads)
+        elif not p["freeze"]:  # the classifiers learn from the routed output (joint training)
+            learn = executor(x, mode="sample", generator=stage.generator("sample")) if held else r
+            loss = loss + F.cross_entropy(learn.outputs[output].float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
