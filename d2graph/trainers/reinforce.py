@@ -95,7 +95,7 @@ from .toolkit import (
 )
 
 __all__ = ["BASELINES", "CLASSIFIERS", "EXACT_PATHS", "OBJECTIVES", "OffsetPolicy", "ReinforceTrainer", "best_path_loss",
-           "expected_reward"]
+           "expected_reward", "path_rewards"]
 
 OBJECTIVES = ("auto", "reward", "best_path")
 CLASSIFIERS = ("auto", "routed", "all")
@@ -107,29 +107,38 @@ BASELINES = ("moving", "learned", "none")
 # --- the calibrated policy ------------------------------------------------------------------
 
 
+def path_rewards(executor: Executor, x: Tensor, y: Tensor, paths: list[dict[str, int]], controls: list[str],
+                 output: str, alpha: float) -> tuple[Tensor, Tensor]:
+    """Every static path's reward for every example, R_P = −CE − α·cost (float [B, P], no
+    gradient), and the log-probability of the path under the control nodes' softmax policy,
+    log Π_P = Σ_{q on P} log π_q(a_q | x) (float [B, P], differentiable in their scores): one
+    forced pass per path P gives R_P and the scores each control node on P sees there."""
+    rewards, log_p = [], []
+    for actions in paths:
+        r = executor(x, mode="force", actions=every_control(executor.graph, actions, len(y)))
+        with torch.no_grad():
+            ce = F.cross_entropy(r.outputs[output].float(), y, reduction="none")
+            rewards.append(-ce - alpha * r.cost_fraction.float())
+        lp = x.new_zeros(len(y), dtype=torch.float32)
+        for q in controls:
+            if q in actions:
+                lp = lp + F.log_softmax(r.scores[q].float(), 1)[:, actions[q]]
+        log_p.append(lp)
+    return torch.stack(rewards, 1), torch.stack(log_p, 1)
+
+
 def expected_reward(executor: Executor, x: Tensor, y: Tensor, paths: list[dict[str, int]], controls: list[str],
                     output: str, alpha: float) -> Tensor:
     """Each example's expected reward under the control nodes' softmax policy, E[−CE − α·cost]
     = Σ_P Π_{q on P} π_q(a_q | x) · R_P(x), float [B], differentiable in the control nodes'
-    scores (the rewards R_P are constants). One forced pass per static path P gives R_P and
-    the scores each control node on P sees there.
+    scores (the rewards R_P are constants; `path_rewards`).
 
     Why: REINFORCE estimates this gradient from one sampled route per example, and its noise
     let the policy collapse onto one path (every α of the Guan cascade sweep gave one path for
     every example); with a handful of paths the expectation itself is cheap.
     """
-    total = x.new_zeros(len(y), dtype=torch.float32)
-    for actions in paths:
-        r = executor(x, mode="force", actions=every_control(executor.graph, actions, len(y)))
-        with torch.no_grad():
-            ce = F.cross_entropy(r.outputs[output].float(), y, reduction="none")
-            reward = -ce - alpha * r.cost_fraction.float()
-        log_p = total.new_zeros(len(y))
-        for q in controls:
-            if q in actions:
-                log_p = log_p + F.log_softmax(r.scores[q].float(), 1)[:, actions[q]]
-        total = total + log_p.exp() * reward
-    return total
+    rewards, log_p = path_rewards(executor, x, y, paths, controls, output, alpha)
+    return (log_p.exp() * rewards).sum(1)
 
 
 def best_path_loss(executor: Executor, x: Tensor, y: Tensor, paths: list[dict[str, int]], controls: list[str],
@@ -146,23 +155,12 @@ def best_path_loss(executor: Executor, x: Tensor, y: Tensor, paths: list[dict[st
     extremes gave one path. The cross-entropy is convex in the scores of a linear control node
     and pulls hardest on the examples it routes worst.
     """
-    log_p, rewards = [], []
-    for actions in paths:
-        r = executor(x, mode="force", actions=every_control(executor.graph, actions, len(y)))
-        with torch.no_grad():
-            ce = F.cross_entropy(r.outputs[output].float(), y, reduction="none")
-            rewards.append(-ce - alpha * r.cost_fraction.float())
-        lp = x.new_zeros(len(y), dtype=torch.float32)
-        for q in controls:
-            if q in actions:
-                lp = lp + F.log_softmax(r.scores[q].float(), 1)[:, actions[q]]
-        log_p.append(lp)
-    rewards = torch.stack(rewards, 1)
+    rewards, log_p = path_rewards(executor, x, y, paths, controls, output, alpha)
     if temperature > 0:
         target = (rewards / temperature).softmax(1)
     else:
         target = F.one_hot(rewards.argmax(1), len(paths)).to(rewards.dtype)
-    return -(target * torch.stack(log_p, 1)).sum(1)
+    return -(target * log_p).sum(1)
 
 
 @register_policy
