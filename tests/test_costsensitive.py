@@ -336,3 +336,30 @@ def test_the_head_term_learns_what_only_the_heads_confidence_shows(tmp_path):
         assert run.reports["val"].cost_fraction <= budget + 1e-9
     assert accuracy["heads"] >= accuracy["threshold"] - 0.005, accuracy
     assert accuracy["heads"] >= accuracy["alone"] + 0.05, accuracy
+
+
+def test_lr_auto_keeps_the_rate_with_the_lowest_training_objective():
+    # One control node (fc, relu, fc) on 512 examples whose cheaper action depends on x[0]:
+    # `lr=auto` trains it at each rate from the same start and must end where the best of
+    # the fixed rates ends.
+    from d2graph.trainers.costsensitive import LEARNING_RATES, _objective, _scores, _Scorer
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 4)
+    costs = np.stack([np.where(x[:, 0].numpy() > 0, 0.0, 1.0), np.full(512, 0.5)], axis=1)
+    cache = types.SimpleNamespace(inputs={"Q": x}, heads={})
+    node = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    start = copy.deepcopy(node.state_dict())
+    c = torch.from_numpy(costs / (costs.max(1) - costs.min(1)).mean()).float()
+
+    def trained(lr) -> float:
+        node.load_state_dict(start)
+        trainer = CostSensitiveTrainer(**{"lambda": 1.0, "lr": lr})
+        trainer.seed = 0
+        module = _Scorer(node, 2, with_term=False)
+        trainer._train(module, cache, "Q", costs, [0, 1], 0)
+        with torch.no_grad():
+            return float(_objective("binary", _scores(module, cache, "Q"), c, [0, 1]))
+
+    fixed = [trained(lr) for lr in LEARNING_RATES]
+    assert trained("auto") == pytest.approx(min(fixed), abs=1e-6)

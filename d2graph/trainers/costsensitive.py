@@ -91,6 +91,11 @@ HEAD_FEATURES = ("maxprob", "entropy", "margin")
 
 LAMBDA_STEPS = 6  # bisection steps on λ (each one retrains every policy; the offset then meets the budget)
 OFFSET_STEPS = 40  # bisection steps on the final offset (a table lookup each)
+# `lr=auto`: every control node is trained with each rate from the same start, and the weights
+# with the lowest objective on the training cache are kept. One rate does not suit every
+# pipeline: 0.05 suits a linear node, and killed the ReLUs of high_low's conv-and-fc Q1 (its
+# scores became one constant, so no budget could split the examples).
+LEARNING_RATES = (0.05, 0.01, 0.002)
 # Examples per policy step: an eighth of the training split, within these bounds, so that
 # every epoch takes about eight Adam steps whatever the split's size.
 _BATCH = (256, 4096)
@@ -280,6 +285,15 @@ def _filter_tree(scores: Tensor, costs: Tensor, order: list[int]) -> Tensor:
     return total
 
 
+def _objective(method: str, scores: Tensor, costs: Tensor, order: list[int]) -> Tensor:
+    """The loss a control node's scores are trained on, for its costs [n, k]."""
+    if method == "expected":
+        return _expected_cost(scores, costs)
+    if method == "filter_tree":
+        return _filter_tree(scores, costs, order)
+    return _weighted_ce(scores, costs)  # binary, argmin
+
+
 def _last_bias(module: nn.Module, k: int) -> Tensor | None:
     """The bias of the control node's final `fc`, where its scores come straight from one."""
     last = module[-1] if isinstance(module, nn.Sequential) and len(module) else module
@@ -325,7 +339,9 @@ class CostSensitiveTrainer(Trainer):
         Param("multiclass", "choice", "expected", choices=MULTICLASS,
               doc="k > 2 actions: softmax expected cost, weighted cross-entropy to the cheapest, or a filter tree"),
         Param("epochs", "posint", 30, doc="passes over the cached training inputs per policy and λ"),
-        Param("lr", "number", 0.05, doc="Adam's learning rate for the control nodes"),
+        Param("lr", "number", "auto", also=("auto",),
+              doc="Adam's learning rate for the control nodes; `auto` trains each node with each of "
+                  f"{', '.join(map(str, LEARNING_RATES))} and keeps the lowest training objective"),
         Param("heads", "bool", True,
               doc="add to each control node's scores a learned linear term on its current head's confidence "
                   "(max probability, entropy, margin), so that it can express a confidence threshold"),
@@ -335,7 +351,7 @@ class CostSensitiveTrainer(Trainer):
         super().__init__(**params)
         bound = self.params
         check_budget(self, "lambda")
-        if not bound["lr"] > 0:
+        if bound["lr"] != "auto" and not bound["lr"] > 0:
             raise trainer_error(self.name, f"lr={bound['lr']} cannot learn", help="give a learning rate above 0, e.g. lr=0.01")
 
     def check_graph(self, graph) -> None:
@@ -457,15 +473,31 @@ class CostSensitiveTrainer(Trainer):
         gap = costs.max(1) - costs.min(1)
         if not gap.max() > 0:
             return  # every action costs the same for every example: nothing to prefer
-        params = [p for p in module.parameters() if p.requires_grad]
-        device = params[0].device
+        device = next(module.parameters()).device
         c = torch.from_numpy(costs / gap.mean()).float().to(device)  # unit mean gap: one lr for every λ
         x, head = cache.inputs[q], cache.heads.get(q)
-        n, k = c.shape
-        method = "binary" if k == 2 else str(self.params["multiclass"])
+        method = "binary" if c.shape[1] == 2 else str(self.params["multiclass"])
+        rates = LEARNING_RATES if self.params["lr"] == "auto" else (float(self.params["lr"]),)
+        start = copy.deepcopy(module.state_dict())
+        best: tuple[float, dict[str, Tensor]] | None = None
+        for lr in rates:
+            module.load_state_dict(start)
+            self._descend(module, x, head, c, order, method, lr, index)
+            with torch.no_grad():
+                module.eval()
+                value = float(_objective(method, _scores(module, cache, q).to(device), c, order))
+            if best is None or value < best[0]:
+                best = (value, copy.deepcopy(module.state_dict()))
+        module.load_state_dict(best[1])
+
+    def _descend(self, module: _Scorer, x: Tensor, head: Tensor | None, c: Tensor, order: list[int], method: str,
+                 lr: float, index: int) -> None:
+        """`epochs` passes of Adam at `lr` on the cached inputs, in steps of an eighth of them."""
+        n = len(c)
         step = min(max(math.ceil(n / 8), _BATCH[0]), _BATCH[1])
-        optimizer = torch.optim.Adam(params, lr=float(self.params["lr"]))
+        optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
         g = torch.Generator().manual_seed(self.seed + 7919 * (index + 1))
+        device = c.device
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
             torch.manual_seed(self.seed + index)  # dropout in a control node's pipeline, if any
             module.train()
@@ -474,12 +506,7 @@ class CostSensitiveTrainer(Trainer):
                 for start in range(0, n, step):
                     idx = perm[start:start + step]
                     scores = module(x[idx], None if head is None else head[idx])
-                    if method == "expected":
-                        objective = _expected_cost(scores, c[idx])
-                    elif method == "filter_tree":
-                        objective = _filter_tree(scores, c[idx], order)
-                    else:  # binary, argmin
-                        objective = _weighted_ce(scores, c[idx])
+                    objective = _objective(method, scores, c[idx], order)
                     optimizer.zero_grad(set_to_none=True)
                     objective.backward()
                     optimizer.step()
