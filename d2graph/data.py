@@ -22,7 +22,8 @@ Importing this module registers `digits`, `cluttered_digits` and `npz` in
 `schema.DATASETS`, which the checker validates `data = ...` against.
 
 Diagnostic codes (E9xx, data):
-  E901  the file does not exist or is not a readable .npz archive
+  E901  the file does not exist or is not a readable .npz archive (image_data.py uses it, and
+        E903, E904, E907 and E909, for its files and folders too)
   E902  an array is missing from the .npz (`x`, `y`, or half of an `x_val`/`y_val` pair)
   E903  wrong shapes: x and y lengths differ, y is not 1-D, x is not [N, F] / [N, H, W] /
         [N, C, H, W], or the splits' example shapes differ
