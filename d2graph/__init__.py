@@ -42,6 +42,7 @@ __version__ = "0.1.0"
 # (the imports inside functions are there for that). The stages that register data sets and
 # trainers are imported at the checker's first lookup of one.
 DATASETS.provided_by(f"{__name__}.data")
+DATASETS.provided_by(f"{__name__}.image_data")
 TRAINERS.provided_by(f"{__name__}.trainers")
 
 # Names the package re-exports from its stages, imported at first use (PEP 562).

@@ -22,7 +22,8 @@ Importing this module registers `digits`, `cluttered_digits` and `npz` in
 `schema.DATASETS`, which the checker validates `data = ...` against.
 
 Diagnostic codes (E9xx, data):
-  E901  the file does not exist or is not a readable .npz archive
+  E901  the file does not exist or is not a readable .npz archive (image_data.py uses it, and
+        E903, E904, E907 and E909, for its files and folders too)
   E902  an array is missing from the .npz (`x`, `y`, or half of an `x_val`/`y_val` pair)
   E903  wrong shapes: x and y lengths differ, y is not 1-D, x is not [N, F] / [N, H, W] /
         [N, C, H, W], or the splits' example shapes differ
@@ -64,8 +65,10 @@ from torch.utils.data import TensorDataset
 from .diagnostics import D2GraphError, Diagnostic, did_you_mean
 from .schema import DATASETS, Param, Schema
 
-__all__ = ["DatasetSpec", "Splits", "check_compatible", "check_fits", "check_input", "cluttered_digits", "digits",
-           "example_shape", "load", "memory_limit", "npz", "require_memory", "split_indices"]
+__all__ = ["IMAGE_OPTIONS", "Augmentation", "AugmentedDataset", "DatasetSpec", "Splits", "check_compatible",
+           "check_fits", "check_fractions", "check_input", "cluttered_digits", "data_error", "data_path", "digits",
+           "example_shape", "image_splits", "load", "memory_limit", "npz", "relabel", "require_memory",
+           "split_indices", "split_rng"]
 
 SPLITS = ("train", "val", "test")
 
@@ -131,8 +134,11 @@ class Splits:
         if "train" in meta:
             meta["train"] = {k: v[keep.numpy()] for k, v in meta["train"].items()}
             meta["holdout"] = {k: v[away.numpy()] for k, v in self.meta["train"].items()}
-        return Splits(self.name, TensorDataset(x[keep], y[keep]), self.val, self.test, self.classes,
-                      self.input_shape, meta, TensorDataset(x[away], y[away]))
+        train = TensorDataset(x[keep], y[keep])
+        if isinstance(self.train, AugmentedDataset):  # the held-out examples are not augmented
+            train = AugmentedDataset(x[keep], y[keep], augmentation=self.train.augmentation)
+        return Splits(self.name, train, self.val, self.test, self.classes, self.input_shape, meta,
+                      TensorDataset(x[away], y[away]))
 
 
 @dataclass(frozen=True)
@@ -162,8 +168,8 @@ def load(name: str, *, seed: int = 0, root: str | Path | None = None, **args: An
             return spec.load(**bound, seed=seed, root=root)
         return spec.load(**bound, seed=seed)
     except MemoryError:  # the estimate (E909) let it through, but the machine had less to give
-        raise _error("E909", f"the data set `{name}` ran out of memory while it was built",
-                     help="make it smaller, or lower D2GRAPH_MEMORY_LIMIT so that it is refused up front") from None
+        raise data_error("E909", f"the data set `{name}` ran out of memory while it was built",
+                         help="make it smaller, or lower D2GRAPH_MEMORY_LIMIT so that it is refused up front") from None
 
 
 def example_shape(name: str, *, root: str | Path | None = None, **args: Any) -> tuple[int, ...] | None:
@@ -201,7 +207,12 @@ def _thaw(v: Any) -> Any:
     return [_thaw(x) for x in v] if isinstance(v, (tuple, list)) else v
 
 
-def _error(code: str, message: str, help: str = "") -> D2GraphError:
+def data_error(code: str, message: str, help: str = "") -> D2GraphError:
+    """A data diagnostic (E9xx) as an exception, for every module that reads a data set.
+
+    Example:
+        >>> raise data_error("E901", "data file `x.npz` does not exist")   # doctest: +SKIP
+    """
     # Data errors have no place in the .d2 file to point at (E905/E906 do, and build their own).
     return D2GraphError([Diagnostic(code, message, help=help)])
 
@@ -222,7 +233,7 @@ def split_indices(labels: np.ndarray, val: float, test: float, rng: np.random.Ge
         >>> len(tr), len(va), len(te)
         (70, 20, 10)
     """
-    _check_fractions(val, test)
+    check_fractions(val, test)
     parts: list[list[np.ndarray]] = [[], [], []]
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
@@ -233,31 +244,32 @@ def split_indices(labels: np.ndarray, val: float, test: float, rng: np.random.Ge
     out = tuple(np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts)
     for name, p in zip(SPLITS, out):
         if len(p) == 0 and name in needed:
-            raise _error("E907", f"the {name} split would be empty",
-                         help="use more examples, or fractions that leave examples in every split")
+            raise data_error("E907", f"the {name} split would be empty",
+                             help="use more examples, or fractions that leave examples in every split")
     return out  # type: ignore[return-value]
 
 
-def _check_fractions(val: float, test: float) -> None:
+def check_fractions(val: float, test: float) -> None:
+    """E907 when the `val` and `test` fractions leave nothing to train on."""
     if val + test >= 1:
-        raise _error("E907", f"`val` + `test` = {val + test:g} leaves nothing to train on",
-                     help="the two fractions must sum to less than 1, e.g. `val=0.15, test=0.15`")
+        raise data_error("E907", f"`val` + `test` = {val + test:g} leaves nothing to train on",
+                         help="the two fractions must sum to less than 1, e.g. `val=0.15, test=0.15`")
 
 
-def _relabel(original: np.ndarray, known: int, classes: Any, binary: int, what: str
+def relabel(original: np.ndarray, known: int, classes: Any, binary: int, what: str
              ) -> tuple[np.ndarray, np.ndarray, int]:
     """(which examples to keep, their new labels, the number of classes) for a class subset
     (relabelled 0..k-1 in the order given) and/or a one-vs-rest task (1 = `binary`)."""
     subset = [int(c) for c in (classes or ())]
     for c in subset + ([binary] if binary != -1 else []):
         if not 0 <= c < known:
-            raise _error("E907", f"{what} has no class {c}",
-                         help=f"its classes are 0 to {known - 1}; `binary=-1` turns the one-vs-rest task off")
+            raise data_error("E907", f"{what} has no class {c}",
+                             help=f"its classes are 0 to {known - 1}; `binary=-1` turns the one-vs-rest task off")
     if len(set(subset)) != len(subset):
-        raise _error("E907", f"the class subset {subset} names a class twice", help="list each class once")
+        raise data_error("E907", f"the class subset {subset} names a class twice", help="list each class once")
     if subset and binary != -1 and binary not in subset:
-        raise _error("E907", f"`binary={binary}` is not in the class subset {subset}",
-                     help="add it to `classes` or leave `classes` empty")
+        raise data_error("E907", f"`binary={binary}` is not in the class subset {subset}",
+                         help="add it to `classes` or leave `classes` empty")
     keep = np.isin(original, subset) if subset else np.ones(len(original), bool)
     if binary != -1:
         return keep, (original[keep] == binary).astype(np.int64), 2
@@ -272,9 +284,109 @@ def _datasets(x: torch.Tensor, y: torch.Tensor, parts) -> list[TensorDataset]:
     return [TensorDataset(x[torch.as_tensor(p)], y[torch.as_tensor(p)]) for p in parts]
 
 
-def _rng(seed: int, *stream: int) -> np.random.Generator:
+def split_rng(seed: int, *stream: int) -> np.random.Generator:
+    """The numpy Generator for the purpose `stream` of a data set built from `seed`
+    (stream 0 cuts the splits)."""
     # One independent stream per purpose, so e.g. changing `n` never moves the split.
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, *stream])
+
+
+# --- image options: normalisation on every split, augmentation in training only ----------
+
+IMAGE_OPTIONS = (
+    Param("crop_padding", "nonneg", 0, doc="training only: pad each image by this many black pixels on every "
+                                           "side and crop it back to its size at a random place; 0 = off"),
+    Param("flip", "bool", False, doc="training only: mirror each image left-right with probability 1/2"),
+    Param("mean", "numbers", (), doc="per-channel mean subtracted from every split's images; [] = none"),
+    Param("std", "numbers", (), doc="per-channel standard deviation every split's images are divided by; [] = none"),
+)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random changes to a training batch [N, C, H, W]: a crop at a random place of each
+    image padded by `crop_padding` pixels of `fill` (one value per channel: black, as the
+    normalisation maps it), then a left-right mirror of each image with probability 1/2
+    when `flip`. Every number is drawn from the CPU `generator` handed in, whatever the
+    batch's device, so the same generator seed gives the same batch on every machine.
+
+    Example:
+        >>> a = Augmentation(crop_padding=1, flip=True, fill=(0.0,))
+        >>> a(torch.ones(2, 1, 3, 3), torch.Generator().manual_seed(0)).shape
+        torch.Size([2, 1, 3, 3])
+    """
+
+    crop_padding: int = 0
+    flip: bool = False
+    fill: tuple[float, ...] = ()
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, c, h, w = x.shape
+        p = self.crop_padding
+        # Drawn in full even when an option is off, so turning one on never moves the other's draws.
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        mirror = (torch.rand(n, generator=generator) < 0.5) & self.flip
+        if p:
+            fill = torch.tensor(self.fill or (0.0,) * c, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+            padded = fill.expand(n, c, h + 2 * p, w + 2 * p).clone()
+            padded[:, :, p:p + h, p:p + w] = x
+        else:
+            padded = x
+        across = torch.arange(w)
+        rows = dy[:, None] + torch.arange(h)
+        cols = dx[:, None] + torch.where(mirror[:, None], w - 1 - across, across)
+        # One gather picks each example's crop, mirrored or not.
+        index = (torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                 rows[:, None, :, None], cols[:, None, None, :])
+        return padded[tuple(i.to(x.device) for i in index)]
+
+
+class AugmentedDataset(TensorDataset):
+    """A training split whose batches `runs.Stage.batches` passes through `augmentation`
+    (seeded per step from the run's seed). Code that reads `.tensors` directly (evaluation,
+    the frozen-backbone trainers' caches) sees the images unchanged."""
+
+    def __init__(self, *tensors: torch.Tensor, augmentation: Augmentation):
+        super().__init__(*tensors)
+        self.augmentation = augmentation
+
+
+def image_splits(name: str, parts: dict[str, tuple[torch.Tensor, torch.Tensor]], classes: int,
+                 meta: dict[str, dict[str, np.ndarray]], *, crop_padding: int = 0, flip: bool = False,
+                 mean=(), std=()) -> Splits:
+    """`Splits` of image tensors x [N, C, H, W] in [0, 1] (`parts[split] = (x, y)`), with
+    `IMAGE_OPTIONS` applied: every split normalised in place by `mean`/`std`, and the
+    training split wrapped in an `AugmentedDataset` when `crop_padding` or `flip` asks
+    for it. E907 when `mean`/`std` do not give one number per channel, or a `std` is not
+    positive.
+
+    Example:
+        >>> x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
+        >>> s = image_splits("mine", {k: (x, y) for k in SPLITS}, 2, {}, flip=True, mean=[0.5] * 3)
+        >>> type(s.train).__name__, type(s.test).__name__
+        ('AugmentedDataset', 'TensorDataset')
+    """
+    channels = parts["train"][0].shape[1]
+    for option, values in (("mean", mean), ("std", std)):
+        if len(values) not in (0, channels):
+            raise data_error("E907", f"`{option}` gives {len(values)} numbers for images of {channels} "
+                                     f"channel{'s' if channels > 1 else ''}",
+                             help=f"give one number per channel, e.g. `{option}=[{', '.join(['0.5'] * channels)}]`")
+    if any(v <= 0 for v in std):
+        raise data_error("E907", f"`std={list(std)}` holds a number that is not positive",
+                         help="each channel's standard deviation must be above 0")
+    shift = torch.tensor([float(v) for v in mean] or [0.0] * channels).view(1, channels, 1, 1)
+    scale = torch.tensor([float(v) for v in std] or [1.0] * channels).view(1, channels, 1, 1)
+    if mean or std:
+        for x, _ in parts.values():
+            x.sub_(shift).div_(scale)
+    datasets = {s: TensorDataset(*parts[s]) for s in SPLITS}
+    if crop_padding or flip:
+        fill = tuple(float(v) for v in (-shift / scale).flatten())  # black, normalised
+        datasets["train"] = AugmentedDataset(*parts["train"], augmentation=Augmentation(crop_padding, flip, fill))
+    return Splits(name, *(datasets[s] for s in SPLITS), classes, tuple(int(d) for d in parts["train"][0].shape[1:]),
+                  meta)
 
 
 # --- digits -------------------------------------------------------------------------------
@@ -296,8 +408,8 @@ def _bundled_digits() -> tuple[np.ndarray, np.ndarray]:
         try:
             from sklearn.datasets import load_digits
         except ImportError:
-            raise _error("E901", "the built-in digits need scikit-learn, which is not installed",
-                         help="install it with `pip install scikit-learn`") from None
+            raise data_error("E901", "the built-in digits need scikit-learn, which is not installed",
+                             help="install it with `pip install scikit-learn`") from None
         bunch = load_digits()
         table = np.column_stack([bunch.data, bunch.target])
     images = (table[:, :64].reshape(-1, 8, 8) / 16.0).astype(np.float32)  # the scans hold counts 0..16
@@ -335,7 +447,7 @@ def digits(size: int = 8, pad: int = 0, classes=(), binary: int = -1, val: float
     # The resized images, the padded copy and the splits' copies, in float32.
     require_memory(3 * 1797 * side * side * 4, f"digits(size={size}, pad={pad})", "lower `size` or `pad`")
     images, original = _bundled_digits()
-    keep, y, k = _relabel(original, 10, classes, binary, "`digits`")
+    keep, y, k = relabel(original, 10, classes, binary, "`digits`")
     source = np.flatnonzero(keep)
     x = torch.from_numpy(images[source].copy()).unsqueeze(1)
     if size != 8:
@@ -344,7 +456,7 @@ def digits(size: int = 8, pad: int = 0, classes=(), binary: int = -1, val: float
         x = x.clamp_(0, 1)
     if pad:
         x = F.pad(x, (pad, pad, pad, pad))
-    parts = split_indices(original[source], val, test, _rng(seed, 0))
+    parts = split_indices(original[source], val, test, split_rng(seed, 0))
     train, val_, test_ = _datasets(x.contiguous(), torch.from_numpy(y), parts)
     return Splits("digits", train, val_, test_, k, (1, side, side),
                   {s: {"source": source[p]} for s, p in zip(SPLITS, parts)})
@@ -391,11 +503,11 @@ def cluttered_digits(size: int = 32, clutter: int = 3, scale_min: int = 12, scal
         ((1, 32, 32), 75, 150)
     """
     if not scale_min <= scale_max <= size:
-        raise _error("E907", f"the digit's side must satisfy scale_min <= scale_max <= size; "
-                     f"got {scale_min}, {scale_max} and {size}",
-                     help=f"lower `scale_max` to at most {size} or raise `size`" if scale_max > size
-                     else "`scale_min` is the smaller side: swap the two")
-    _check_fractions(val, test)
+        raise data_error("E907", f"the digit's side must satisfy scale_min <= scale_max <= size; "
+                         f"got {scale_min}, {scale_max} and {size}",
+                         help=f"lower `scale_max` to at most {size} or raise `size`" if scale_max > size
+                         else "`scale_min` is the smaller side: swap the two")
+    check_fractions(val, test)
     # The peak while a split is drawn: its canvases, grid_sample's sampling grid (two floats
     # a pixel), its output and the masked copy, then the copies handed out; in float32.
     require_memory(6 * n * size * size * 4, f"cluttered_digits(n={n}, size={size})", "lower `n` or `size`")
@@ -411,21 +523,21 @@ def cluttered_digits(size: int = 32, clutter: int = 3, scale_min: int = 12, scal
 @functools.lru_cache(maxsize=8)
 def _cluttered_cached(size, clutter, scale_min, scale_max, n, easy, classes, binary, val, test, seed):
     images, original = _bundled_digits()
-    keep, y_all, k = _relabel(original, 10, classes, binary, "`cluttered_digits`")
+    keep, y_all, k = relabel(original, 10, classes, binary, "`cluttered_digits`")
     pool_all = np.flatnonzero(keep)
     label_of = np.full(len(original), -1, np.int64)
     label_of[pool_all] = y_all
     # Split the *source digits* first: every canvas of a split (and its clutter) is drawn
     # from that split's digits only, so the test set measures generalisation to new writing.
-    source_parts = split_indices(original[pool_all], val, test, _rng(seed, 0))
+    source_parts = split_indices(original[pool_all], val, test, split_rng(seed, 0))
     n_val, n_test = round(n * val), round(n * test)
     counts = (n - n_val - n_test, n_val, n_test)
     if min(counts) == 0:
-        raise _error("E907", f"n={n} canvases leave a split empty", help="raise `n` or the split fractions")
+        raise data_error("E907", f"n={n} canvases leave a split empty", help="raise `n` or the split fractions")
     src = torch.tensor(images).unsqueeze(1)
     parts, meta = [], {}
     for i, (name, part, count) in enumerate(zip(SPLITS, source_parts, counts)):
-        x, m = _render(src, pool_all[part], count, size, clutter, scale_min, scale_max, easy, _rng(seed, 1, i))
+        x, m = _render(src, pool_all[part], count, size, clutter, scale_min, scale_max, easy, split_rng(seed, 1, i))
         parts.append((x, torch.from_numpy(label_of[m["source"]])))
         meta[name] = m
     return "cluttered_digits", parts, k, meta
@@ -539,15 +651,15 @@ def npz(path: str, num_classes: int = 0, classes=(), binary: int = -1, val: floa
         >>> npz("mine.npz", seed=0).describe()                 # doctest: +SKIP
         'mine.npz: 700 train / 150 val / 150 test, x [20], 3 classes'
     """
-    file = _npz_file(path, root)
+    file = data_path(path, root)
     given = _check_headers(_npz_headers(file, path), path)
     try:
         with np.load(file, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files if k in ("x", "y", *(f"{a}_{s}" for s in given
                                                                                   for a in "xy"))}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-        raise _error("E901", f"`{path}` is not a readable .npz archive ({type(e).__name__})",
-                     help="save the arrays with `numpy.savez(path, x=..., y=...)`") from None
+        raise data_error("E901", f"`{path}` is not a readable .npz archive ({type(e).__name__})",
+                         help="save the arrays with `numpy.savez(path, x=..., y=...)`") from None
     suffixes = ["", *(f"_{s}" for s in given)]
     # One float32 copy of each input, the type the network computes in: a float64 beyond
     # float32's range turns infinite here, so the finiteness check looks at this copy.
@@ -561,7 +673,7 @@ def npz(path: str, num_classes: int = 0, classes=(), binary: int = -1, val: floa
     for s, v in labels.items():
         if len(v) and (v.min() < 0 or v.max() >= known):
             bad = int(v.min()) if v.min() < 0 else int(v.max())
-            raise _error("E904", f"`y{s}` in `{path}` holds the label {bad}, outside [0, {known})",
+            raise data_error("E904", f"`y{s}` in `{path}` holds the label {bad}, outside [0, {known})",
                          help="labels are class indices 0..classes-1"
                          + ("; raise `num_classes` or fix the labels" if num_classes else ""))
 
@@ -571,19 +683,19 @@ def npz(path: str, num_classes: int = 0, classes=(), binary: int = -1, val: floa
 
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     meta: dict[str, dict[str, np.ndarray]] = {}
-    keep, y_main, k = _relabel(labels[""], known, classes, binary, f"`{path}`")
+    keep, y_main, k = relabel(labels[""], known, classes, binary, f"`{path}`")
     x_main = tensor(xs[""])[torch.from_numpy(np.flatnonzero(keep))]
     missing = [s for s in ("val", "test") if s not in given]
     if missing:
         # Only the splits the file lacks are cut from x; the others keep their fraction at 0.
         cut = {s: (val if s == "val" else test) if s in missing else 0.0 for s in ("val", "test")}
-        parts = split_indices(labels[""][keep], cut["val"], cut["test"], _rng(seed, 0), ("train", *missing))
+        parts = split_indices(labels[""][keep], cut["val"], cut["test"], split_rng(seed, 0), ("train", *missing))
     else:
         parts = (np.arange(len(y_main)), None, None)
     rows = np.flatnonzero(keep)
     for i, s in enumerate(SPLITS):
         if s in given:
-            kk, ys_, _ = _relabel(labels[f"_{s}"], known, classes, binary, f"`{path}`")
+            kk, ys_, _ = relabel(labels[f"_{s}"], known, classes, binary, f"`{path}`")
             out[s] = (tensor(xs[f"_{s}"])[torch.from_numpy(np.flatnonzero(kk))], torch.from_numpy(ys_))
             meta[s] = {"index": np.flatnonzero(kk)}
         else:
@@ -594,13 +706,18 @@ def npz(path: str, num_classes: int = 0, classes=(), binary: int = -1, val: floa
                   tuple(int(d) for d in out["train"][0].shape[1:]), meta)
 
 
-def _npz_file(path: str, root: str | Path | None) -> Path:
+def data_path(path: str, root: str | Path | None, kind: str = "file") -> Path:
+    """`path` as written in a `data = ...` call, relative to `root` (the .d2 file's folder)
+    unless absolute; E901 when there is no such `kind` there: "file", "folder" or
+    "file or folder"."""
     file = Path(path)
     if root is not None and not file.is_absolute():
         file = Path(root) / file
-    if not file.is_file():
-        raise _error("E901", f"data file `{path}` does not exist",
-                     help=f"looked for {file.resolve()}; write the path relative to the .d2 file")
+    found = (file.is_file() and "file" in kind) or (file.is_dir() and "folder" in kind)
+    if not found:
+        what = "does not exist" if not file.exists() else f"is not a {kind}"
+        raise data_error("E901", f"data {'file' if kind == 'file' else 'path'} `{path}` {what}",
+                         help=f"looked for {file.resolve()}; write the path relative to the .d2 file")
     return file
 
 
@@ -614,11 +731,11 @@ def _npz_headers(file: Path, path: str) -> dict[str, tuple[tuple[int, ...], np.d
         with open(file, "rb") as f:
             start = f.read(len(NPY_MAGIC))
     except OSError as e:
-        raise _error("E901", f"`{path}` cannot be read ({e.strerror})", help="check the file's permissions") from None
+        raise data_error("E901", f"`{path}` cannot be read ({e.strerror})", help="check the file's permissions") from None
     if start == NPY_MAGIC:
-        raise _error("E901", f"`{path}` is a .npy file, which holds one array; `npz` needs an .npz archive holding "
+        raise data_error("E901", f"`{path}` is a .npy file, which holds one array; `npz` needs an .npz archive holding "
                              "the inputs `x` and the labels `y`",
-                     help="save both arrays in one archive: `numpy.savez(\"data.npz\", x=x, y=y)`")
+                         help="save both arrays in one archive: `numpy.savez(\"data.npz\", x=x, y=y)`")
     headers = {}
     try:
         with zipfile.ZipFile(file) as archive:
@@ -635,8 +752,8 @@ def _npz_headers(file: Path, path: str) -> dict[str, tuple[tuple[int, ...], np.d
                         raise ValueError(f"array format {version}")
                 headers[info.filename[:-4]] = (tuple(int(d) for d in shape), np.dtype(dtype))
     except (ValueError, OSError, zipfile.BadZipFile, EOFError, RuntimeError) as e:
-        raise _error("E901", f"`{path}` is not a readable .npz archive ({type(e).__name__})",
-                     help="save the arrays with `numpy.savez(path, x=..., y=...)`") from None
+        raise data_error("E901", f"`{path}` is not a readable .npz archive ({type(e).__name__})",
+                         help="save the arrays with `numpy.savez(path, x=..., y=...)`") from None
     return headers
 
 
@@ -645,14 +762,14 @@ def _check_headers(headers: dict[str, tuple[tuple[int, ...], np.dtype]], path: s
     itself ("val", "test")."""
     for key in ("x", "y"):
         if key not in headers:
-            raise _error("E902", f"`{path}` has no array `{key}`",
-                         help=f"it holds {_names(headers)}; save the inputs as `x` and the labels as `y`")
+            raise data_error("E902", f"`{path}` has no array `{key}`",
+                             help=f"it holds {_names(headers)}; save the inputs as `x` and the labels as `y`")
     given = []
     for split in ("val", "test"):
         pair = [f"x_{split}" in headers, f"y_{split}" in headers]
         if any(pair) and not all(pair):
             have, lack = (f"x_{split}", f"y_{split}") if pair[0] else (f"y_{split}", f"x_{split}")
-            raise _error("E902", f"`{path}` has `{have}` but no `{lack}`", help="give both arrays of a split, or neither")
+            raise data_error("E902", f"`{path}` has `{have}` but no `{lack}`", help="give both arrays of a split, or neither")
         if all(pair):
             given.append(split)
     example = None
@@ -660,17 +777,17 @@ def _check_headers(headers: dict[str, tuple[tuple[int, ...], np.dtype]], path: s
     for suffix in ["", *(f"_{s}" for s in given)]:
         (x_shape, x_type), (y_shape, y_type) = headers[f"x{suffix}"], headers[f"y{suffix}"]
         if len(y_shape) != 1:
-            raise _error("E903", f"`y{suffix}` in `{path}` has shape {list(y_shape)}; labels must be one integer per "
+            raise data_error("E903", f"`y{suffix}` in `{path}` has shape {list(y_shape)}; labels must be one integer per "
                                  "example", help="save the labels as a 1-D array of class indices, not one-hot rows")
         _check_label_type(y_type, f"y{suffix}", path)
         if len(x_shape) not in (2, 3, 4) or x_type.kind not in "biuf":
-            raise _error("E903", f"`x{suffix}` in `{path}` has shape {list(x_shape)} and dtype {x_type}",
-                         help="x must hold numbers shaped [N, F], [N, H, W] or [N, C, H, W]")
+            raise data_error("E903", f"`x{suffix}` in `{path}` has shape {list(x_shape)} and dtype {x_type}",
+                             help="x must hold numbers shaped [N, F], [N, H, W] or [N, C, H, W]")
         if x_shape[0] != y_shape[0]:
-            raise _error("E903", f"`x{suffix}` in `{path}` holds {x_shape[0]} examples but `y{suffix}` holds "
+            raise data_error("E903", f"`x{suffix}` in `{path}` holds {x_shape[0]} examples but `y{suffix}` holds "
                                  f"{y_shape[0]} labels", help="give one label per example, in the same order")
         if example is not None and x_shape[1:] != example:
-            raise _error("E903", f"`x{suffix}` in `{path}` holds examples of shape {list(x_shape[1:])}, `x` of "
+            raise data_error("E903", f"`x{suffix}` in `{path}` holds examples of shape {list(x_shape[1:])}, `x` of "
                                  f"{list(example)}", help="every split must hold examples of one shape")
         example = x_shape[1:]
         # The arrays as stored, a float32 copy of x, and the split copies cut from it.
@@ -687,21 +804,21 @@ def _check_finite(x: np.ndarray, name: str, path: str) -> None:
     if nan or inf:
         first = int(np.flatnonzero((~np.isfinite(x.reshape(len(x), -1))).any(axis=1))[0])
         what = " and ".join(f"{n:,} {kind}" for n, kind in ((nan, "NaN"), (inf, "infinite")) if n)
-        raise _error("E908", f"`{name}` in `{path}` holds {what} value{'s' if nan + inf > 1 else ''} "
+        raise data_error("E908", f"`{name}` in `{path}` holds {what} value{'s' if nan + inf > 1 else ''} "
                              f"(as float32; the first in example {first})",
-                     help="replace or drop them before saving, e.g. `x = numpy.nan_to_num(x)` or keep the rows "
+                         help="replace or drop them before saving, e.g. `x = numpy.nan_to_num(x)` or keep the rows "
                           "where `numpy.isfinite(x).all(axis=1)`; values beyond ±3.4e38 overflow float32")
 
 
 def _check_label_type(dtype: np.dtype, name: str, path: str) -> None:
     if dtype.kind in "US":
-        raise _error("E904", f"`{name}` in `{path}` holds strings (dtype {dtype}); labels must be integer class "
+        raise data_error("E904", f"`{name}` in `{path}` holds strings (dtype {dtype}); labels must be integer class "
                              "indices 0..classes-1",
-                     help="map each label to an integer before saving, e.g. "
+                         help="map each label to an integer before saving, e.g. "
                           "`names, y = numpy.unique(y, return_inverse=True)` (keep `names` to read the classes back)")
     if dtype.kind not in "iubf":
-        raise _error("E904", f"`{name}` in `{path}` holds labels that are not integers (dtype {dtype})",
-                     help="labels are class indices 0..classes-1, saved as an integer array")
+        raise data_error("E904", f"`{name}` in `{path}` holds labels that are not integers (dtype {dtype})",
+                         help="labels are class indices 0..classes-1, saved as an integer array")
 
 
 def _labels(y: np.ndarray, name: str, path: str) -> np.ndarray:
@@ -710,13 +827,13 @@ def _labels(y: np.ndarray, name: str, path: str) -> np.ndarray:
         return y.astype(np.int64)
     if not np.all(np.isfinite(y)):
         bad = int(np.count_nonzero(~np.isfinite(y)))
-        raise _error("E908", f"`{name}` in `{path}` holds {bad:,} NaN or infinite label{'s' if bad > 1 else ''} "
+        raise data_error("E908", f"`{name}` in `{path}` holds {bad:,} NaN or infinite label{'s' if bad > 1 else ''} "
                              f"(the first in example {int(np.flatnonzero(~np.isfinite(y))[0])})",
-                     help="every example needs a class index; drop the examples without one")
+                         help="every example needs a class index; drop the examples without one")
     if np.all(y == np.round(y)):
         return y.astype(np.int64)  # whole numbers saved as floats (e.g. from pandas) are fine
-    raise _error("E904", f"`{name}` in `{path}` holds labels that are not integers (dtype {y.dtype})",
-                 help="labels are class indices; convert one-hot or probability rows with `argmax`")
+    raise data_error("E904", f"`{name}` in `{path}` holds labels that are not integers (dtype {y.dtype})",
+                     help="labels are class indices; convert one-hot or probability rows with `argmax`")
 
 
 def _names(arrays: dict) -> str:
@@ -740,8 +857,8 @@ def memory_limit() -> int:
         try:
             return int(float(text))
         except ValueError:
-            raise _error("E909", f"D2GRAPH_MEMORY_LIMIT={text!r} is not a number of bytes",
-                         help="e.g. `D2GRAPH_MEMORY_LIMIT=8e9` for 8 GB, or unset it (half the physical memory)") \
+            raise data_error("E909", f"D2GRAPH_MEMORY_LIMIT={text!r} is not a number of bytes",
+                             help="e.g. `D2GRAPH_MEMORY_LIMIT=8e9` for 8 GB, or unset it (half the physical memory)") \
                 from None
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
@@ -762,9 +879,9 @@ def require_memory(needed: int, what: str, help: str) -> None:
     limit = memory_limit()
     if needed > limit:
         source = "D2GRAPH_MEMORY_LIMIT" if os.environ.get("D2GRAPH_MEMORY_LIMIT") else "half the physical memory"
-        raise _error("E909", f"{what} would need about {_bytes(needed)} of memory to load, more than the limit of "
+        raise data_error("E909", f"{what} would need about {_bytes(needed)} of memory to load, more than the limit of "
                              f"{_bytes(limit)} ({source})",
-                     help=f"{help}; the limit is the environment variable D2GRAPH_MEMORY_LIMIT (bytes) when set")
+                         help=f"{help}; the limit is the environment variable D2GRAPH_MEMORY_LIMIT (bytes) when set")
 
 
 def _bytes(n: float) -> str:
@@ -809,8 +926,8 @@ def check_input(graph, shape: tuple[int, ...], name: str) -> None:
     data_shape = tuple(shape)
     inputs = graph.inputs
     if len(inputs) != 1:
-        raise _error("E905", f"graph `{graph.name}` has {len(inputs)} inputs; a data set feeds exactly one",
-                     help="declare one `input` node")
+        raise data_error("E905", f"graph `{graph.name}` has {len(inputs)} inputs; a data set feeds exactly one",
+                         help="declare one `input` node")
     node = inputs[0]
     want = tuple(node.out_shape or ())
     if want != data_shape:
@@ -853,7 +970,7 @@ def _cluttered_shape(size: int = 32, **_: Any) -> tuple[int, ...]:
 
 
 def _npz_shape(path: str, *, root: str | Path | None = None, **_: Any) -> tuple[int, ...]:
-    headers = _npz_headers(_npz_file(path, root), path)
+    headers = _npz_headers(data_path(path, root), path)
     _check_headers(headers, path)
     shape = headers["x"][0][1:]
     return (1, *shape) if len(shape) == 2 else shape  # [N, H, W] gets a channel axis

@@ -699,6 +699,9 @@ class _Stop(Exception):
     pass
 
 
+AUGMENT_STREAM = 0xA6  # the key of the augmentation's random numbers among a step's streams
+
+
 class Stage:
     """What a trainer gets to run one stage: settings, an optimiser, epochs and batches that
     resume where an interrupted run stopped, deterministic random numbers, the metrics log.
@@ -750,8 +753,12 @@ class Stage:
 
     def batches(self, dataset, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled batches of `dataset` for `epoch`, on the stage's device; resumes mid-epoch.
-        Before each step the global torch seed is set from (seed, stage, epoch, step)."""
+        Before each step the global torch seed is set from (seed, stage, epoch, step). A
+        training split with augmentation (`data.AugmentedDataset`) has each batch changed by
+        it, with its own generator seeded from (seed, stage, epoch, step), so a rerun or a
+        resumed run sees the same images."""
         x_all, y_all = dataset.tensors
+        augmentation = dataset.augmentation if isinstance(dataset, data_module.AugmentedDataset) else None
         n = len(y_all)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.index, epoch)))
         steps = math.ceil(n / self.batch)
@@ -771,7 +778,11 @@ class Stage:
                     self.session.checkpoint(self, epoch=epoch, step=step)
                 torch.manual_seed(derive_seed(self.seed, self.index, epoch, step))
                 idx = order[step * self.batch:(step + 1) * self.batch]
-                yield x_all[idx].to(self.device), y_all[idx].to(self.device)
+                x = x_all[idx].to(self.device)
+                if augmentation is not None:
+                    x = augmentation(x, torch.Generator().manual_seed(
+                        derive_seed(self.seed, self.index, epoch, step, AUGMENT_STREAM)))
+                yield x, y_all[idx].to(self.device)
                 self.steps_done = step + 1
                 if bar is not None:
                     bar.update(1)
