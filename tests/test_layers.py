@@ -35,7 +35,7 @@ LAYERS = [
     {"ast", "layers"},
     {"syntax", "cost"},
     {"ir"},
-    {"check", "fmt", "render", "data"},
+    {"check", "fmt", "render", "data", "image_data"},
     {"executor"},
     {"paths", "policies"},
     {"bench", "evaluate", "predictions", "plots"},
