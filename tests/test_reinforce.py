@@ -93,6 +93,17 @@ def fit(graph, backbone, **params):
     return trained, report
 
 
+def on_validation(graph, backbone, n: int):
+    """The backbone's executor in eval mode, the first n validation examples and the static paths."""
+    from d2graph.paths import static_paths
+
+    base, weights = backbone
+    base.executor.load_state_dict(weights)
+    base.executor.eval()
+    x, y = base.data.val.tensors[0][:n], base.data.val.tensors[1][:n]
+    return base.executor, x, y, [actions for actions, _ in static_paths(graph)]
+
+
 def flagged(dataset) -> np.ndarray:
     return dataset.tensors[0][:, 0].numpy() > 0
 
@@ -272,15 +283,9 @@ def test_a_couple_of_steps_on_each_example(name, params):
 def test_the_exact_gradient_is_the_gradient_of_the_expected_reward(graph, backbone):
     # Two paths: stop at A (Q = 0) or run B (Q = 1). expected_reward must be
     # π(0)·R_A + π(1)·R_B per example, with R from forced passes and π from Q's softmax.
-    from d2graph.paths import static_paths
     from d2graph.trainers.reinforce import expected_reward
 
-    base, weights = backbone
-    executor = base.executor
-    executor.load_state_dict(weights)
-    executor.eval()
-    x, y = base.data.val.tensors[0][:64], base.data.val.tensors[1][:64]
-    paths = [actions for actions, _ in static_paths(graph)]
+    executor, x, y, paths = on_validation(graph, backbone, 64)
     got = expected_reward(executor, x, y, paths, ["Q"], "y", 0.5)
     pi = torch.softmax(executor.nodes["Q"](x).float(), 1)
     want = 0.0
@@ -302,16 +307,10 @@ def test_the_best_path_loss_pulls_on_examples_the_expected_reward_has_given_up(g
     # better path (A answers them, B costs 140× more), yet the expected reward's gradient there
     # carries π(stop)·π(run) ≈ 0: no example could ever move back. The best-path loss is the
     # cross-entropy to softmax(R / τ) over the paths, and pulls on exactly those.
-    from d2graph.paths import static_paths
     from d2graph.trainers.reinforce import best_path_loss, expected_reward
 
-    base, weights = backbone
-    executor = base.executor
-    executor.load_state_dict(weights)
-    executor.eval()
-    x, y = base.data.val.tensors[0][:256], base.data.val.tensors[1][:256]
+    executor, x, y, paths = on_validation(graph, backbone, 256)
     easy = x[:, 0] > 0
-    paths = [actions for actions, _ in static_paths(graph)]
     fc = executor.nodes["Q"][0]
     with torch.no_grad():
         fc.weight.zero_()
