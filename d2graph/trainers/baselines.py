@@ -54,7 +54,8 @@ from .toolkit import (
 )
 
 __all__ = ["MEASURES", "OraclePolicy", "OracleTrainer", "StaticTrainer", "ThresholdPolicy", "ThresholdTrainer",
-           "UniformPolicy", "UniformTrainer", "confidence", "static_path_results", "uniform_expected_cost"]
+           "UniformPolicy", "UniformTrainer", "confidence", "head_confidences", "static_path_results",
+           "uniform_expected_cost"]
 
 MEASURES = ("maxprob", "entropy", "margin")
 
@@ -110,6 +111,21 @@ def confidence(scores: Tensor, measure: str) -> Tensor:
     raise ValueError(f"unknown confidence measure {measure!r}; the measures are {', '.join(MEASURES)}")
 
 
+def head_confidences(executor: Executor, x: Tensor, heads, measures=MEASURES) -> tuple[Result, dict[str, Tensor]]:
+    """One pass of the whole graph (mode="all": every node on every example) and each named
+    head's `confidence` by each of `measures`, float64 CPU [B, len(measures)] by head name
+    (zero rows where a head did not run)."""
+    wanted = sorted(set(heads))
+    result = executor(x, mode="all", keep=wanted)
+    found = {}
+    for head in wanted:
+        index, scores = result.values[head]
+        conf = torch.zeros(result.batch_size, len(measures), dtype=torch.float64)
+        conf[index.cpu()] = torch.stack([confidence(scores, m) for m in measures], dim=1).cpu()
+        found[head] = conf
+    return result, found
+
+
 # --- threshold ------------------------------------------------------------------------------
 
 
@@ -135,16 +151,9 @@ class ThresholdPolicy(Policy):
 
     def confidences(self, executor: Executor, x: Tensor) -> dict[str, Tensor]:
         """Each control node's confidence, float64 CPU [B]."""
-        wanted = sorted(set(self.heads.values()))
         with torch.no_grad():
-            result = executor(x, mode="all", keep=wanted)
-            by_head = {}
-            for head in wanted:
-                index, scores = result.values[head]
-                conf = torch.zeros(result.batch_size, dtype=torch.float64)
-                conf[index.cpu()] = confidence(scores, self.measure).cpu()
-                by_head[head] = conf
-        return {q: by_head[h] for q, h in self.heads.items()}
+            _, by_head = head_confidences(executor, x, self.heads.values(), (self.measure,))
+        return {q: by_head[h][:, 0] for q, h in self.heads.items()}
 
     def actions_at(self, tau: float | Tensor, conf: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The actions at threshold `tau` (a number, or one per example) given the confidences."""

@@ -24,7 +24,7 @@ Guarantees:
   - The head term (`heads=true`): a control node j with a current head h (`paths.current_head`,
     the classifier that answers if j stops; the one `threshold` reads) scores action a as
     s_a(j's input) + W_a · f(h) + b_a, where f is h's max probability, 1 − normalised entropy
-    and margin (`head_features`) and W, b start at zero and learn with j's pipeline. It lets
+    and margin (`baselines.head_confidences`) and W, b start at zero and learn with j's pipeline. It lets
     the policy express a per-node confidence threshold even where j reads only features (the
     D²NN cascade). Deciding then needs the heads, so the policy runs the graph once in mode
     "all" and routes with a forced pass; the cost reported is the forced pass's.
@@ -73,21 +73,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..executor import Executor, Result
+from ..executor import Executor
 from ..paths import action_order, current_head, parameter_count, static_paths
 from ..policies import LearnedPolicy, Policy, evaluating, register_policy, run_policy
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
-from .baselines import confidence
+from .baselines import MEASURES, head_confidences
 from .toolkit import PathTable, budget_param, calibrate, check_budget, search_under_budget
 
-__all__ = ["CostSensitivePolicy", "CostSensitiveTrainer", "HEAD_FEATURES", "LOSSES", "MULTICLASS", "head_features",
-           "head_values", "lambda_at"]
+__all__ = ["CostSensitivePolicy", "CostSensitiveTrainer", "LOSSES", "MULTICLASS", "lambda_at"]
 
 LOSSES = ("error", "cross_entropy")
 MULTICLASS = ("expected", "argmin", "filter_tree")
-# What the head term reads of a control node's current head: three ways of saying how sure it is.
-HEAD_FEATURES = ("maxprob", "entropy", "margin")
 
 LAMBDA_STEPS = 6  # bisection steps on λ (each one retrains every policy; the offset then meets the budget)
 OFFSET_STEPS = 40  # bisection steps on the final offset (a table lookup each)
@@ -186,31 +183,6 @@ class _SplitCache(PathTable):
         return fraction[path], loss[path, rows], correct[path, rows]
 
 
-def head_features(scores: Tensor) -> Tensor:
-    """How sure a head is, float64 [B, 3]: its max probability, 1 − normalised entropy and
-    margin (`HEAD_FEATURES`, each in [0, 1]), from its class scores [B, C].
-
-    Example:
-        >>> head_features(torch.tensor([[0.0, 0.0]])).tolist()
-        [[0.5, 0.0, 0.0]]
-    """
-    return torch.stack([confidence(scores, m) for m in HEAD_FEATURES], dim=1)
-
-
-def head_values(executor: Executor, x: Tensor, heads) -> tuple[Result, dict[str, Tensor]]:
-    """One pass of the whole graph (mode="all": every node on every example) and each head's
-    `head_features` on the batch, float64 CPU [B, 3], by head name."""
-    wanted = sorted(set(heads))
-    result = executor(x, mode="all", keep=wanted)
-    found = {}
-    for head in wanted:
-        index, scores = result.values[head]
-        feats = torch.zeros(result.batch_size, len(HEAD_FEATURES), dtype=torch.float64)
-        feats[index.cpu()] = head_features(scores).cpu()
-        found[head] = feats
-    return result, found
-
-
 @register_policy
 class CostSensitivePolicy(Policy):
     """Each control node's own scores plus a linear term on its current head's confidence:
@@ -230,7 +202,7 @@ class CostSensitivePolicy(Policy):
 
     def decide(self, executor, x, y=None, generator=None):
         with torch.no_grad():
-            result, found = head_values(executor, x, self.heads.values())
+            result, found = head_confidences(executor, x, self.heads.values())
             actions = {}
             for q in executor.graph.control_nodes:
                 s = result.scores[q.name].double().cpu()
@@ -305,13 +277,14 @@ def _last_bias(module: nn.Module, k: int) -> Tensor | None:
 class _Scorer(nn.Module):
     """What `costsensitive` trains for one control node: the node's own pipeline on its input,
     plus, where the node has a current head, `term` — a linear map of the head's features
-    (`head_features`), zero at the start, so that training begins from the node alone."""
+    (its `confidence` by every measure, `baselines.head_confidences`), zero at the start, so
+    that training begins from the node alone."""
 
     def __init__(self, node: nn.Module, k: int, with_term: bool):
         super().__init__()
         self.node = node
         # skip_init: no draw from the caller's random stream for weights that start at zero.
-        self.term = nn.utils.skip_init(nn.Linear, len(HEAD_FEATURES), k) if with_term else None
+        self.term = nn.utils.skip_init(nn.Linear, len(MEASURES), k) if with_term else None
         if self.term is not None:
             nn.init.zeros_(self.term.weight)
             nn.init.zeros_(self.term.bias)
@@ -603,7 +576,7 @@ def _head_table(executor: Executor, cache: _SplitCache, heads: Mapping[str, str]
     parts: dict[str, list[Tensor]] = {h: [] for h in set(heads.values())}
     with evaluating(executor):
         for start in range(0, cache.n, cache.batch):
-            _, found = head_values(executor, cache.x[start:start + cache.batch].to(cache.device), heads.values())
+            _, found = head_confidences(executor, cache.x[start:start + cache.batch].to(cache.device), heads.values())
             for h, feats in found.items():
                 parts[h].append(feats)
     return {q: torch.cat(parts[h]).float().to(cache.inputs[q].device) for q, h in heads.items()}
