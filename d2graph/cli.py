@@ -380,8 +380,7 @@ def cmd_train(args) -> int:
     if echo:
         echo(f"run folder: {run.folder}")
     try:
-        root = Path(config.data_root) if config.data_root else Path(source).resolve().parent
-        trained = train(graph, config, run, resume=bool(args.resume), root=root,
+        trained = train(graph, config, run, resume=bool(args.resume), root=config.data_folder(source),
                         quiet=args.quiet, echo=echo)
     except Interrupted:
         print(f"interrupted: the last checkpoint is in {run.folder / 'last.pt'}; continue with "
@@ -514,8 +513,7 @@ def _load_run(folder, checkpoint: str) -> dict:
     other = {"last": "best", "best": "last"}.get(checkpoint)
     intact = other is not None and (run.folder / f"{other}.pt").is_file()
     help = f"try the run's other checkpoint: `--checkpoint {other}`" if intact else None
-    root = Path(run.config.data_root) if run.config.data_root else run.source.resolve().parent
-    return _restore(load(run.source), run.config, root, path, help=help)
+    return _restore(load(run.source), run.config, run.config.data_folder(run.source), path, help=help)
 
 
 def _restore(graph, config, root: Path, path: Path, help: str | None = None) -> dict:

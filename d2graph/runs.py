@@ -155,6 +155,11 @@ class Config:
     # that `eval` and `--resume`, which read the source copy in the run folder, find the data.
     data_root: str | None = None
 
+    def data_folder(self, source: str | Path) -> Path:
+        """Where relative data paths are read from: `data_root` when the run recorded one, else
+        the folder of `source` (the .d2 file, or the run folder's copy of it)."""
+        return Path(self.data_root) if self.data_root else Path(source).resolve().parent
+
     def to_json(self) -> dict[str, Any]:
         out = {"graph": self.graph, "data": self.data, "settings": self.settings, "stages": self.stages}
         return out if self.data_root is None else {**out, "data_root": self.data_root}
