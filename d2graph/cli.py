@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -213,6 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             command = command.subcommands[args.policy_command]
         command.error(_unrecognized(command, extras))
     try:
+        if args.command != "train" and _under_torchrun():
+            # Every process would run the whole command and write the same files.
+            raise _usage(f"`d2graph {args.command}` runs in one process; only `train` runs under torchrun",
+                         f"run `d2graph {args.command} ...` without torchrun (docs/scaling.md)")
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -338,29 +343,42 @@ def cmd_bench(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .check import load
+    from .distributed import start
+
+    group = start()  # one process, unless torchrun started this one among several
+    try:
+        return _train_command(args, group)
+    finally:
+        group.close()
+
+
+def _train_command(args, group) -> int:
+    from .check import check_text, load
     from .executor import require_buildable
     from .runs import Interrupted, Run, refuse_sweep, resolve, train
     from .syntax import read_source
 
-    if args.resume:
-        if args.file or args.overrides or args.out:
-            raise _usage("--resume continues a run as it was configured",
-                         "give only the run folder: `d2graph train --resume RUN`")
-        refuse_sweep(args.resume, "--resume")
-        run = Run.open(args.resume)
-        source = run.source
-        graph = load(source, allow_imports=args.allow_imports)
-        config = run.config
-        if args.threads is not None:  # the machine's, not the run's: it may be busier than the first one
-            from .threads import thread_count
+    def prepare():
+        """The graph, config and run (process 0 makes or opens the run folder; under torchrun
+        the others get the source and config from it, and no folder)."""
+        if args.resume:
+            if args.file or args.overrides or args.out:
+                raise _usage("--resume continues a run as it was configured",
+                             "give only the run folder: `d2graph train --resume RUN`")
+            refuse_sweep(args.resume, "--resume")
+            run = Run.open(args.resume)
+            source = run.source
+            graph = load(source, allow_imports=args.allow_imports)
+            config = run.config
+            if args.threads is not None:  # the machine's, not the run's: it may be busier than the first one
+                from .threads import thread_count
 
-            recorded, config.settings["threads"] = config.settings["threads"], thread_count(args.threads)
-            if config.settings["threads"] != recorded:
-                print(f"note: resuming on {config.settings['threads']} thread(s), not the {recorded} in the run's "
-                      "config.json: the metrics may differ in their last digits from an uninterrupted run",
-                      file=sys.stderr)
-    else:
+                recorded, config.settings["threads"] = config.settings["threads"], thread_count(args.threads)
+                if config.settings["threads"] != recorded:
+                    print(f"note: resuming on {config.settings['threads']} thread(s), not the {recorded} in the run's "
+                          "config.json: the metrics may differ in their last digits from an uninterrupted run",
+                          file=sys.stderr)
+            return graph, source, config, run
         if not args.file:
             raise _usage("train needs a .d2 file (or --resume RUN)", "e.g. `d2graph train examples/early_exit.d2`")
         graph = load(args.file, allow_imports=args.allow_imports)
@@ -368,26 +386,47 @@ def cmd_train(args) -> int:
         source = Path(args.file)
         config = resolve(graph, _with_threads(args))
         if args.print_config:
-            print(config.text(), end="")
-            return EXIT_OK
+            return graph, source, config, None
         config.data_root = str(source.resolve().parent)
         run = Run.create(graph, read_source(args.file), config, args.out)
         if run.restarted:
             print(f"note: {run.folder} held a run that stopped before its first checkpoint; starting it again there",
                   file=sys.stderr)
-    _print_diagnostics(graph.warnings)
-    echo = (lambda text: print(text, file=sys.stderr)) if not args.quiet else None
+        return graph, source, config, run
+
+    prepared = []
+
+    def on_main():
+        prepared.append(prepare())
+        graph, source, config, _ = prepared[0]
+        return read_source(source), str(source), config
+
+    text, name, config = group.from_main(on_main)
+    if group.main:
+        graph, source, config, run = prepared[0]
+    else:  # the same graph and config as process 0, and no run folder
+        source, run = Path(name), None
+        graph = check_text(text, name, allow_imports=args.allow_imports)
+    if args.print_config:
+        if group.main:
+            print(config.text(), end="")
+        return EXIT_OK
+    if group.main:
+        _print_diagnostics(graph.warnings)
+    echo = (lambda text: print(text, file=sys.stderr)) if not args.quiet and group.main else None
     if echo:
-        echo(f"run folder: {run.folder}")
+        echo(f"run folder: {run.folder}" + (f" (process 0 of {group.world} writes it)" if group.world > 1 else ""))
     try:
         trained = train(graph, config, run, resume=bool(args.resume), root=config.data_folder(source),
-                        quiet=args.quiet, echo=echo)
+                        quiet=args.quiet or not group.main, echo=echo, group=group)
     except Interrupted:
-        print(f"interrupted: the last checkpoint is in {run.folder / 'last.pt'}; continue with "
-              f"`d2graph train --resume {run.folder}`", file=sys.stderr)
+        if group.main:
+            print(f"interrupted: the last checkpoint is in {run.folder / 'last.pt'}; continue with "
+                  f"`d2graph train --resume {run.folder}`", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(_summary(graph, trained.reports["test"], trained.policy.describe(), trained.full.get("test")))
-    print(f"run folder: {run.folder}")
+    if group.main:
+        print(_summary(graph, trained.reports["test"], trained.policy.describe(), trained.full.get("test")))
+        print(f"run folder: {run.folder}")
     return EXIT_OK
 
 
@@ -560,6 +599,14 @@ def _run_stats(folder: str, graphs) -> dict:
     if any(g.name != run.config.graph for g in graphs):
         raise _usage(f"{folder} is a run of graph `{run.config.graph}`", "draw that graph with these statistics")
     return json.loads(path.read_text())["test"]
+
+
+def _under_torchrun() -> bool:
+    if "WORLD_SIZE" not in os.environ:  # the common case decided without importing torch
+        return False
+    from .distributed import under_torchrun
+
+    return under_torchrun()
 
 
 def _usage(message: str, help: str) -> D2GraphError:

@@ -66,9 +66,9 @@ from .diagnostics import D2GraphError, Diagnostic, did_you_mean
 from .schema import DATASETS, Param, Schema
 
 __all__ = ["IMAGE_OPTIONS", "Augmentation", "AugmentedDataset", "DatasetSpec", "Splits", "check_compatible",
-           "check_fits", "check_fractions", "check_input", "cluttered_digits", "data_error", "data_path", "digits",
-           "example_shape", "image_splits", "load", "memory_limit", "npz", "relabel", "require_memory",
-           "split_indices", "split_rng"]
+           "check_fits", "check_fractions", "check_input", "check_label_range", "cluttered_digits", "data_error",
+           "data_path", "digits", "example_shape", "fractions_to_cut", "image_splits", "load", "memory_limit", "npz",
+           "relabel", "require_memory", "split_indices", "split_rng"]
 
 SPLITS = ("train", "val", "test")
 
@@ -637,6 +637,21 @@ NPZ = Schema("npz", (
 ), doc="a user's own arrays from a NumPy .npz file")
 
 
+def check_label_range(labels: dict[str, np.ndarray], known: int, help: str) -> None:
+    """E904 when an array of integer `labels` (keyed by how the message names it) holds a
+    label outside [0, known)."""
+    for name, v in labels.items():
+        if len(v) and (v.min() < 0 or v.max() >= known):
+            bad = int(v.min()) if v.min() < 0 else int(v.max())
+            raise data_error("E904", f"{name} holds the label {bad}, outside [0, {known})", help=help)
+
+
+def fractions_to_cut(given, val: float, test: float) -> dict[str, float]:
+    """The validation and test fractions to cut from the training examples when the data
+    `given` some splits of its own: only a split it lacks is cut; the others take 0."""
+    return {s: 0.0 if s in given else (val if s == "val" else test) for s in ("val", "test")}
+
+
 def npz(path: str, num_classes: int = 0, classes=(), binary: int = -1, val: float = 0.15,
         test: float = 0.15, *, seed: int = 0, root: str | Path | None = None) -> Splits:
     """A user's arrays: x [N, F], [N, H, W] (a channel axis is added) or [N, C, H, W]; y [N]
@@ -670,12 +685,9 @@ def npz(path: str, num_classes: int = 0, classes=(), binary: int = -1, val: floa
     labels = {s: _labels(arrays[f"y{s}"], f"y{s}", path) for s in suffixes}
     biggest = max(int(v.max()) for v in labels.values() if len(v)) if any(len(v) for v in labels.values()) else 0
     known = num_classes or biggest + 1
-    for s, v in labels.items():
-        if len(v) and (v.min() < 0 or v.max() >= known):
-            bad = int(v.min()) if v.min() < 0 else int(v.max())
-            raise data_error("E904", f"`y{s}` in `{path}` holds the label {bad}, outside [0, {known})",
-                         help="labels are class indices 0..classes-1"
-                         + ("; raise `num_classes` or fix the labels" if num_classes else ""))
+    check_label_range({f"`y{s}` in `{path}`": v for s, v in labels.items()}, known,
+                      help="labels are class indices 0..classes-1"
+                           + ("; raise `num_classes` or fix the labels" if num_classes else ""))
 
     def tensor(x):
         t = torch.from_numpy(x)
@@ -687,8 +699,7 @@ def npz(path: str, num_classes: int = 0, classes=(), binary: int = -1, val: floa
     x_main = tensor(xs[""])[torch.from_numpy(np.flatnonzero(keep))]
     missing = [s for s in ("val", "test") if s not in given]
     if missing:
-        # Only the splits the file lacks are cut from x; the others keep their fraction at 0.
-        cut = {s: (val if s == "val" else test) if s in missing else 0.0 for s in ("val", "test")}
+        cut = fractions_to_cut(given, val, test)
         parts = split_indices(labels[""][keep], cut["val"], cut["test"], split_rng(seed, 0), ("train", *missing))
     else:
         parts = (np.arange(len(y_main)), None, None)
@@ -734,7 +745,7 @@ def _npz_headers(file: Path, path: str) -> dict[str, tuple[tuple[int, ...], np.d
         raise data_error("E901", f"`{path}` cannot be read ({e.strerror})", help="check the file's permissions") from None
     if start == NPY_MAGIC:
         raise data_error("E901", f"`{path}` is a .npy file, which holds one array; `npz` needs an .npz archive holding "
-                             "the inputs `x` and the labels `y`",
+                                 "the inputs `x` and the labels `y`",
                          help="save both arrays in one archive: `numpy.savez(\"data.npz\", x=x, y=y)`")
     headers = {}
     try:
@@ -805,17 +816,17 @@ def _check_finite(x: np.ndarray, name: str, path: str) -> None:
         first = int(np.flatnonzero((~np.isfinite(x.reshape(len(x), -1))).any(axis=1))[0])
         what = " and ".join(f"{n:,} {kind}" for n, kind in ((nan, "NaN"), (inf, "infinite")) if n)
         raise data_error("E908", f"`{name}` in `{path}` holds {what} value{'s' if nan + inf > 1 else ''} "
-                             f"(as float32; the first in example {first})",
+                                 f"(as float32; the first in example {first})",
                          help="replace or drop them before saving, e.g. `x = numpy.nan_to_num(x)` or keep the rows "
-                          "where `numpy.isfinite(x).all(axis=1)`; values beyond ±3.4e38 overflow float32")
+                              "where `numpy.isfinite(x).all(axis=1)`; values beyond ±3.4e38 overflow float32")
 
 
 def _check_label_type(dtype: np.dtype, name: str, path: str) -> None:
     if dtype.kind in "US":
         raise data_error("E904", f"`{name}` in `{path}` holds strings (dtype {dtype}); labels must be integer class "
-                             "indices 0..classes-1",
+                                 "indices 0..classes-1",
                          help="map each label to an integer before saving, e.g. "
-                          "`names, y = numpy.unique(y, return_inverse=True)` (keep `names` to read the classes back)")
+                              "`names, y = numpy.unique(y, return_inverse=True)` (keep `names` to read the classes back)")
     if dtype.kind not in "iubf":
         raise data_error("E904", f"`{name}` in `{path}` holds labels that are not integers (dtype {dtype})",
                          help="labels are class indices 0..classes-1, saved as an integer array")
@@ -828,7 +839,7 @@ def _labels(y: np.ndarray, name: str, path: str) -> np.ndarray:
     if not np.all(np.isfinite(y)):
         bad = int(np.count_nonzero(~np.isfinite(y)))
         raise data_error("E908", f"`{name}` in `{path}` holds {bad:,} NaN or infinite label{'s' if bad > 1 else ''} "
-                             f"(the first in example {int(np.flatnonzero(~np.isfinite(y))[0])})",
+                                 f"(the first in example {int(np.flatnonzero(~np.isfinite(y))[0])})",
                          help="every example needs a class index; drop the examples without one")
     if np.all(y == np.round(y)):
         return y.astype(np.int64)  # whole numbers saved as floats (e.g. from pandas) are fine
@@ -880,7 +891,7 @@ def require_memory(needed: int, what: str, help: str) -> None:
     if needed > limit:
         source = "D2GRAPH_MEMORY_LIMIT" if os.environ.get("D2GRAPH_MEMORY_LIMIT") else "half the physical memory"
         raise data_error("E909", f"{what} would need about {_bytes(needed)} of memory to load, more than the limit of "
-                             f"{_bytes(limit)} ({source})",
+                                 f"{_bytes(limit)} ({source})",
                          help=f"{help}; the limit is the environment variable D2GRAPH_MEMORY_LIMIT (bytes) when set")
 
 

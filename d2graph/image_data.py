@@ -45,8 +45,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import (IMAGE_OPTIONS, SPLITS, SUBSET, DatasetSpec, Splits, check_fractions, data_error, data_path,
-                   image_splits, relabel, require_memory, split_indices, split_rng)
+from .data import (IMAGE_OPTIONS, SPLITS, SUBSET, DatasetSpec, Splits, check_fractions, check_label_range, data_error,
+                   data_path, fractions_to_cut, image_splits, relabel, require_memory, split_indices, split_rng)
 from .schema import DATASETS, Param, Schema
 
 __all__ = ["cifar10", "cifar100", "image_folder", "read_array_pickle"]
@@ -210,11 +210,8 @@ def _cifar(name: str, path: str, folder_name: str, train_names: list[str], test_
     x_train = np.concatenate([x for x, _ in parts[:-1]])
     y_train = np.concatenate([y for _, y in parts[:-1]])
     x_test, y_test = parts[-1]
-    for batch_name, y in (("the training batches", y_train), (f"`{test_name}`", y_test)):
-        if len(y) and (y.min() < 0 or y.max() >= known):
-            bad = int(y.min()) if y.min() < 0 else int(y.max())
-            raise data_error("E904", f"{batch_name} of `{path}` hold the label {bad}, outside [0, {known})",
-                             help=f"{name} has {known} classes; use an untouched copy of the official files")
+    check_label_range({f"a training batch of `{path}`": y_train, f"`{test_name}` of `{path}`": y_test}, known,
+                      help=f"{name} has {known} classes; use an untouched copy of the official files")
     keep, y_kept, k = relabel(y_train, known, classes, binary, f"`{name}`")
     rows = np.flatnonzero(keep)
     train_part, val_part, _ = split_indices(y_train[rows], val, 0.0, split_rng(seed, 0), ("train", "val"))
@@ -367,7 +364,7 @@ def image_folder(path: str, size: int = 32, channels: int = 3, classes=(), binar
                                      + (f"{';' if extra else ':'} it lacks {', '.join(lack)}" if lack else ""),
                              help="every split folder needs one folder per class, with the same names")
     missing = [s for s in ("val", "test") if s not in found]
-    cut = {s: (val if s == "val" else test) if s in missing else 0.0 for s in ("val", "test")}
+    cut = fractions_to_cut(found, val, test)
     check_fractions(cut["val"], cut["test"])
     count = sum(len(v) for files in found.values() for v in files.values())
     # uint8 pixels, their float32 copy, and the split copies cut from it.

@@ -68,6 +68,7 @@ except ImportError:  # Windows
 
 from . import data as data_module
 from .diagnostics import D2GraphError, Diagnostic, did_you_mean
+from .distributed import Group
 from .executor import Executor, compile
 from .files import FILE_MODE, atomic_path, remove_stale_temporaries, write_atomic
 from .ir import Graph
@@ -720,8 +721,11 @@ class Stage:
         s = session.config.settings
         self.seed, self.batch = int(s["seed"]), int(s["batch"])
         self.device = session.device
+        self.group = session.group
         self.policy = session.policy
         self.epoch, self.steps_done = 0, 0
+        self.step_rows = 0  # the current step's examples over every process (its global batch)
+        self._rows_here = 0  # ... and this process's share of them
         self._resume = resume  # the checkpoint this stage continues from, if any
         self.extra: dict[str, Any] = dict(resume.get("extra", {})) if resume else {}
         self._loss = list(resume.get("train_loss", [0.0, 0])) if resume else [0.0, 0]
@@ -745,6 +749,10 @@ class Stage:
             raise ValueError(f"optimizer {kind!r} has no implementation")
         if self._resume is not None and self._resume.get("optimizer") is not None:
             opt.load_state_dict(self._resume["optimizer"])
+        if self.group.world > 1:  # a step is the global batch's step on every process
+            opt.register_step_pre_hook(lambda o, args, kwargs: self.group.sync_gradients(
+                [p for g in o.param_groups for p in g["params"]], self._rows_here))
+            opt.register_step_post_hook(lambda o, args, kwargs: self.group.copy_buffers(self.session.executor))
         self._optimizer = opt
         return opt
 
@@ -761,7 +769,9 @@ class Stage:
         Before each step the global torch seed is set from (seed, stage, epoch, step). A
         training split with augmentation (`data.AugmentedDataset`) has each batch changed by
         it, with its own generator seeded from (seed, stage, epoch, step), so a rerun or a
-        resumed run sees the same images."""
+        resumed run sees the same images. Under torchrun each process takes its share of
+        every global batch of `batch` examples (`Group.shard`); a trainer must then call its
+        optimiser's `step()` on every step, on every process (the gradients are summed there)."""
         x_all, y_all = dataset.tensors
         augmentation = dataset.augmentation if isinstance(dataset, data_module.AugmentedDataset) else None
         n = len(y_all)
@@ -777,17 +787,20 @@ class Stage:
         bar = self.session.progress(steps, start, f"{self.name} epoch {epoch + 1}")
         try:
             for step in range(start, steps):
-                if self.session.stop.set:
+                if self.session.stopping():
                     raise _Stop
                 if step > start and self.session.checkpoint_due(step):
                     self.session.checkpoint(self, epoch=epoch, step=step)
-                torch.manual_seed(derive_seed(self.seed, self.index, epoch, step))
+                torch.manual_seed(derive_seed(self.seed, self.index, epoch, step, *self._rank_key()))
                 idx = order[step * self.batch:(step + 1) * self.batch]
-                x = x_all[idx].to(self.device)
-                if augmentation is not None:
+                self.step_rows = len(idx)
+                x = x_all[idx]
+                if augmentation is not None:  # on the global batch: each image is changed as in one process
                     x = augmentation(x, torch.Generator().manual_seed(
                         derive_seed(self.seed, self.index, epoch, step, AUGMENT_STREAM)))
-                yield x, y_all[idx].to(self.device)
+                here = self.group.shard(len(idx))
+                self._rows_here = here.stop - here.start
+                yield x[here].to(self.device), y_all[idx[here]].to(self.device)
                 self.steps_done = step + 1
                 if bar is not None:
                     bar.update(1)
@@ -800,17 +813,38 @@ class Stage:
     def step(self, loss: float, n: int) -> None:
         """Record a training step's mean loss over its `n` examples (for the epoch's log line).
         A NaN or infinite loss stops the run (E925): from there on every weight it reaches is
-        NaN, and the run would train to chance and log NaN."""
+        NaN, and the run would train to chance and log NaN. Under torchrun the loss is the
+        global batch's, and a Ctrl-C that reached one process stops every one at this step."""
+        if self.group.world > 1:
+            total, n, stop = self.group.sum([loss * n, n, self.session.stop.set])
+            loss, n = total / max(n, 1), int(n)
+            self.session.stop_agreed = stop > 0
         if not math.isfinite(loss):
             raise self.session.diverged(f"stage `{self.name}` has a training loss of {loss} at epoch "
                                         f"{self.epoch + 1}, step {self.steps_done + 1}")
         self._loss[0] += loss * n
         self._loss[1] += n
 
-    def generator(self, *key: Any) -> torch.Generator:
-        """A generator seeded from (seed, stage, epoch, step, *key): the same numbers on a rerun."""
+    def generator(self, *key: Any, shared: bool = False) -> torch.Generator:
+        """A generator seeded from (seed, stage, epoch, step, *key): the same numbers on a rerun.
+        Under torchrun each process draws other numbers (for other examples), unless `shared`
+        (to draw something of the global batch, the same on every process)."""
+        rank = () if shared else self._rank_key()
         return torch.Generator(device=self.device).manual_seed(
-            derive_seed(self.seed, self.index, self.epoch, self.steps_done, *(_key(k) for k in key)))
+            derive_seed(self.seed, self.index, self.epoch, self.steps_done, *(_key(k) for k in key), *rank))
+
+    def shard(self, t: torch.Tensor) -> torch.Tensor:
+        """This process's rows of `t`, a tensor over a global batch (all of it in one process)."""
+        return t[self.group.shard(len(t))]
+
+    def sums(self, values) -> list[float]:
+        """Each of `values` (numbers) summed over the processes: the statistics of a global
+        batch (a mean reward, a cost for a dual step) that every process must agree on."""
+        return self.group.sum(values)
+
+    def _rank_key(self) -> tuple[int, ...]:
+        # Nothing in one process, so its random numbers are those of runs before torchrun.
+        return (0xD15, self.group.rank) if self.group.world > 1 else ()
 
     def log(self, **metrics: Any) -> None:
         """Record a row of metrics for this stage."""
@@ -860,8 +894,10 @@ class Trained:
 
 
 class _Session:
-    def __init__(self, config: Config, run: Run | None, device: torch.device, quiet: bool, echo):
+    def __init__(self, config: Config, run: Run | None, device: torch.device, quiet: bool, echo, group: Group):
         self.config, self.run, self.device, self.quiet = config, run, device, quiet
+        self.group = group
+        self.stop_agreed = False  # under torchrun: whether any process had a Ctrl-C at the last step
         self._echo = echo
         self.stop = _StopFlag()
         self.policy: Policy = LearnedPolicy()
@@ -870,6 +906,16 @@ class _Session:
         self._fingerprint: str | None = None
         self.saved_at = time.monotonic()  # when last.pt was last written (or training began)
         self.saved = ""  # what last.pt holds, for a diverged run's message
+
+    def stopping(self, agree: bool = False) -> bool:
+        """Whether to stop at this step boundary. In one process: after a Ctrl-C. Under
+        torchrun every process must stop at the same step, so it is what the processes agreed
+        at the last step's sum (`Stage.step`), or with `agree`, what they agree now."""
+        if self.group.world == 1:
+            return self.stop.set
+        if agree:
+            self.stop_agreed = self.group.sum([self.stop.set])[0] > 0
+        return self.stop_agreed
 
     def checkpoint_due(self, step: int) -> bool:
         """Whether a stage should save last.pt before step `step` of an epoch (not the first it
@@ -996,26 +1042,27 @@ def make_trainers(config: Config, graph: Graph) -> list:
 
 def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool = False, root=None,
           quiet: bool = False, echo=print, evaluate: bool = True, stages: slice | None = None,
-          start: Trained | None = None) -> Trained:
+          start: Trained | None = None, group: Group | None = None) -> Trained:
     """Run the stages of `config` on `graph` (a fresh executor, or `start`'s), logging to
     `run`, on the config's `threads` (torch's count is restored afterwards). `resume=True`
     continues from `run/last.pt`. `stages` limits the stages run (the sweep trains the
     backbone once, then each policy stage). Raises `Interrupted` on Ctrl-C (after saving
-    `last.pt`) and D2GraphError on mistakes in the config, data or run."""
-    if resume:
+    `last.pt`) and D2GraphError on mistakes in the config, data or run.
+
+    `group` (d2graph.distributed) is the processes of a torchrun job: each trains on its
+    share of every batch; only process 0 is given the `run` (the others pass None, and
+    `resume=True` has them take process 0's checkpoint)."""
+    group = group or Group()
+    if resume and run is not None:
         refuse_sweep(run.folder, "--resume")
-    if resume and not any(run.folder.glob("*.pt")):  # checked first: the data may be what stopped it
-        raise config_error("E922", f"{run.folder} has no checkpoint: the run stopped before training started",
-                           help="there is nothing to resume; start it again with `d2graph train FILE --out "
-                                f"{run.folder}`, which reuses the folder")
     if run is not None and run.lock is None:  # `Run.create` took it already; a resume takes it here
         run.lock = RunLock.acquire(run.folder)
     try:
-        if resume:
+        if resume and run is not None:
             remove_stale_temporaries(run.folder)  # of the process that was killed, if it was
         with using_threads(thread_count(config.settings.get("threads", "auto"))):
             return _train(graph, config, run, resume=resume, root=root, quiet=quiet, echo=echo, evaluate=evaluate,
-                          stages=stages, start=start)
+                          stages=stages, start=start, group=group)
     finally:
         if run is not None and run.lock is not None:
             run.lock.release()
@@ -1023,12 +1070,14 @@ def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool 
 
 
 def _train(graph: Graph, config: Config, run: Run | None, *, resume: bool, root, quiet: bool, echo,
-           evaluate: bool, stages: slice | None, start: Trained | None) -> Trained:
+           evaluate: bool, stages: slice | None, start: Trained | None, group: Group) -> Trained:
     device = pick_device(config.settings["device"])
+    # The resume state first (process 0 reads it for all): the data may be what stopped the run.
+    resume_state = group.from_main(lambda: _resume_state(run, graph)) if resume else None
     seed = int(config.settings["seed"])
     trainers = make_trainers(config, graph)
     splits = start.data if start is not None else load_data(config, graph, root)
-    session = _Session(config, run, device, quiet, echo)
+    session = _Session(config, run, device, quiet, echo, group)
     if splits.holdout is not None and start is None:  # say that the function nodes see fewer examples
         session.echo(f"data: {splits.describe()}; the held-out ones only teach the policy stages (`holdout`)")
     if start is not None:
@@ -1039,27 +1088,17 @@ def _train(graph: Graph, config: Config, run: Run | None, *, resume: bool, root,
         initialise(executor, config.settings["init"])
     executor.to(device)
     session.executor = executor
-    resume_state = None
     first = 0
-    if resume:
-        best = f"; its best.pt may be intact: `d2graph eval {run.folder} --checkpoint best`" \
-            if (run.folder / "best.pt").is_file() else ""
-        resume_state = run.load("last", help="--resume continues only from last.pt, so this run cannot be "
-                                             "continued: start it again with the command that made it and another "
-                                             f"--out{best}")
-        if resume_state.get("graph") != graph.name:
-            raise config_error("E922", f"{run.folder}/last.pt belongs to graph `{resume_state.get('graph')}`, "
-                               f"not `{graph.name}`", help="resume a run of this graph")
-        check_fingerprint(resume_state, graph, run.folder / "last.pt",
-                          help=f"put the run's copy of the source ({run.folder / (graph.name + '.d2')}) back as it "
-                               "was, or train the edited file into a new run")
+    if resume_state is not None:
         try:
             executor.load_state_dict(resume_state["weights"])
             session.policy = load_policy(graph, resume_state["policy"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise config_error("E922", f"{run.folder}/last.pt does not fit graph `{graph.name}` ({str(e)[:200]})",
+            where = run.folder if run is not None else "the run folder"
+            raise config_error("E922", f"{where}/last.pt does not fit graph `{graph.name}` ({str(e)[:200]})",
                                help="the source or the checkpoint was changed after the run; start a new run") from None
-        run.truncate(int(resume_state.get("metrics_rows", len(run.rows()))))
+        if run is not None:
+            run.truncate(int(resume_state.get("metrics_rows", len(run.rows()))))
         first = int(resume_state.get("stage_index", 0))
     indices = range(len(config.stages))[stages] if stages is not None else range(len(config.stages))
     with session.stop.installed():
@@ -1080,12 +1119,34 @@ def _train(graph: Graph, config: Config, run: Run | None, *, resume: bool, root,
                 session.echo(f"  policy: {policy.describe()}")
             session.checkpoint(None, stage_index=i + 1, complete=i + 1 == len(config.stages))
             session.plot_training()
-            if session.stop.set:
+            if session.stopping(agree=True):
                 raise Interrupted(run)
     trained = Trained(executor, session.policy, splits, config, run)
+    if not group.main:  # process 0 evaluates and reports
+        return trained
     if evaluate:
         finish(trained, quiet=quiet, echo=echo)
     return trained
+
+
+def _resume_state(run: Run, graph: Graph) -> dict[str, Any]:
+    """What `--resume` continues from: run/last.pt, checked to belong to `graph`."""
+    if not any(run.folder.glob("*.pt")):
+        raise config_error("E922", f"{run.folder} has no checkpoint: the run stopped before training started",
+                           help="there is nothing to resume; start it again with `d2graph train FILE --out "
+                                f"{run.folder}`, which reuses the folder")
+    best = f"; its best.pt may be intact: `d2graph eval {run.folder} --checkpoint best`" \
+        if (run.folder / "best.pt").is_file() else ""
+    state = run.load("last", help="--resume continues only from last.pt, so this run cannot be "
+                                  "continued: start it again with the command that made it and another "
+                                  f"--out{best}")
+    if state.get("graph") != graph.name:
+        raise config_error("E922", f"{run.folder}/last.pt belongs to graph `{state.get('graph')}`, "
+                           f"not `{graph.name}`", help="resume a run of this graph")
+    check_fingerprint(state, graph, run.folder / "last.pt",
+                      help=f"put the run's copy of the source ({run.folder / (graph.name + '.d2')}) back as it "
+                           "was, or train the edited file into a new run")
+    return state
 
 
 def report_text(trained: Trained) -> str:

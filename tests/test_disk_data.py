@@ -19,6 +19,7 @@ from PIL import Image
 from d2graph import data
 from d2graph.cli import main
 from d2graph.diagnostics import D2GraphError
+from d2graph.distributed import Group
 from d2graph.image_data import read_array_pickle
 from d2graph.runs import Stage
 
@@ -314,7 +315,7 @@ def test_a_graph_trains_on_an_image_folder(tmp_path, capsys):
 def _stage(seed: int) -> Stage:
     settings = {"seed": seed, "batch": 4}
     session = SimpleNamespace(config=SimpleNamespace(settings=settings), device=torch.device("cpu"), policy=None,
-                              stop=SimpleNamespace(set=False), checkpoint_due=lambda step: False,
+                              group=Group(), stopping=lambda: False, checkpoint_due=lambda step: False,
                               progress=lambda *a: None)
     return Stage(session, 0, "backbone", "supervised", None)
 

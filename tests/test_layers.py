@@ -30,7 +30,7 @@ PACKAGE = ROOT / "d2graph"
 
 # README's layers, lowest first: a module may import modules of its own layer or below.
 LAYERS = [
-    {"diagnostics", "files", "threads"},
+    {"diagnostics", "distributed", "files", "threads"},
     {"schema"},
     {"ast", "layers"},
     {"syntax", "cost"},

@@ -296,7 +296,7 @@ class QLearningTrainer(Trainer):
                 epsilon = epsilon_at(epoch * steps_per_epoch + stage.steps_done, steps_per_epoch,
                                      p["epsilon_start"], p["epsilon_end"], p["epsilon_decay"])
                 if held is not None and epoch_data is data.train:
-                    xq, yq = held_out_batch(held, stage, len(y))
+                    xq, yq = held_out_batch(held, stage)
                 else:
                     xq, yq = x, y
                 r = executor(xq, mode="explore", epsilon=epsilon, generator=stage.generator("explore"))
@@ -310,13 +310,13 @@ class QLearningTrainer(Trainer):
                     learn = r if xq is x else executor(x, mode="explore", epsilon=epsilon,
                                                        generator=stage.generator("explore", "learn"))
                     loss = loss + mix * F.cross_entropy(learn.outputs[output], y)
+                optimizer.zero_grad(set_to_none=True)
                 if loss.requires_grad:  # not when a short last batch holds no bag and mix = 0
-                    optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    optimizer.step()
+                optimizer.step()  # on every step: under torchrun the processes sum their gradients here
                 stage.step(loss=float(loss.detach()), n=len(y))
-                stage.extra["reward"] = [stage.extra["reward"][0] + float(reward.sum()),
-                                         stage.extra["reward"][1] + len(reward)]
+                total, bags = stage.sums([float(reward.sum()), len(reward)])
+                stage.extra["reward"] = [stage.extra["reward"][0] + total, stage.extra["reward"][1] + int(bags)]
             report = evaluate(executor, data.val, None, classes=data.classes, batch=max(stage.batch, 256),
                               split="val")
             accuracy = report.f1 if metric == "f1" else report.accuracy

@@ -339,7 +339,7 @@ class ReinforceTrainer(Trainer):
                     extra["totals"] = {"epoch": epoch, "sums": [0.0, 0.0, 0]}
                 totals = extra["totals"]["sums"]
                 for x, y in stage.batches(epoch_data, epoch):
-                    xq, yq = held_out_batch(held, stage, len(y)) if pair else (x, y)
+                    xq, yq = held_out_batch(held, stage) if pair else (x, y)
                     reward, cost = self._step(executor, x, y, xq, yq, stage, optimizer, controls, output, values)
                     totals[0] += float(reward.sum())
                     totals[1] += float(cost.sum())
@@ -384,9 +384,11 @@ class ReinforceTrainer(Trainer):
         elif values is not None:
             if not extra["values_started"]:  # start each b_q at its examples' mean reward
                 with torch.no_grad():
-                    seen = acted.sum(0)
-                    values.copy_(torch.where(seen > 0, (reward[:, None] * acted).sum(0) / seen.clamp(min=1),
-                                             reward.mean()))
+                    k = acted.shape[1]  # the sums over every process's examples (Stage.sums)
+                    sums = torch.tensor(stage.sums([*acted.sum(0).tolist(), *(reward[:, None] * acted).sum(0).tolist(),
+                                                    float(reward.sum()), len(reward)]), dtype=values.dtype)
+                    seen, total = sums[:k], sums[k:2 * k]
+                    values.copy_(torch.where(seen > 0, total / seen.clamp(min=1), sums[-2] / sums[-1]))
                 extra["values_started"] = True
             advantage = reward[:, None] - values.detach()[None, :]
             loss = loss - (advantage * log_probs).sum(1).mean()
@@ -394,7 +396,11 @@ class ReinforceTrainer(Trainer):
         else:
             b = 0.0
             if p["baseline"] == "moving":
-                b = extra["baseline"] if extra["baseline"] is not None else float(reward.mean())
+                if extra["baseline"] is not None:
+                    b = extra["baseline"]
+                else:  # the first batch's mean, over every process's examples
+                    total, n = stage.sums([float(reward.sum()), len(reward)])
+                    b = total / n
             loss = loss - ((reward - b) * log_probs.sum(1)).mean()
         if p["entropy"] > 0 and not self.best_path:  # the best path's softmax has the entropy in it
             scores = r.scores
@@ -411,7 +417,8 @@ class ReinforceTrainer(Trainer):
         loss.backward()
         optimizer.step()
 
-        mean_reward, mean_cost = float(reward.mean()), float(cost.mean())
+        total_reward, total_cost, n = stage.sums([float(reward.sum()), float(cost.sum()), len(reward)])
+        mean_reward, mean_cost = total_reward / n, total_cost / n  # of the global batch, under torchrun too
         if p["baseline"] == "moving":  # after the step, so a batch's baseline never saw its own rewards
             old = extra["baseline"]
             extra["baseline"] = mean_reward if old is None else p["decay"] * old + (1 - p["decay"]) * mean_reward

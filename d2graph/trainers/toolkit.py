@@ -240,14 +240,15 @@ def held_out(data):
     return held if held is not None and len(held) else None
 
 
-def held_out_batch(held, stage, size: int) -> tuple[Tensor, Tensor]:
-    """`size` examples of `held` (a TensorDataset; all of them when fewer) for the current step
-    of `stage`, drawn without replacement from the step's own generator, so a resumed epoch
-    draws what the uninterrupted one would have. Policy trainers pair each batch of the
-    training examples with these when the run holds examples out (`data.holdout`)."""
+def held_out_batch(held, stage) -> tuple[Tensor, Tensor]:
+    """As many examples of `held` (a TensorDataset; all of them when fewer) as the current
+    step of `stage` has, drawn without replacement from the step's own generator, so a resumed epoch draws what the uninterrupted one would have. Under torchrun
+    every process draws the same global batch and keeps its share (`stage.shard`). Policy
+    trainers pair each batch of the training examples with these when the run holds
+    examples out (`data.holdout`)."""
     x_all, y_all = held.tensors
-    g = stage.generator("holdout")
-    idx = torch.randperm(len(y_all), generator=g, device=g.device)[:size].cpu()
+    g = stage.generator("holdout", shared=True)
+    idx = stage.shard(torch.randperm(len(y_all), generator=g, device=g.device)[:stage.step_rows].cpu())
     return x_all[idx].to(stage.device), y_all[idx].to(stage.device)
 
 
