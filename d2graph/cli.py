@@ -448,7 +448,7 @@ def _summary(graph, report, policy: str, full=None) -> str:
 def cmd_eval(args) -> int:
     from .check import load
     from .evaluate import evaluate
-    from .runs import Run, resolve
+    from .runs import Run, computing_in, resolve
 
     target = Path(args.target)
     if not target.exists():
@@ -471,9 +471,10 @@ def cmd_eval(args) -> int:
             trained = _load_run(target, args.checkpoint)
         else:
             trained = _restore(graph, config, target.resolve().parent, Path(args.checkpoint))
-        splits, policy = trained["splits"], trained["policy"]
-        report = evaluate(trained["executor"], splits[args.split], policy, classes=splits.classes, split=args.split,
-                          generator=torch.Generator().manual_seed(int(trained["config"].settings["seed"])))
+        splits, policy, executor = trained["splits"], trained["policy"], trained["executor"]
+        with computing_in(trained["config"], next(executor.parameters(), torch.empty(0)).device):
+            report = evaluate(executor, splits[args.split], policy, classes=splits.classes, split=args.split,
+                              generator=torch.Generator().manual_seed(int(trained["config"].settings["seed"])))
     if args.format == "json":
         print(json.dumps({"policy": policy.describe(), **report.to_json()}, indent=2))
     else:

@@ -80,7 +80,7 @@ from .policies import LearnedPolicy, Policy, StaticPolicy, load_policy, save_pol
 from .threads import thread_count, using_threads
 
 __all__ = ["LOCK_FILE", "SWEEP_FILE", "Config", "Interrupted", "Run", "RunLock", "Stage", "Trained",
-           "check_fingerprint", "config_error", "derive_seed", "describe_best", "graph_fingerprint", "holdout_fraction",
+           "check_fingerprint", "computing_in", "config_error", "derive_seed", "describe_best", "graph_fingerprint", "holdout_fraction",
            "refuse_sweep", "resolve", "sweep_folder", "train", "validate_config"]
 
 CHECKPOINT_FORMAT = 1
@@ -1101,7 +1101,7 @@ def _train(graph: Graph, config: Config, run: Run | None, *, resume: bool, root,
             run.truncate(int(resume_state.get("metrics_rows", len(run.rows()))))
         first = int(resume_state.get("stage_index", 0))
     indices = range(len(config.stages))[stages] if stages is not None else range(len(config.stages))
-    with session.stop.installed():
+    with session.stop.installed(), computing_in(config, device):
         for i in indices:
             if i < first:
                 continue
@@ -1125,8 +1125,16 @@ def _train(graph: Graph, config: Config, run: Run | None, *, resume: bool, root,
     if not group.main:  # process 0 evaluates and reports
         return trained
     if evaluate:
-        finish(trained, quiet=quiet, echo=echo)
+        with computing_in(config, device):
+            finish(trained, quiet=quiet, echo=echo)
     return trained
+
+
+def computing_in(config: Config, device: torch.device):
+    """The context the run computes in: with `precision = bf16`, torch.autocast to bfloat16
+    on `device` (convolutions and matrix products; losses and softmaxes stay float32, and so
+    do the weights); with `fp32`, nothing changes."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.settings.get("precision") == "bf16")
 
 
 def _resume_state(run: Run, graph: Graph) -> dict[str, Any]:

@@ -284,6 +284,9 @@ TRAIN_SETTINGS = Schema("train", (
     Param("init", "choice", "kaiming", choices=("kaiming", "torch"),
           doc="initial conv/fc weights: He-normal for ReLU networks, or PyTorch's defaults"),
     Param("device", "choice", "auto", choices=("auto", "cpu", "cuda")),
+    Param("precision", "choice", "fp32", choices=("fp32", "bf16"),
+          doc="`bf16`: convolutions and matrix products compute in bfloat16 (torch.autocast; weights stay float32), "
+              "in training and in the run's evaluation"),
     Param("holdout", "fraction", "auto", also=("auto",),
           doc="share of the training examples kept from the function nodes' training, for the policy stages "
               "to learn on; `auto`: what the policy trainers ask for (0.2 for `qlearning`), else 0"),

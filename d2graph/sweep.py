@@ -352,7 +352,7 @@ def _sweep_seed(graph: Graph, source: Path, config, result: Sweep, folder: Path,
     """One seed's sweep: train the backbone into the run `folder`, fit every method, append the rows."""
     from .evaluate import evaluate
     from .paths import answering_head, heads
-    from .runs import Run, derive_seed, train
+    from .runs import Run, computing_in, derive_seed, train
     from .trainers.baselines import static_path_results
 
     import torch
@@ -379,8 +379,9 @@ def _sweep_seed(graph: Graph, source: Path, config, result: Sweep, folder: Path,
 
     def report(policy, split):
         generator = torch.Generator().manual_seed(derive_seed(seed, -2))
-        return evaluate(base.executor, base.data[split], policy, classes=classes, batch=batch,
-                        generator=generator, split=split)
+        with computing_in(config, next(base.executor.parameters(), torch.empty(0)).device):
+            return evaluate(base.executor, base.data[split], policy, classes=classes, batch=batch,
+                            generator=generator, split=split)
 
     def fit_point(label: str, trainer: str, name: str, params: dict[str, Any], budget: float | None,
                   value: Any = None, calibrated: list[str] | tuple = ()) -> bool:

@@ -343,3 +343,29 @@ def test_two_runs_started_in_one_folder_at_once_one_is_refused(early_exit, tmp_p
 
 def _codes_of(error) -> list[str]:
     return [d.code for d in error.diagnostics]
+
+
+def test_bf16_precision_computes_the_layers_in_bfloat16_and_the_run_finishes(early_exit, tmp_path, monkeypatch):
+    """`precision = bf16` puts training and the run's evaluation under torch.autocast: a
+    convolution's output is bfloat16 there, the weights stay float32, and the run completes
+    with a report like an fp32 one."""
+    seen = set()
+    real = torch.nn.Conv2d.forward
+
+    def recording(self, x):
+        out = real(self, x)
+        seen.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", recording)
+    run, config = _run(early_exit, tmp_path, "bf16", SMALL + ["precision=bf16"])
+    trained = train(early_exit, config, run, quiet=True, echo=None)
+    assert seen == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in trained.executor.parameters())
+    assert json.loads((run.folder / "config.json").read_text())["settings"]["precision"] == "bf16"
+    assert load_checkpoint(run.folder / "last.pt")["complete"]
+    assert 0 < trained.reports["val"].cost_fraction <= 0.5 + 0.02
+    seen.clear()
+    run, config = _run(early_exit, tmp_path, "fp32")
+    train(early_exit, config, run, quiet=True, echo=None, evaluate=False)
+    assert seen == {torch.float32}
