@@ -235,6 +235,21 @@ def test_a_graph_trains_on_cifar10_and_cifar100(cifar, tmp_path, capsys):
     assert code == 0, out
 
 
+def test_the_shipped_cifar10_example_trains_on_the_archive_format(cifar, tmp_path, capsys):
+    """examples/cifar/eenet_resnet_cifar10.d2 as shipped, pointed at an archive in CIFAR-10's
+    exact format (50 training images), for one epoch: the backbone, EENet's scores, a report."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "cifar" / "eenet_resnet_cifar10.d2"
+    sets = [f"data.path={cifar.c10_tar}", "data.val=0.2", "batch=16", "stage.backbone.epochs=1",
+            "stage.policy.epochs=5", "threads=1"]
+    code = main(["train", str(example), *(a for o in sets for a in ("--set", o)), "--out", str(tmp_path / "run"),
+                 "--quiet"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "eenet_resnet_cifar10: test accuracy" in out.out
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["test"]["n"] == PER_BATCH and report["policy"].startswith("eenet")
+
+
 def test_data_mistakes_through_the_cli_are_messages_not_tracebacks(cifar, tmp_path, capsys):
     code, out = _train(tmp_path, capsys, "missing", 'cifar10(path="nowhere")')
     assert code != 0 and "E901" in out and "Traceback" not in out
