@@ -423,6 +423,16 @@ class Executor(nn.Module):
     def extra_repr(self) -> str:
         return f"graph={self.graph.name!r}"
 
+    def compile_nodes(self) -> Executor:
+        """Compile each node's layer pipeline with `torch.compile` (in place; the weights and
+        their names are unchanged). Batch sizes are dynamic, since routing hands each node a
+        different number of rows per batch; the routing itself stays Python. Compiling takes
+        seconds per node on first use, and on a CPU it made these small networks no faster
+        (docs/performance.md#compiled-nodes)."""
+        for module in self.nodes.values():
+            module.compile(dynamic=True)
+        return self
+
     def forward(self, x: Tensor | Mapping[str, Tensor], mode: str = "argmax",
                 actions: Mapping[str, int | Tensor] | None = None, epsilon: float = 0.0,
                 keep: Iterable[str] = (), generator: torch.Generator | None = None) -> Result:

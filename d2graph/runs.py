@@ -1087,6 +1087,8 @@ def _train(graph: Graph, config: Config, run: Run | None, *, resume: bool, root,
         executor = compile(graph)
         initialise(executor, config.settings["init"])
     executor.to(device)
+    if config.settings.get("compile") and start is None:
+        executor.compile_nodes()
     session.executor = executor
     first = 0
     if resume_state is not None:

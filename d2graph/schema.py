@@ -284,6 +284,8 @@ TRAIN_SETTINGS = Schema("train", (
     Param("init", "choice", "kaiming", choices=("kaiming", "torch"),
           doc="initial conv/fc weights: He-normal for ReLU networks, or PyTorch's defaults"),
     Param("device", "choice", "auto", choices=("auto", "cpu", "cuda")),
+    Param("compile", "bool", False,
+          doc="compile each node's layers with torch.compile (dynamic batch sizes); seconds per node to start"),
     Param("precision", "choice", "fp32", choices=("fp32", "bf16"),
           doc="`bf16`: convolutions and matrix products compute in bfloat16 (torch.autocast; weights stay float32), "
               "in training and in the run's evaluation"),

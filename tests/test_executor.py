@@ -657,3 +657,34 @@ def test_cuda_matches_cpu():
         assert r.output.device.type == "cuda"
     with torch.inference_mode():
         gpu_executor.to(torch.bfloat16)({k: v.bfloat16() for k, v in gpu_inputs.items()})
+
+
+def test_compiled_nodes_compute_what_eager_ones_do_and_keep_their_weight_names():
+    """`compile = true`: each node's pipeline under torch.compile with dynamic batch sizes —
+    the same outputs and costs for batches the routing splits differently, the same state
+    dict (a checkpoint loads either way)."""
+    graph = d2graph.check("""graph tiny {
+      input x [6]
+      output y [merge=select]
+      node a = fc(4), relu
+      node b = fc(3)
+      node c = fc(3)
+      control q = fc(2)
+      x -> a -> q
+      q => b | c
+      a -> b
+      a -> c
+      b, c -> y
+    }""")[0]
+    torch.manual_seed(0)
+    eager = compile(graph).eval()
+    compiled = compile(graph).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_nodes()
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    for n, seed in ((7, 0), (3, 1), (1, 2)):
+        x = torch.randn(n, 6, generator=torch.Generator().manual_seed(seed))
+        actions = {"q": torch.arange(n) % 2}
+        a, b = compiled(x, mode="force", actions=actions), eager(x, mode="force", actions=actions)
+        torch.testing.assert_close(a.output, b.output)
+        assert torch.equal(a.cost, b.cost)
