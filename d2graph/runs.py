@@ -800,7 +800,7 @@ class Stage:
                         derive_seed(self.seed, self.index, epoch, step, AUGMENT_STREAM)))
                 here = self.group.shard(len(idx))
                 self._rows_here = here.stop - here.start
-                yield x[here].to(self.device), y_all[idx[here]].to(self.device)
+                yield self._to_device(x[here]), self._to_device(y_all[idx[here]])
                 self.steps_done = step + 1
                 if bar is not None:
                     bar.update(1)
@@ -809,6 +809,11 @@ class Stage:
         finally:
             if bar is not None:
                 bar.close()
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # from pinned memory the copy overlaps the GPU's work
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def step(self, loss: float, n: int) -> None:
         """Record a training step's mean loss over its `n` examples (for the epoch's log line).
