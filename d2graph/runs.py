@@ -36,6 +36,9 @@ Guarantees:
     seed and thread count on the same machine give the same metrics, resumed or not. A run
     computes on the config's `threads` (`auto` is fixed to a count by `resolve`, so config.json
     records the count used), and torch's own count is restored when `train` returns.
+  - Under torchrun (`group`, d2graph.distributed) every process trains on its share of each
+    batch and the step is the global batch's; process 0 alone writes the run folder, and
+    the others take its checkpoint on `--resume` (docs/scaling.md).
   - Mistakes in overrides (E920), a trainer that does not suit the graph (E921), a missing,
     corrupt, foreign or busy run folder or checkpoint (E922), a file without a train block
     (E923) and a diverged run (E925) are `D2GraphError`s with a message and a hint.
@@ -80,8 +83,8 @@ from .policies import LearnedPolicy, Policy, StaticPolicy, load_policy, save_pol
 from .threads import thread_count, using_threads
 
 __all__ = ["LOCK_FILE", "SWEEP_FILE", "Config", "Interrupted", "Run", "RunLock", "Stage", "Trained",
-           "check_fingerprint", "computing_in", "config_error", "derive_seed", "describe_best", "graph_fingerprint", "holdout_fraction",
-           "refuse_sweep", "resolve", "sweep_folder", "train", "validate_config"]
+           "check_fingerprint", "computing_in", "config_error", "derive_seed", "describe_best", "graph_fingerprint",
+           "holdout_fraction", "refuse_sweep", "resolve", "sweep_folder", "train", "validate_config"]
 
 CHECKPOINT_FORMAT = 1
 # Settings whose default changes what a run computes, with the value that reproduces a run
