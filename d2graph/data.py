@@ -68,7 +68,7 @@ from .schema import DATASETS, Param, Schema
 __all__ = ["IMAGE_OPTIONS", "Augmentation", "AugmentedDataset", "DatasetSpec", "Splits", "check_compatible",
            "check_fits", "check_fractions", "check_input", "check_label_range", "cluttered_digits", "data_error",
            "data_path", "digits", "example_shape", "fractions_to_cut", "image_splits", "load", "memory_limit", "npz",
-           "relabel", "require_memory", "split_indices", "split_rng"]
+           "relabel", "require_memory", "rows_of", "split_indices", "split_rng"]
 
 SPLITS = ("train", "val", "test")
 
@@ -134,11 +134,11 @@ class Splits:
         if "train" in meta:
             meta["train"] = {k: v[keep.numpy()] for k, v in meta["train"].items()}
             meta["holdout"] = {k: v[away.numpy()] for k, v in self.meta["train"].items()}
-        train = TensorDataset(x[keep], y[keep])
+        train = TensorDataset(rows_of(x, keep), y[keep])
         if isinstance(self.train, AugmentedDataset):  # the held-out examples are not augmented
-            train = AugmentedDataset(x[keep], y[keep], augmentation=self.train.augmentation)
+            train = AugmentedDataset(rows_of(x, keep), y[keep], augmentation=self.train.augmentation)
         return Splits(self.name, train, self.val, self.test, self.classes, self.input_shape, meta,
-                      TensorDataset(x[away], y[away]))
+                      TensorDataset(rows_of(x, away), y[away]))
 
 
 @dataclass(frozen=True)
@@ -284,6 +284,12 @@ def _datasets(x: torch.Tensor, y: torch.Tensor, parts) -> list[TensorDataset]:
     return [TensorDataset(x[torch.as_tensor(p)], y[torch.as_tensor(p)]) for p in parts]
 
 
+def rows_of(x, index: torch.Tensor):
+    """The inputs `x` of a split restricted to the rows `index`: a tensor's rows, or for a
+    split read from disk as it is used (`image_data.ImageFiles`) its subset, nothing read."""
+    return x.subset(index) if hasattr(x, "subset") else x[index]
+
+
 def split_rng(seed: int, *stream: int) -> np.random.Generator:
     """The numpy Generator for the purpose `stream` of a data set built from `seed`
     (stream 0 cuts the splits)."""
@@ -380,7 +386,10 @@ def image_splits(name: str, parts: dict[str, tuple[torch.Tensor, torch.Tensor]],
     scale = torch.tensor([float(v) for v in std] or [1.0] * channels).view(1, channels, 1, 1)
     if mean or std:
         for x, _ in parts.values():
-            x.sub_(shift).div_(scale)
+            if isinstance(x, torch.Tensor):
+                x.sub_(shift).div_(scale)
+            else:  # read from disk as it is used (image_data.ImageFiles): normalised as it is read
+                x.normalise(shift, scale)
     datasets = {s: TensorDataset(*parts[s]) for s in SPLITS}
     if crop_padding or flip:
         fill = tuple(float(v) for v in (-shift / scale).flatten())  # black, normalised

@@ -12,8 +12,11 @@ Guarantees:
     `ndarray`, `dtype`, and `_codecs.encode` to latin-1 for files re-pickled by Python 3)
     and refuses any other before it is called (E901, naming the refused global);
   - images are read eagerly, after the memory they will take has been checked against
-    `data.memory_limit()` (E909): the trainers and evaluation read whole splits as tensors
-    (`TensorDataset.tensors`), so a lazily opened data set would not reach them;
+    `data.memory_limit()` (E909); or, with `image_folder(lazy=true)`, kept as files
+    (`ImageFiles`, standing for a split's x tensor) and read a batch at a time when a
+    stage, the evaluation or a trainer's cache indexes it, decoded by `workers` threads —
+    the same tensors as the eager read, so the same run. An unreadable file is then found
+    when its batch is read (E901 stops the run; its last checkpoint stays);
   - the same files, arguments and seed give identical splits; CIFAR's official test batch is
     the test split, and the validation split is cut from the training batches, stratified,
     with the seed (as `npz` cuts a split its file lacks);
@@ -38,6 +41,7 @@ import io
 import pickle
 import tarfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +50,11 @@ import torch
 from PIL import Image
 
 from .data import (IMAGE_OPTIONS, SPLITS, SUBSET, DatasetSpec, Splits, check_fractions, check_label_range, data_error,
-                   data_path, fractions_to_cut, image_splits, relabel, require_memory, split_indices, split_rng)
+                   data_path, fractions_to_cut, image_splits, relabel, require_memory, rows_of, split_indices,
+                   split_rng)
 from .schema import DATASETS, Param, Schema
 
-__all__ = ["cifar10", "cifar100", "image_folder", "read_array_pickle"]
+__all__ = ["ImageFiles", "cifar10", "cifar100", "image_folder", "read_array_pickle"]
 
 
 # --- pickles that may hold arrays and nothing else ------------------------------------------
@@ -295,6 +300,9 @@ IMAGE_FOLDER = Schema("image_folder", (
     Param("val", "fraction", 0.15, doc="fraction of the images held out for validation, when there is no `val/`"),
     Param("test", "fraction", 0.15, doc="fraction of the images held out for the test, when there is no `test/`"),
     *IMAGE_OPTIONS,
+    Param("lazy", "bool", False, doc="read each batch's images from disk when it is used, instead of all of them "
+                                     "at the start: for image sets larger than memory"),
+    Param("workers", "posint", 4, doc="threads that decode a batch's images when `lazy`"),
 ), doc="the user's images, one folder per class (ImageNet-style), read with Pillow")
 
 
@@ -317,29 +325,109 @@ def _class_files(folder: Path, path: str) -> dict[str, list[Path]]:
     return files
 
 
-def _read_images(files: list[Path], size: int, channels: int, path: str) -> torch.Tensor:
+def _read_images(files: list[Path], size: int, channels: int, path: str, pool: ThreadPoolExecutor | None = None
+                 ) -> torch.Tensor:
     """The images as float32 [N, channels, size, size] in [0, 1]; E901 naming a file that
-    Pillow cannot read."""
-    mode = "RGB" if channels == 3 else "L"
+    Pillow cannot read. With a `pool`, its threads decode the files (Pillow lets go of the
+    GIL while it decodes and resizes)."""
     out = np.empty((len(files), size, size, channels), np.uint8)
-    for i, file in enumerate(files):
-        try:
-            with Image.open(file) as image:
-                image = image.convert(mode)  # decodes the whole file: a truncated one fails here
-                if image.size != (size, size):
-                    image = image.resize((size, size), Image.Resampling.BILINEAR)
-                out[i] = np.asarray(image, np.uint8).reshape(size, size, channels)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise data_error("E901", f"the image `{file}` in `{path}` cannot be read ({type(e).__name__}: {e})",
-                             help="replace or delete the file; Pillow must be able to open every image") from None
+
+    def read(i: int) -> None:
+        out[i] = _read_image(files[i], size, channels, path)
+
+    if pool is None or len(files) < 2:
+        for i in range(len(files)):
+            read(i)
+    else:
+        for _ in pool.map(read, range(len(files))):  # re-raises a reader's E901 here
+            pass
     return torch.from_numpy(out).permute(0, 3, 1, 2).to(torch.float32).div_(255).contiguous()
 
 
+def _read_image(file: Path, size: int, channels: int, path: str) -> np.ndarray:
+    try:
+        with Image.open(file) as image:
+            image = image.convert("RGB" if channels == 3 else "L")  # decodes the whole file: a truncated one fails here
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(image, np.uint8).reshape(size, size, channels)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise data_error("E901", f"the image `{file}` in `{path}` cannot be read ({type(e).__name__}: {e})",
+                         help="replace or delete the file; Pillow must be able to open every image") from None
+
+
+class ImageFiles:
+    """A split's inputs kept as image files and read when indexed (`image_folder(lazy=true)`):
+    in place of the x tensor [N, C, size, size] of a `TensorDataset`, it has `len`, `shape`,
+    `size(dim)` and `dtype`, and indexing it by a slice or an index tensor reads those
+    images into a float32 tensor, normalised by `shift`/`scale` ([1, C, 1, 1]), decoded by a
+    pool of `workers` threads. `subset(index)` is another `ImageFiles` (nothing is read).
+
+    Example:
+        >>> x = ImageFiles(files, 32, 3, "photos")          # doctest: +SKIP
+        >>> x[torch.tensor([4, 0])].shape                   # doctest: +SKIP
+        torch.Size([2, 3, 32, 32])
+    """
+
+    dtype = torch.float32
+
+    def __init__(self, files: list[Path], size: int, channels: int, path: str, workers: int = 4,
+                 shift: torch.Tensor | None = None, scale: torch.Tensor | None = None):
+        self.files, self.side, self.channels, self.path, self.workers = list(files), size, channels, path, workers
+        self.shift, self.scale = shift, scale
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.files), self.channels, self.side, self.side))
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def normalise(self, shift: torch.Tensor, scale: torch.Tensor) -> None:
+        """Have every read divided: (x − shift) / scale ([1, C, 1, 1] each)."""
+        self.shift, self.scale = shift, scale
+
+    def subset(self, index) -> ImageFiles:
+        return ImageFiles([self.files[i] for i in _positions(index, len(self.files))], self.side, self.channels,
+                          self.path, self.workers, self.shift, self.scale)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, int):
+            return self[[index]][0]
+        chosen = [self.files[i] for i in _positions(index, len(self.files))]
+        if self._pool is None and self.workers > 1:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="d2graph-images")
+        x = _read_images(chosen, self.side, self.channels, self.path, self._pool)
+        if self.shift is not None:
+            x.sub_(self.shift).div_(self.scale)
+        return x
+
+    def __getstate__(self) -> dict:  # a thread pool does not pickle; a copy makes its own
+        return {**self.__dict__, "_pool": None}
+
+
+def _positions(index, n: int) -> list[int]:
+    if isinstance(index, slice):
+        return list(range(n))[index]
+    if isinstance(index, (torch.Tensor, np.ndarray)):
+        return [int(i) for i in index.reshape(-1).tolist()]
+    return [int(i) for i in index]
+
+
 def image_folder(path: str, size: int = 32, channels: int = 3, classes=(), binary: int = -1, val: float = 0.15,
-                 test: float = 0.15, crop_padding: int = 0, flip: bool = False, mean=(), std=(), *, seed: int = 0,
-                 root: str | Path | None = None) -> Splits:
+                 test: float = 0.15, crop_padding: int = 0, flip: bool = False, mean=(), std=(), lazy: bool = False,
+                 workers: int = 4, *, seed: int = 0, root: str | Path | None = None) -> Splits:
     """A user's images as x [N, channels, size, size] in [0, 1] (before `mean`/`std`), read
-    eagerly (see the module's guarantees). The class folders' sorted names are the labels
+    eagerly (see the module's guarantees), or with `lazy` kept as files and read a batch
+    at a time (`ImageFiles`, `workers` decoding threads). The class folders' sorted names are the labels
     0, 1, .... When `path/train/` exists its class folders are the training split, and
     `path/val/` and `path/test/`, where present, the other two (they must name the same
     classes, E904); a split without a folder is cut from the training images with its
@@ -367,9 +455,12 @@ def image_folder(path: str, size: int = 32, channels: int = 3, classes=(), binar
     cut = fractions_to_cut(found, val, test)
     check_fractions(cut["val"], cut["test"])
     count = sum(len(v) for files in found.values() for v in files.values())
-    # uint8 pixels, their float32 copy, and the split copies cut from it.
-    require_memory(count * channels * size * size * 9, f"image_folder(\"{path}\", size={size})",
-                   "lower `size`, or use fewer images")
+    if not lazy:  # uint8 pixels, their float32 copy, and the split copies cut from it
+        require_memory(count * channels * size * size * 9, f"image_folder(\"{path}\", size={size})",
+                       "lower `size`, use fewer images, or read them as they are used: `lazy=true`")
+
+    def read(files: list[Path]):
+        return ImageFiles(files, size, channels, path, workers) if lazy else _read_images(files, size, channels, path)
 
     def listed(split: str) -> tuple[list[Path], np.ndarray]:
         files = found[split]
@@ -381,16 +472,16 @@ def image_folder(path: str, size: int = 32, channels: int = 3, classes=(), binar
     keep, y, k = relabel(labels, len(names), classes, binary, f"`{path}`")
     rows = np.flatnonzero(keep)
     parts = split_indices(labels[rows], cut["val"], cut["test"], split_rng(seed, 0), ("train", *missing))
-    x = _read_images([files[r] for r in rows], size, channels, path)
+    x = read([files[r] for r in rows])
     for i, s in enumerate(SPLITS):
         if s in found and s != "train":
             s_files, s_labels = listed(s)
             s_keep, s_y, _ = relabel(s_labels, len(names), classes, binary, f"`{path}`")
             chosen = [s_files[r] for r in np.flatnonzero(s_keep)]
-            out[s] = (_read_images(chosen, size, channels, path), torch.from_numpy(s_y))
+            out[s] = (read(chosen), torch.from_numpy(s_y))
         else:
             p = torch.from_numpy(parts[i])
-            out[s] = (x[p], torch.from_numpy(y)[p])
+            out[s] = (rows_of(x, p), torch.from_numpy(y)[p])
             chosen = [files[rows[j]] for j in parts[i]]
         meta[s] = {"file": np.array([str(f.relative_to(folder)) for f in chosen], dtype=str)}
     return image_splits(Path(path).name, out, k, meta, crop_padding=crop_padding, flip=flip, mean=mean, std=std)

@@ -20,7 +20,7 @@ from d2graph import data
 from d2graph.cli import main
 from d2graph.diagnostics import D2GraphError
 from d2graph.distributed import Group
-from d2graph.image_data import read_array_pickle
+from d2graph.image_data import ImageFiles, read_array_pickle
 from d2graph.runs import Stage
 
 PER_BATCH = 10  # images in each tiny CIFAR batch
@@ -322,6 +322,39 @@ def test_a_graph_trains_on_an_image_folder(tmp_path, capsys):
     assert code == 0, out
     config = json.loads((tmp_path / "run_pets" / "config.json").read_text())
     assert config["data"]["args"]["flip"] is True
+
+
+def test_lazy_image_folder_reads_the_same_tensors_and_trains_the_same_run(tmp_path, capsys):
+    """`lazy=true` keeps the images as files and reads each batch when it is used: the same
+    splits and values as the eager read (normalised, held out, a row at a time or by an index
+    tensor), so the same training run; a file that breaks later stops the run with E901."""
+    base = tmp_path / "set"
+    _write_folder(base / "train", per_class=12)
+    _write_folder(base / "test", per_class=3)
+    args = dict(path=str(base), size=8, val=0.25, seed=1, mean=[0.5, 0.4, 0.3], std=[0.2, 0.3, 0.4])
+    eager = data.load("image_folder", **args)
+    lazy = data.load("image_folder", **args, lazy=True, workers=3)
+    assert isinstance(lazy.train.tensors[0], ImageFiles) and not isinstance(eager.train.tensors[0], ImageFiles)
+    assert lazy.describe() == eager.describe()
+    eager, lazy = eager.hold_out(0.25, seed=2), lazy.hold_out(0.25, seed=2)
+    for split in ("train", "val", "test", "holdout"):
+        (xe, ye), (xl, yl) = getattr(eager, split).tensors, getattr(lazy, split).tensors
+        assert torch.equal(ye, yl)
+        assert torch.equal(xl[torch.arange(len(yl)).flip(0)], xe.flip(0)), split
+        assert torch.equal(xl[1:3], xe[1:3]) and torch.equal(xl[0], xe[0])
+    runs = {}
+    for mode in ("false", "true"):
+        source = tmp_path / f"lazy_{mode}.d2"
+        source.write_text(GRAPH.format(c=3, side=8, k=2, data=f'image_folder(path="set", size=8, val=0.25, '
+                                                                f'flip=true, crop_padding=1, lazy={mode})'))
+        assert main(["train", str(source), "--out", str(tmp_path / f"run_{mode}"), "--quiet"]) == 0
+        capsys.readouterr()
+        runs[mode] = (tmp_path / f"run_{mode}" / "metrics.jsonl").read_text()
+    assert runs["true"] == runs["false"]
+    (base / "train" / "cat" / "1.jpg").write_bytes(b"not an image any more")
+    assert main(["train", str(tmp_path / "lazy_true.d2"), "--out", str(tmp_path / "broken"), "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert "E901" in err and "1.jpg" in err and "Traceback" not in err
 
 
 # --- normalisation and augmentation ---------------------------------------------------------
