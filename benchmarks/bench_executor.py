@@ -54,6 +54,7 @@ import d2graph  # noqa: E402
 from d2graph.executor import Executor, compile  # noqa: E402
 
 DOC = ROOT / "docs" / "performance.md"
+DEVICE = torch.device("cpu")  # `--device cuda` runs T3 on a GPU (benchmarks/gpu_check.sh)
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -84,13 +85,20 @@ def measure(variants: dict[str, Callable[[], object]], seconds: float, min_round
         for r in range(rounds):
             for name in (names if r % 2 == 0 else names[::-1]):
                 f = variants[name]
+                sync()
                 t0 = clock()
                 for _ in range(inner):
                     f()
+                sync()  # a GPU's work is asynchronous: time it to its end
                 times[name].append((clock() - t0) / inner)
     finally:
         gc.enable()
     return times
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def median_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
@@ -263,15 +271,15 @@ def cascade_actions(batch: int, seed: int = 0) -> tuple[dict[str, torch.Tensor],
 
 def t3_t4(quick: bool) -> tuple[str, str, list[dict]]:
     graph = d2graph.load(ROOT / "benchmarks" / "cascade3.d2")
-    executor = build(graph)
+    executor = build(graph).to(DEVICE)
     cost = {n.name: n.cost for n in graph.nodes}
     batches = (256, 1024) if quick else (256, 1024, 4096)
     rows = []
     for batch in batches:
-        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch)).to(DEVICE)
         actions, stop1, stop2 = cascade_actions(batch)
-        full, masked = CascadeFull(executor.nodes), CascadeMasked(executor.nodes, stop1, stop2)
-        routed = CascadeRouted(executor.nodes, stop1, stop2)
+        full, masked = CascadeFull(executor.nodes), CascadeMasked(executor.nodes, stop1.to(DEVICE), stop2.to(DEVICE))
+        routed = CascadeRouted(executor.nodes, stop1.to(DEVICE), stop2.to(DEVICE))
         run = lambda: executor(x, mode="force", actions=actions)  # noqa: E731
         with torch.inference_mode():
             r = run()
@@ -280,7 +288,7 @@ def t3_t4(quick: bool) -> tuple[str, str, list[dict]]:
             expected = torch.where(stop1, cost["S1"] + cost["Q1"],
                                    torch.where(stop2, cost["S1"] + cost["Q1"] + cost["S2"] + cost["Q2"],
                                                torch.tensor(graph.full_cost)))
-            assert torch.equal(r.cost, expected), "the executor's cost accounting disagrees with the IR"
+            assert torch.equal(r.cost.cpu(), expected), "the executor's cost accounting disagrees with the IR"
             ideal = graph.full_cost / r.cost.double().mean().item()
             times = measure({"executor": run, "static full": lambda: full(x), "compute all + mask": lambda: masked(x),
                              "hand-routed": lambda: routed(x)},
@@ -544,7 +552,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer batches and rounds: a smoke test, not the numbers")
     p.add_argument("--write", action="store_true", help=f"write the tables into {DOC.relative_to(ROOT)}")
     p.add_argument("--only", nargs="*", choices=("t1", "t3", "t5", "memory"), help="run these parts only")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: T3 on the GPU (with --only t3)")
     args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and (set(args.only or ()) != {"t3"} or not torch.cuda.is_available()):
+        p.error("--device cuda runs T3 only (`--only t3`), on a machine where torch sees a GPU")
     torch.set_num_threads(1)
     allocator = settle_allocator()
     only = set(args.only or ("t1", "t3", "t5", "memory"))
@@ -572,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
             if load_before and load_after else "")
     command = " ".join(["python benchmarks/bench_executor.py", *(argv if argv is not None else sys.argv[1:])])
     command = command.replace(" --write", "")
-    header = (f"Measured {started} in {time.perf_counter() - t0:.0f} s with `{command}` on: {machine()}{load}; "
+    gpu = f", GPU {torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda" else ""
+    header = (f"Measured {started} in {time.perf_counter() - t0:.0f} s with `{command}` on: {machine()}{gpu}{load}; "
               f"{allocator}.")
     out = [header, ""]
     for title, table in sections:

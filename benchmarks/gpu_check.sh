@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU: the CUDA tests, training speed at fp32 and bf16 with the
-# accuracy each reaches (the main job's graph), and a torchrun job over the visible GPUs.
+# On a machine with a CUDA GPU: the CUDA tests, the executor benchmark's cascade (T3) on the
+# GPU, training speed at fp32 and bf16 with the accuracy each reaches (the main job's
+# graph), and a torchrun job over the visible GPUs.
 # Prints what it measured; record the numbers in docs/performance.md.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root, after `pip install -e .`
@@ -17,6 +18,9 @@ PY
 
 echo "== CUDA tests"
 python -m pytest -q -p no:cacheprovider tests/test_gpu.py "tests/test_executor.py::test_cuda_matches_cpu"
+
+echo "== the executor on the GPU: the T3 cascade (70/15/15% leave after stage 1/2/3) against static modules"
+python benchmarks/bench_executor.py --device cuda --only t3
 
 echo "== one epoch at fp32 and bf16, then the whole train block (eenet_resnet: the README's main job)"
 python benchmarks/bench_precision.py --graphs eenet_resnet --device cuda --threads 1 --rounds 3 --full
