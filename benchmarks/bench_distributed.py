@@ -5,9 +5,10 @@ an example graph on every example (executor mode `all`, each head's cross-entrop
 two ways of making a step the global batch's:
   - `ddp`:     the executor wrapped in `DistributedDataParallel` (plain: no unused-parameter
                search, since every parameter is used on a static graph);
-  - `d2graph`: the executor as is, and `Group.sync_gradients` before the optimiser step (one
+  - `d2graph`: the executor as is, `Group.sync_gradients` before the optimiser step (one
                all-reduce of the flattened gradients, a used-flag per parameter and the rows:
-               what lets a dynamic graph leave branches unused on a process).
+               what lets a dynamic graph leave branches unused on a process) and
+               `Group.copy_buffers` after it (as DDP broadcasts its buffers).
 (Control nodes do not act in mode `all`, so their parameters are frozen for both: plain DDP
 fails on a parameter that gets no gradient.) The two alternate step by step (order swapped every round) so that they share the machine's
 momentary load; each process times its own steps and the script prints the medians of
@@ -83,6 +84,7 @@ def _worker(rank: int, world: int, store: str, args, results) -> None:
             ours(x, y).backward()
             group.sync_gradients(list(ours.parameters()), local)
             opt_ours.step()
+            group.copy_buffers(ours)  # as DDP broadcasts its buffers (batch-norm statistics)
 
         times = {"ddp": [], "d2graph": []}
         steps = [("ddp", ddp_step), ("d2graph", our_step)]

@@ -399,7 +399,8 @@ def _train_command(args, group) -> int:
     def on_main():
         prepared.append(prepare())
         graph, source, config, _ = prepared[0]
-        return read_source(source), str(source), config
+        # What the other processes need to check the same graph (nothing in one process).
+        return (read_source(source) if group.world > 1 else None), str(source), config
 
     text, name, config = group.from_main(on_main)
     if group.main:

@@ -116,11 +116,20 @@ class Group:
             offset += k
 
     def copy_buffers(self, module: torch.nn.Module) -> None:
-        """Every process takes process 0's buffers (batch-norm running statistics)."""
+        """Every process takes process 0's buffers (batch-norm running statistics), in one
+        broadcast per dtype and device (a ResNet has dozens of small buffers)."""
         if self.world == 1:
             return
+        groups: dict[tuple, list[torch.Tensor]] = {}
         for b in module.buffers():
-            self._collective("copying the buffers", torch.distributed.broadcast, b.data, src=0)
+            groups.setdefault((b.dtype, b.device), []).append(b)
+        for buffers in groups.values():
+            flat = torch.cat([b.detach().reshape(-1) for b in buffers])
+            self._collective("copying the buffers", torch.distributed.broadcast, flat, src=0)
+            offset = 0
+            for b in buffers:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
 
     def from_main(self, fn: Callable[[], Any]) -> Any:
         """`fn()` run on process 0 and its value (or the D2GraphError it raised) given to
