@@ -242,10 +242,11 @@ def held_out(data):
 
 def held_out_batch(held, stage) -> tuple[Tensor, Tensor]:
     """As many examples of `held` (a TensorDataset; all of them when fewer) as the current
-    step of `stage` has, drawn without replacement from the step's own generator, so a resumed epoch draws what the uninterrupted one would have. Under torchrun
-    every process draws the same global batch and keeps its share (`stage.shard`). Policy
-    trainers pair each batch of the training examples with these when the run holds
-    examples out (`data.holdout`)."""
+    step of `stage` has, drawn without replacement from the step's own generator, so a
+    resumed epoch draws what the uninterrupted one would have. Under torchrun every process
+    draws the same global batch and keeps its share (`stage.shard`). Policy trainers pair
+    each batch of the training examples with these when the run holds examples out
+    (`data.holdout`)."""
     x_all, y_all = held.tensors
     g = stage.generator("holdout", shared=True)
     idx = stage.shard(torch.randperm(len(y_all), generator=g, device=g.device)[:stage.step_rows].cpu())
