@@ -1,8 +1,9 @@
 """argv → library calls → exit code. The only module that prints.
 
-Commands: `check`, `fmt`, `render`, `bench`, `train`, `eval`, `sweep`, `policy`. Those that
-run a network (`bench`, `train`, `eval`, `sweep`, `policy export`) take `--threads` and compute
-on that many torch threads (else the file's or the run's `threads` setting).
+Commands: `check`, `fmt`, `render`, `bench`, `train`, `eval`, `sweep`, `policy`, and `lsp` (the
+language server, `d2graph.lsp`, imported only by that command: pygls is an optional extra).
+Those that run a network (`bench`, `train`, `eval`, `sweep`, `policy export`) take `--threads`
+and compute on that many torch threads (else the file's or the run's `threads` setting).
 Exit codes: 0 success · 1 `check` found errors, or `fmt --check` found a file to
 reformat · 2 usage errors and malformed input to any other command · 3 a required
 external tool is missing (Graphviz's `dot`) · 130 interrupted · 70 internal error.
@@ -24,7 +25,9 @@ from .diagnostics import D2GraphError, Diagnostic, did_you_mean
 from .files import write_atomic
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
-# Exit code 3 (a required tool is missing) is carried by the error itself: render.RenderError.exit_code.
+# Exit code 3 (a required tool is missing) is carried by the error itself: render.RenderError.exit_code;
+# `lsp` returns it when the optional pygls is not installed.
+EXIT_MISSING_TOOL = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(s, "the train block's `threads`")
     s.add_argument("--quiet", action="store_true", help="print only the final table")
     s.add_argument("--allow-imports", action="store_true", help="allow module(\"pkg.mod:Class\") layers")
+
+    ls = sub.add_parser("lsp", help="a language server for editors (diagnostics, hover, completion, formatting)")
+    ls.add_argument("--stdio", action="store_true",
+                    help="talk over stdin/stdout (the default and only transport; accepted because editors pass it)")
 
     pol = sub.add_parser("policy", help="policies on per-exit predictions: export them from a run, fit on them")
     psub = pol.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=_Parser)
@@ -544,6 +551,20 @@ def cmd_policy(args) -> int:
     return EXIT_OK
 
 
+def cmd_lsp(args) -> int:
+    try:
+        # Imported here: pygls is an optional extra, and no other command may need it.
+        from .lsp import serve
+    except ImportError as e:
+        if (e.name or "").split(".")[0] not in ("pygls", "lsprotocol"):
+            raise
+        print(f"error: `d2graph lsp` needs the `{e.name.split('.')[0]}` package, which is not installed\n"
+              '  = help: pip install "d2graph[lsp]"', file=sys.stderr)
+        return EXIT_MISSING_TOOL
+    serve(_version())
+    return EXIT_OK
+
+
 def _load_run(folder, checkpoint: str) -> dict:
     """A run folder's graph, config, executor (with the checkpoint's weights), policy, data."""
     from .check import load
@@ -616,7 +637,7 @@ def _usage(message: str, help: str) -> D2GraphError:
 
 
 _COMMANDS = {"check": cmd_check, "fmt": cmd_fmt, "render": cmd_render, "bench": cmd_bench, "train": cmd_train,
-             "eval": cmd_eval, "sweep": cmd_sweep, "policy": cmd_policy}
+             "eval": cmd_eval, "sweep": cmd_sweep, "policy": cmd_policy, "lsp": cmd_lsp}
 
 
 # --- helpers ---------------------------------------------------------------------------------

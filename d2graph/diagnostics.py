@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import difflib
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -219,3 +220,18 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, pool, n=1, cutoff=0.6)
     return f" (did you mean `{close[0]}`?)" if close else ""
 
+
+
+# The hint `did_you_mean` writes, read back by `suggestion`: one format, kept in one place.
+_HINT = re.compile(r" \(did you mean `([^`]+)`\?\)")
+
+
+def suggestion(diagnostic: Diagnostic) -> str | None:
+    """The name a diagnostic's did-you-mean hint proposes, or None: what an editor offers
+    as a quick fix in place of the diagnostic's span.
+
+    >>> suggestion(Diagnostic("E803", "unknown layer `rleu` (did you mean `relu`?)"))
+    'relu'
+    """
+    found = _HINT.search(diagnostic.message)
+    return found.group(1) if found else None

@@ -42,6 +42,7 @@ LAYERS = [
     {"trainers"},
     {"runs"},
     {"sweep"},
+    {"lsp"},
     {"cli"},
     {"__init__", "__main__"},
 ]
@@ -154,3 +155,10 @@ def test_graph_facts_draw_no_random_number():
     paths.path_costs(graph), paths.action_order(graph), paths.parameter_count(graph, graph.control_nodes[0].name)
     paths.current_head(graph, graph.control_nodes[0].name)
     assert torch.equal(before, torch.random.get_rng_state())
+
+
+def test_only_the_cli_imports_the_language_server():
+    """pygls is an optional extra: any other module importing d2graph.lsp would need it."""
+    importers = {str(p.relative_to(PACKAGE)) for p in _modules() for _, module, _ in _imports(p)
+                 if module.split(".")[0] == "lsp"}
+    assert importers == {"cli.py"}
