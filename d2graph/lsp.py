@@ -54,6 +54,9 @@ from .syntax import normalise_newlines, parse
 # when a shape changes), short enough to feel live.
 DEBOUNCE_SECONDS = 0.25
 
+# A graph with a train block, checked once at start-up so that its imports are done early.
+WARM_UP = "graph warm { input x [4]  output y  node a = fc(2)  x -> a -> y  train { data = digits  stage s = supervised } }"
+
 # Words that start a statement inside a graph, and the kinds of node a declaration names.
 STATEMENT_KEYWORDS = ("node", "control", "dummy", "input", "output", "let", "block", "train")
 NODE_KINDS = ("input", "output", "node", "control", "dummy")
@@ -775,6 +778,20 @@ def guarded(feature: Callable) -> Callable:
     return run
 
 
+@server.feature(types.INITIALIZED)
+@guarded
+def initialized(ls: D2GraphServer, params: types.InitializedParams):
+    # The first check imports torch, the data sets and the trainers (seconds); do it now,
+    # while the editor is still opening its first file, rather than on that file.
+    def warm_up():
+        try:
+            analyse(WARM_UP, "warm-up.d2")
+        except Exception:
+            ls.log_failure("the warm-up check")
+
+    asyncio.get_running_loop().call_soon(warm_up)
+
+
 @server.feature(types.TEXT_DOCUMENT_DID_OPEN)
 @guarded
 def did_open(ls: D2GraphServer, params: types.DidOpenTextDocumentParams):
@@ -899,5 +916,7 @@ def symbols(ls: D2GraphServer, params: types.DocumentSymbolParams):
 def serve(version: str = "") -> None:
     """Serve one editor over stdin/stdout until it sends `exit`; `version` is the one the
     server reports to the editor (the installed d2graph's)."""
-    server.version = version or server.version
+    if version:  # the protocol copied the server's name and version when it was made
+        server.version = version
+        server.protocol.server_info.version = version
     server.start_io()
