@@ -271,6 +271,18 @@ async def test_hover_on_a_layer_a_trainer_a_constant_and_a_broken_file(client):
     close_document(client, uri)
 
 
+async def test_the_hovers_in_docs_editors_md_are_the_servers(client):
+    """docs/editors.md shows two hovers on examples/early_exit.d2 as the editor renders them."""
+    docs = (ROOT / "docs" / "editors.md").read_text(encoding="utf-8")
+    path = ROOT / "examples" / "early_exit.d2"
+    text = path.read_text(encoding="utf-8")
+    await open_document(client, path.as_uri(), text)
+    for marker, where, offset in (("hover:B2", "| B2", 2), ("hover:threshold", "threshold(", 0)):
+        shown = re.search(rf"<!-- {marker} -->\n```markdown\n(.*?)\n```", docs, re.S)[1]
+        assert shown == await hover(client, path.as_uri(), position_of(text, where, offset)), marker
+    close_document(client, path.as_uri())
+
+
 # --- definition and references -------------------------------------------------------------------
 
 
