@@ -39,6 +39,7 @@ import d2graph  # noqa: E402
 from d2graph.fmt import format_source  # noqa: E402
 from d2graph.ir import exact_cost  # noqa: E402
 from d2graph.layers import LAYERS  # noqa: E402
+from d2graph.lsp import DEBOUNCE_SECONDS  # noqa: E402
 from d2graph.schema import TRAINERS  # noqa: E402
 
 from .conftest import EXAMPLES, ROOT, TESTDATA  # noqa: E402
@@ -56,8 +57,21 @@ FIRST_ANSWER_S = 120
 ANSWER_S = 30
 
 
+class CountingDiagnostics(dict):
+    """The client's store of published diagnostics, counting the publications per document."""
+
+    def __init__(self):
+        super().__init__()
+        self.published: dict[str, int] = {}
+
+    def __setitem__(self, uri, diagnostics):
+        self.published[uri] = self.published.get(uri, 0) + 1
+        super().__setitem__(uri, diagnostics)
+
+
 @pytest_lsp.fixture(scope="module", config=SERVER)
 async def client(lsp_client: pytest_lsp.LanguageClient):
+    lsp_client.diagnostics = CountingDiagnostics()
     await asyncio.wait_for(lsp_client.initialize_session(types.InitializeParams(
         capabilities=pytest_lsp.client_capabilities("visual-studio-code"), root_uri=ROOT.as_uri())), FIRST_ANSWER_S)
     yield
@@ -186,8 +200,11 @@ async def test_edits_are_checked_when_typing_pauses(client):
                     range=types.Range(start=types.Position(line=3, character=13 + i - 1),
                                       end=types.Position(line=3, character=13 + i - 1)), text="z")]))
 
+    before = client.diagnostics.published[uri]
     got = await diagnostics_after(client, uri, type_letters, ANSWER_S)
-    assert [d.code for d in got] == ["E803"] and "`fczzzzz`" in got[0].message  # the last text, checked once
+    assert [d.code for d in got] == ["E803"] and "`fczzzzz`" in got[0].message  # the last text
+    await asyncio.sleep(3 * DEBOUNCE_SECONDS)
+    assert client.diagnostics.published[uri] == before + 1  # checked once, not once per letter
     close_document(client, uri)
 
 
