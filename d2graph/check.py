@@ -47,7 +47,9 @@ TOTALITY_STEPS = 1_000_000
 MAX_LAYERS = 2_000
 MAX_EDGES = 100_000
 
-_NODE_ATTRS = {
+# The attributes each kind of statement accepts (`[merge=concat]`); the language server
+# completes and describes them from here too.
+ATTRIBUTES = {
     "node": Schema("node", (Param("cost", "number", None, doc="declared cost per example"),
                             Param("merge", "choice", "sum", choices=("sum", "concat", "select")))),
     "control": Schema("control", (Param("cost", "number", None),
@@ -216,7 +218,7 @@ class _Checker:
             if self._duplicate(name, stmt.name.span):
                 continue
             decl = _Decl(name, kind, stmt.span, stmt.name.span, stmt)
-            schema = _NODE_ATTRS.get(kind)
+            schema = ATTRIBUTES.get(kind)
             if schema is not None:
                 decl.attrs = self.attributes(schema, getattr(stmt, "attrs", ()), f"{kind} `{name}`")
             self.decls[name] = decl
@@ -381,7 +383,7 @@ class _Checker:
         seen: dict[tuple[str, str], Span] = {}
         for stmt in body:
             if isinstance(stmt, ast.EdgeChain):
-                attrs = self.attributes(_NODE_ATTRS["edge"], stmt.attrs, "an edge")
+                attrs = self.attributes(ATTRIBUTES["edge"], stmt.attrs, "an edge")
                 ok = [all([self.node_ref(n) for n in hop]) for hop in stmt.hops]
                 if not all(ok):
                     self.tainted |= {n.text for hop in stmt.hops for n in hop}
@@ -409,7 +411,7 @@ class _Checker:
                             seen[a.text, b.text] = span
                             self.data_edges.append(DataEdge(a.text, b.text, attrs.get("default"), span))
             elif isinstance(stmt, ast.ControlEdges):
-                self.attributes(_NODE_ATTRS["control edge"], stmt.attrs, "a control edge")
+                self.attributes(ATTRIBUTES["control edge"], stmt.attrs, "a control edge")
                 src = stmt.source
                 names = [src.text] + [t.text for t in stmt.actions if t is not None]
                 if not self.node_ref(src):

@@ -41,6 +41,7 @@ from pygls.lsp.server import LanguageServer
 from pygls.uris import to_fs_path
 
 from . import ast
+from .check import ATTRIBUTES
 from .check import check as check_file
 from .diagnostics import D2GraphError, Diagnostic, Source, Span, suggestion
 from .fmt import format_source
@@ -62,18 +63,6 @@ STATEMENT_KEYWORDS = ("node", "control", "dummy", "input", "output", "let", "blo
 NODE_KINDS = ("input", "output", "node", "control", "dummy")
 KIND_WORDS = {"node": "function node", "control": "control node", "dummy": "dummy node",
               "input": "input", "output": "output"}
-
-# Attributes by the statement they are written on (the checker's schemas say the same).
-ATTRIBUTES = {
-    "node": (Param("cost", "number", None, doc="declared cost per example, replacing the measured one"),
-             Param("merge", "choice", "sum", choices=("sum", "concat", "select"), doc="how several inputs combine")),
-    "control": (Param("cost", "number", None, doc="declared cost per example"),
-                Param("merge", "choice", "sum", choices=("sum", "concat", "select"), doc="how several inputs combine")),
-    "dummy": (Param("cost", "number", None, doc="declared cost per example"),),
-    "output": (Param("merge", "choice", "sum", choices=("sum", "concat", "select"), doc="how several inputs combine"),),
-    "edge": (Param("default", "number", None, doc="value sent when the source is skipped"),),
-}
-
 
 # --- positions: the protocol's lines and columns ↔ offsets into the checked text ----------------
 
@@ -455,7 +444,7 @@ def _schema(role: str, name: str) -> tuple[Schema | None, str]:
 def _argument(occ: Occurrence) -> Param | None:
     kind, _, callee = occ.scope.partition(":")
     if kind == "attribute":
-        params = ATTRIBUTES.get(callee, ())
+        params = _attribute_params(callee)
     else:
         schema, _ = _schema(kind, callee)
         params = schema.params if schema is not None else ()
@@ -520,9 +509,9 @@ def completions(text_before: str, known: Analysis | None) -> list[types.Completi
             return _value_items(names["let"])  # a shape: numbers and constants
         owner = _attribute_owner(tokens, opened)
         if last in ("[", ","):
-            return [_param_item(p) for p in ATTRIBUTES.get(owner, ())]
+            return [_param_item(p) for p in _attribute_params(owner)]
         if last == "=":
-            param = next((p for p in ATTRIBUTES.get(owner, ()) if p.name == tokens[-2]), None)
+            param = next((p for p in _attribute_params(owner) if p.name == tokens[-2]), None)
             return _choice_items(param) + _value_items(names["let"])
         return []
     in_train = bool(stack) and stack[-1] > 0 and tokens[stack[-1] - 1] == "train"
@@ -542,9 +531,9 @@ def completions(text_before: str, known: Analysis | None) -> list[types.Completi
                  _item("stage", types.CompletionItemKind.Keyword, "stage NAME = trainer(...)")]
                 + [_param_item(p, suffix=" = ") for p in TRAIN_SETTINGS.params])
     if head in ("node", "control", "dummy", "block") and last in ("=", ",") and _in_pipeline(tokens, start):
-        layers = [] if head == "dummy" and last == "=" else _registry_items(LAYERS, "layer")
+        layers = _registry_items(LAYERS, "layer")
         if head == "dummy" and last == "=":
-            layers = [i for i in _registry_items(LAYERS, "layer") if i.label == "const"]
+            layers = [i for i in layers if i.label == "const"]  # a dummy starts with `const` (E814)
         return layers + [_item(b, types.CompletionItemKind.Function, "block") for b in names["block"]]
     if last in ("->", "=>", "|") or (last == "," and head == ""):
         items = [_item(n, types.CompletionItemKind.Variable, kind) for n, kind in names["node"]]
@@ -635,9 +624,14 @@ def _params_of(role: str, callee: str, known: Analysis | None) -> tuple[Param, .
     return ()
 
 
+def _attribute_params(owner: str) -> tuple[Param, ...]:
+    schema = ATTRIBUTES.get(owner)
+    return schema.params if schema is not None else ()
+
+
 def _attribute_owner(tokens: list[str], opened: int) -> str:
     """`node N [` → "node", `output y [` → "output", otherwise an edge's attributes."""
-    if opened >= 2 and tokens[opened - 2] in ATTRIBUTES:
+    if opened >= 2 and tokens[opened - 2] in ("node", "control", "dummy", "output"):
         return tokens[opened - 2]
     return "edge"
 

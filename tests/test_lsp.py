@@ -278,6 +278,12 @@ async def test_hover_on_a_layer_a_trainer_a_constant_and_a_broken_file(client):
     for p in TRAINERS.get("threshold").schema.params:
         assert f"- `{p.name}`: {p.describe()}" in threshold
     assert "let classes = 10" in await hover(client, path.as_uri(), position_of(text, "fc(classes)", 4))
+    padding = LAYERS.get("conv").schema.params[3]
+    assert await hover(client, path.as_uri(), position_of(text, "padding=1")) == \
+        f"`padding`: {padding.describe()} — {padding.doc} (default `0`)"
+    assert await hover(client, path.as_uri(), position_of(text, "[merge=select]", 1)) == \
+        "`merge`: one of `sum`, `concat`, `select` (default `sum`)"
+    assert "learning rate (default `0.001`)" in await hover(client, path.as_uri(), position_of(text, "lr = "))
     close_document(client, path.as_uri())
     # With an error elsewhere the node is still described, as written, and says why no shapes.
     uri = uri_of("broken-hover.d2")
