@@ -19,7 +19,8 @@ Guarantees:
     error (window/logMessage, type Error); the tests fuzz edits and watch that log.
   - Positions are the protocol's: 0-based lines, columns in the client's negotiated unit
     (UTF-16 code units unless it asked for another), line breaks LF, CRLF or a lone CR —
-    the same line breaks the language reads, so a span's line is the editor's line.
+    the same line breaks the language reads, so a span's line is the editor's line (a form
+    feed or U+2028 breaks no line; for that, the editor sends whole documents).
   - Formatting is `d2graph fmt`'s result, as one edit of the whole document, or no edit
     and a message when the file does not parse (fmt refuses such files too).
 
@@ -721,7 +722,11 @@ class D2GraphServer(LanguageServer):
     """pygls's server with each document's latest analysis and pending checks."""
 
     def __init__(self):
-        super().__init__("d2graph", "dev", text_document_sync_kind=types.TextDocumentSyncKind.Incremental)
+        # Full sync: the editor sends the whole text on each change. pygls applies incremental
+        # changes by `str.splitlines`, which also breaks lines at a form feed or U+2028 — legal
+        # in a .d2 file, but not line breaks to the protocol — and would edit the wrong line.
+        # A .d2 file is a few kilobytes (at most 1 MiB).
+        super().__init__("d2graph", "dev", text_document_sync_kind=types.TextDocumentSyncKind.Full)
         self.analyses: dict[str, Analysis] = {}  # uri → analysis of its latest text
         self.parsed: dict[str, Analysis] = {}  # uri → analysis of the latest text that parsed
         self.pending: dict[str, Any] = {}  # uri → the debounce timer of its next check

@@ -105,6 +105,13 @@ def close_document(client, uri: str) -> None:
         text_document=types.TextDocumentIdentifier(uri=uri)))
 
 
+def change(client, uri: str, version: int, text: str) -> None:
+    """The document is now `text` (the server syncs whole documents)."""
+    client.text_document_did_change(types.DidChangeTextDocumentParams(
+        text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
+        content_changes=[types.TextDocumentContentChangeWholeDocument(text=text)]))
+
+
 def position_of(text: str, needle: str, offset_in_needle: int = 0) -> types.Position:
     """The position of `needle` (the first occurrence outside comments) in an ASCII text."""
     for number, line in enumerate(text.split("\n")):
@@ -186,6 +193,14 @@ async def test_columns_are_utf16_units_and_crlf_lines_count_once(client):
     close_document(client, uri_of("utf16.d2"))
 
 
+async def test_form_feeds_and_line_separators_are_not_line_breaks(client):
+    # Python's str.splitlines breaks lines at both; the protocol and the language do not.
+    text = "graph g {\x0c input x [4]  # a\u2028b\n  output y\n  node A = fc(4), rleu\n  x -> A -> y\n}\n"
+    (d,) = await open_document(client, uri_of("formfeed.d2"), text)
+    assert d.code == "E803" and d.range.start == types.Position(line=2, character=18)
+    close_document(client, uri_of("formfeed.d2"))
+
+
 async def test_edits_are_checked_when_typing_pauses(client):
     uri = uri_of("typing.d2")
     text = "graph g {\n  input x [4]\n  output y\n  node A = fc(4)\n  x -> A -> y\n}\n"
@@ -194,11 +209,7 @@ async def test_edits_are_checked_when_typing_pauses(client):
     def type_letters():
         # `fc` becomes `fcz`, `fczz`, ... one letter per change, as a user types.
         for i in range(1, 6):
-            client.text_document_did_change(types.DidChangeTextDocumentParams(
-                text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=1 + i),
-                content_changes=[types.TextDocumentContentChangePartial(
-                    range=types.Range(start=types.Position(line=3, character=13 + i - 1),
-                                      end=types.Position(line=3, character=13 + i - 1)), text="z")]))
+            change(client, uri, 1 + i, text.replace("fc(4)", "fc" + "z" * i + "(4)"))
 
     before = client.diagnostics.published[uri]
     got = await diagnostics_after(client, uri, type_letters, ANSWER_S)
@@ -371,9 +382,7 @@ async def complete(client, uri: str, text: str, marker: str = "|") -> list[str]:
     line = next(n for n, row in enumerate(text.split("\n")) if marker in row)
     position = types.Position(line=line, character=text.split("\n")[line].index(marker))
     await open_document(client, uri, BEFORE)
-    client.text_document_did_change(types.DidChangeTextDocumentParams(
-        text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=2),
-        content_changes=[types.TextDocumentContentChangeWholeDocument(text=text.replace(marker, "", 1))]))
+    change(client, uri, 2, text.replace(marker, "", 1))
     answer = await asyncio.wait_for(client.text_document_completion_async(types.CompletionParams(
         text_document=types.TextDocumentIdentifier(uri=uri), position=position)), ANSWER_S)
     close_document(client, uri)
@@ -467,7 +476,8 @@ async def test_document_symbols_outline_the_graph(client):
 # What the fuzzer types: pieces of the language, brackets, line breaks of every kind,
 # characters outside the Basic Multilingual Plane, control characters.
 PIECES = ["node", "control", " -> ", " => ", "|", "(", ")", "[", "]", "{", "}", ",", "=", "\"", "#", "\n", "\r\n",
-          "\r", "fc(4)", "conv(", "skip", "-1e9", "\U0001F600", "\u202e", "\x00", "\t", "merge=", "train {", "x"]
+          "\r", "\x0c", "\u2028", "fc(4)", "conv(", "skip", "-1e9", "\U0001F600", "\u202e", "\x00", "\t", "merge=",
+          "train {", "x"]
 
 
 async def test_fuzzed_edits_keep_the_server_alive(client):
@@ -484,17 +494,8 @@ async def test_fuzzed_edits_keep_the_server_alive(client):
         if rng.random() < 0.5:
             b = a  # an insertion; else the span [a, b) of the line is replaced
         new = "".join(rng.choice(PIECES) for _ in range(rng.randrange(3)))
-        def units(column: int) -> int:  # the editor counts UTF-16 units; an emoji is two
-            return len(lines[line][:column].encode("utf-16-le")) // 2
-
-        change = types.TextDocumentContentChangePartial(
-            range=types.Range(start=types.Position(line=line, character=units(a)),
-                              end=types.Position(line=line, character=units(b))),
-            text=new)
-        client.text_document_did_change(types.DidChangeTextDocumentParams(
-            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version), content_changes=[change]))
-        # The client's copy, kept in step (for the requests' random positions only).
         text = _apply_line_edit(text, line, a, b, new)
+        change(client, uri, version, text)
         where = types.Position(line=rng.randrange(len(lines) + 2), character=rng.randrange(80))
         ident = types.TextDocumentIdentifier(uri=uri)
         requests = [
@@ -503,15 +504,20 @@ async def test_fuzzed_edits_keep_the_server_alive(client):
             client.text_document_definition_async(types.DefinitionParams(text_document=ident, position=where)),
             client.text_document_document_symbol_async(types.DocumentSymbolParams(text_document=ident)),
         ]
-        if version % 10 == 0:
+        if version % 5 == 0:
             requests.append(client.text_document_formatting_async(types.DocumentFormattingParams(
                 text_document=ident, options=types.FormattingOptions(tab_size=2, insert_spaces=True))))
-        await asyncio.wait_for(asyncio.gather(*requests), ANSWER_S)
+        answers = await asyncio.wait_for(asyncio.gather(*requests), ANSWER_S)
+        if version % 5 == 0:  # the server holds the client's text: its formatting is fmt's of it
+            try:
+                expected = format_source(text)
+            except d2graph.D2GraphError:
+                assert answers[-1] is None
+            else:
+                assert (answers[-1][0].new_text if answers[-1] else text) == expected
     assert errors_logged(client) == []
     # Still serving, and still right: back to the original text, the hover shows B2's shape.
-    got = await diagnostics_after(client, uri, lambda: client.text_document_did_change(types.DidChangeTextDocumentParams(
-        text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=100),
-        content_changes=[types.TextDocumentContentChangeWholeDocument(text=original)])), ANSWER_S)
+    got = await diagnostics_after(client, uri, lambda: change(client, uri, 100, original), ANSWER_S)
     assert got == []
     assert "out: shape `[16, 8, 8]`" in await hover(client, uri, position_of(original, "node B2", 5))
     assert errors_logged(client) == []
