@@ -57,22 +57,27 @@ from .syntax import normalise_newlines, parse
 DEBOUNCE_SECONDS = 0.25
 
 # A graph with a train block, checked once at start-up so that its imports are done early.
-WARM_UP = "graph warm { input x [4]  output y  node a = fc(2)  x -> a -> y  train { data = digits  stage s = supervised } }"
+WARM_UP = ("graph warm { input x [4]  output y  node a = fc(2)  x -> a -> y"
+           "  train { data = digits  stage s = supervised } }")
 
-# Words that start a statement inside a graph, and the kinds of node a declaration names.
+# Words that start a statement inside a graph, and how each kind of node is called in words.
 STATEMENT_KEYWORDS = ("node", "control", "dummy", "input", "output", "let", "block", "train")
-NODE_KINDS = ("input", "output", "node", "control", "dummy")
 KIND_WORDS = {"node": "function node", "control": "control node", "dummy": "dummy node",
               "input": "input", "output": "output"}
 
 # --- positions: the protocol's lines and columns ↔ offsets into the checked text ----------------
 
 
+def utf16_units(text: str) -> int:
+    """The length of `text` in UTF-16 code units, the protocol's default column unit."""
+    return len(text.encode("utf-16-le")) // 2
+
+
 class Lines:
     """Offsets into a document's text (line breaks normalised, as the parser sees it) and
     LSP positions, both ways. `units` counts a string in the client's position unit."""
 
-    def __init__(self, text: str, units: Callable[[str], int] = lambda s: len(s.encode("utf-16-le")) // 2):
+    def __init__(self, text: str, units: Callable[[str], int] = utf16_units):
         self.source = Source("", normalise_newlines(text))
         self.units = units
 
@@ -254,14 +259,14 @@ class Analysis:
         return next((o for o in self.same(occ) if o.definition), None)
 
 
-def analyse(text: str, filename: str, units: Callable[[str], int] | None = None) -> Analysis:
+def analyse(text: str, filename: str, units: Callable[[str], int] = utf16_units) -> Analysis:
     """Parse and check `text` as `d2graph check` would (imports never allowed).
 
     >>> a = analyse("graph g { input x [4]  output y  x -> y }", "g.d2")
     >>> a.graph["x"].out_shape, [o.role for o in a.names][:2]
     ((4,), ['graph', 'node'])
     """
-    lines = Lines(text) if units is None else Lines(text, units)
+    lines = Lines(text, units)
     try:
         file = parse(text, filename)
     except D2GraphError as e:

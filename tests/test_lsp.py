@@ -425,7 +425,8 @@ async def format_document(client, uri: str):
 
 
 async def test_formatting_equals_d2graph_fmt(client):
-    messy = "graph g{input  x[1,8,8] output y\nnode A=conv(4,3,padding=1),relu(),   # [4,8,8]\n   maxpool(2)\nx->A->y[default=0,]}\n"
+    messy = ("graph g{input  x[1,8,8] output y\nnode A=conv(4,3,padding=1),relu(),   # [4,8,8]\n   maxpool(2)\n"
+             "x->A->y[default=0,]}\n")
     documents = [(p.as_uri(), p.read_text(encoding="utf-8")) for p in EXAMPLES] + [(uri_of("messy.d2"), messy)]
     for uri, text in documents:
         await open_document(client, uri, text)
