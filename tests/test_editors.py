@@ -8,12 +8,17 @@
   keyword arguments and layer calls.
 - The VS Code extension declares the language, uses the grammar (an identical copy, as an
   extension must ship its files) and starts `d2graph lsp`.
+- Without pygls, `d2graph lsp` says what to install (here, where the server's own tests are
+  skipped when pygls is missing).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import lark
 import pytest
@@ -202,3 +207,12 @@ def test_the_vscode_extension_uses_the_grammar_and_starts_the_server():
     assert "vscode-languageclient/node" in main
     assert 'getConfiguration("d2graph").get("server.command"' in main
     assert "vscode-languageclient" in package["dependencies"]
+
+
+def test_without_pygls_the_command_says_what_to_install():
+    # `None` in sys.modules makes `import pygls` fail as if it were not installed.
+    code = "import sys; sys.modules['pygls'] = None; from d2graph.cli import main; sys.exit(main(['lsp']))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 3
+    assert 'pip install "d2graph[lsp]"' in done.stderr and "Traceback" not in done.stderr

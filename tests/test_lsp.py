@@ -25,7 +25,6 @@ import asyncio
 import os
 import random
 import re
-import subprocess
 import sys
 
 import pytest
@@ -302,6 +301,11 @@ async def test_hover_on_a_layer_a_trainer_a_constant_and_a_broken_file(client):
     await open_document(client, uri, broken)
     shown = await hover(client, uri, position_of(broken, "A -> y"))
     assert "node A = fc(4), rleu" in shown and "shapes and costs show once the file checks (1 error now)" in shown
+    # Definitions and the outline need only a file that parses.
+    assert (await definition(client, uri, position_of(broken, "A -> y"))).range.start == position_of(broken, "A =")
+    (graph_symbol,) = await client.text_document_document_symbol_async(types.DocumentSymbolParams(
+        text_document=types.TextDocumentIdentifier(uri=uri)))
+    assert [(c.name, c.detail) for c in graph_symbol.children] == [("x", "input"), ("y", "output"), ("A", "node")]
     close_document(client, uri)
 
 
@@ -439,7 +443,10 @@ async def test_formatting_equals_d2graph_fmt(client):
 
 async def test_formatting_is_refused_when_the_file_does_not_parse(client):
     uri = uri_of("unparsable.d2")
-    await open_document(client, uri, "graph g {\n  node A = fc(4)\n  x -> -> y\n}\n")
+    (syntax_error,) = await open_document(client, uri, "graph g {\n  node A = fc(4)\n  x -> -> y\n}\n")
+    assert syntax_error.code == "E002" and syntax_error.range.start == types.Position(line=2, character=7)
+    assert await client.text_document_document_symbol_async(types.DocumentSymbolParams(
+        text_document=types.TextDocumentIdentifier(uri=uri))) == []
     before = len(client.messages)
     assert await format_document(client, uri) is None
 
@@ -466,6 +473,8 @@ async def test_document_symbols_outline_the_graph(client):
     declared = re.findall(r"^\s*(?:let|input|output|node|control|dummy)(?: \[[^\]]*\])? ?(\w+)", text, re.M)
     names = [c.name for c in graph_symbol.children]
     assert names == declared + ["train"]
+    assert [c.name for c in next(c for c in graph_symbol.children if c.name == "train").children] == \
+        ["backbone", "policy"]
     kinds = {c.name: c.kind for c in graph_symbol.children}
     assert kinds["Q1"] == types.SymbolKind.Event and kinds["B1"] == types.SymbolKind.Function
     assert next(c for c in graph_symbol.children if c.name == "Q2").detail.startswith("control [2]")
@@ -531,15 +540,3 @@ def _apply_line_edit(text: str, line: int, a: int, b: int, new: str) -> str:
     rows, breaks = parts[0::2], parts[1::2]
     rows[line] = rows[line][:a] + new + rows[line][b:]
     return "".join(r + (breaks[i] if i < len(breaks) else "") for i, r in enumerate(rows))
-
-
-# --- without the extra ---------------------------------------------------------------------------
-
-
-async def test_without_pygls_the_command_says_what_to_install():
-    # `None` in sys.modules makes `import pygls` fail as if it were not installed.
-    code = "import sys; sys.modules['pygls'] = None; from d2graph.cli import main; sys.exit(main(['lsp']))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 3
-    assert 'pip install "d2graph[lsp]"' in done.stderr and "Traceback" not in done.stderr
