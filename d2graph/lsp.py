@@ -158,7 +158,9 @@ def occurrences(file: ast.File) -> list[Occurrence]:
             role = "block"
         found.append(Occurrence(c.name.span, name, role, statement=c))
         for a in c.args:
-            if a.key is not None:
+            if a.key is not None and role == "block":  # `head(n=2)` names the block's parameter `n`
+                found.append(Occurrence(a.key.span, a.key.text, "param", scope=name, statement=c))
+            elif a.key is not None:
                 found.append(Occurrence(a.key.span, a.key.text, "argument", scope=f"{role}:{name}", statement=c))
             value(a.value, params, scope)
 

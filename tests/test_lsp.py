@@ -366,9 +366,12 @@ async def test_definition_and_references_of_blocks_and_their_parameters(client):
     assert await open_document(client, uri, text) == []
     assert (await definition(client, uri, position_of(text, "head(k)"))).range.start == position_of(text, "head")
     assert await references(client, uri, position_of(text, "head(k)")) == word_positions(text, "head")
-    # `n` inside the block is its parameter; `n=` at the call names the same parameter's argument.
+    # `n` inside the block is its parameter, and so is `n=` in a call of the block.
     assert (await definition(client, uri, position_of(text, "fc(n)", 3))).range.start == position_of(text, "(n)", 1)
-    assert await references(client, uri, position_of(text, "(n)", 1)) == [(0, 11), (0, 19)]
+    assert (await definition(client, uri, position_of(text, "n=2"))).range.start == position_of(text, "(n)", 1)
+    call = position_of(text, "n=2")
+    assert await references(client, uri, position_of(text, "(n)", 1)) == [(0, 11), (0, 19), (call.line, call.character)]
+    assert await hover(client, uri, call) == "parameter `n` of block `head`"
     close_document(client, uri)
 
 
