@@ -7,7 +7,7 @@ Out: diagnostics (on open at once, on change after a short pause), quick fixes f
      layer's, data set's or trainer's signature and parameters), go to definition and find
      references (nodes, `let` constants, blocks, block parameters), completion (layers,
      blocks, data sets, trainers, their parameters, settings, attributes, node names),
-     whole-document formatting and the outline (document symbols).
+     whole-document formatting, the outline (document symbols) and semantic tokens.
 Guarantees:
   - One parser and one checker: every answer comes from `syntax.parse`, `check.check` and
     `fmt.format_source` on the document's current text. Completion, which must work on a
@@ -49,7 +49,7 @@ from .fmt import format_source
 from .ir import Graph, Node, exact_cost
 from .layers import LAYERS
 from .schema import DATASETS, TRAIN_SETTINGS, TRAINERS, Param, Schema, Symbol, format_value
-from .syntax import normalise_newlines, parse
+from .syntax import normalise_newlines, parse, tokens
 
 # How long the server waits after the last keystroke before checking again: long enough
 # that typing a word checks once, not once per letter (a check measures every layer anew
@@ -722,6 +722,62 @@ def document_symbols(analysis: Analysis) -> list[types.DocumentSymbol]:
     return [c for c in (of(i) for i in analysis.file.items) if c is not None]
 
 
+# --- semantic tokens (colours for editors without the TextMate grammar) ---------------------------
+
+TOKEN_TYPES = ("keyword", "operator", "number", "string", "comment", "variable", "function", "parameter",
+               "property", "namespace", "class", "enumMember")
+TOKEN_MODIFIERS = ("declaration", "readonly", "defaultLibrary")
+
+# What each kind of name is coloured as: (token type, modifiers).
+_NAME_TOKENS = {
+    "node": ("variable", ()), "let": ("variable", ("readonly",)), "block": ("function", ()),
+    "layer": ("function", ("defaultLibrary",)), "data set": ("function", ("defaultLibrary",)),
+    "trainer": ("function", ("defaultLibrary",)), "param": ("parameter", ()), "argument": ("property", ()),
+    "setting": ("property", ()), "stage": ("namespace", ()), "graph": ("class", ()),
+}
+_OPERATORS = {"->", "=>", "|"}
+
+
+def semantic_tokens(analysis: Analysis) -> list[int]:
+    """The file's tokens in the protocol's encoding: five integers per token (line and start
+    relative to the previous token, length, type and modifier bits; columns in client units).
+    Keywords, numbers, strings, operators and comments come from the language's own lexer;
+    a name is coloured by what it names (a bare word that names nothing is a symbol, an
+    enum member: `concat`, `maxprob`). A file that does not parse has no tokens."""
+    if analysis.file is None:
+        return []
+    named = {occ.span.start: occ for occ in analysis.names}
+    found: list[tuple[int, int, str, tuple[str, ...]]] = []  # (start, end, type, modifiers)
+    for t in tokens(analysis.text):
+        if t.type == "NAME":
+            occ = named.get(t.start_pos)
+            kind, modifiers = _NAME_TOKENS[occ.role] if occ is not None else ("enumMember", ())
+            if occ is not None and occ.definition:
+                modifiers = modifiers + ("declaration",)
+        elif t.type == "NUMBER":
+            kind, modifiers = "number", ()
+        elif t.type == "STRING":
+            kind, modifiers = "string", ()
+        elif t.value in _OPERATORS:
+            kind, modifiers = "operator", ()
+        elif t.value.isalpha():
+            kind, modifiers = "keyword", ()
+        else:
+            continue  # punctuation is left to the editor
+        found.append((t.start_pos, t.end_pos, kind, modifiers))
+    found += [(c.span.start, c.span.end, "comment", ()) for c in analysis.file.comments]
+    data, line, column = [], 0, 0
+    for start, end, kind, modifiers in sorted(found):
+        at, to = analysis.lines.position(start), analysis.lines.position(end)
+        length = to.character - at.character if to.line == at.line else 0
+        if length <= 0:
+            continue  # a token never spans lines (strings and comments end at the line's end)
+        data += [at.line - line, at.character - (column if at.line == line else 0), length,
+                 TOKEN_TYPES.index(kind), sum(1 << TOKEN_MODIFIERS.index(m) for m in modifiers)]
+        line, column = at.line, at.character
+    return data
+
+
 # --- the server -------------------------------------------------------------------------------
 
 
@@ -917,6 +973,13 @@ def code_action(ls: D2GraphServer, params: types.CodeActionParams):
 @guarded
 def symbols(ls: D2GraphServer, params: types.DocumentSymbolParams):
     return document_symbols(ls.analysis(params.text_document.uri))
+
+
+@server.feature(types.TEXT_DOCUMENT_SEMANTIC_TOKENS_FULL,
+                types.SemanticTokensLegend(token_types=list(TOKEN_TYPES), token_modifiers=list(TOKEN_MODIFIERS)))
+@guarded
+def colours(ls: D2GraphServer, params: types.SemanticTokensParams):
+    return types.SemanticTokens(data=semantic_tokens(ls.analysis(params.text_document.uri)))
 
 
 def serve(version: str = "") -> None:

@@ -152,6 +152,24 @@ def parse(text: str, filename: str = "<input>") -> ast.File:
     return ast.File(file.items, comments, file.span)
 
 
+def tokens(text: str) -> list[Token]:
+    """The tokens of `text` as the parser reads them — keywords, names, numbers, strings,
+    punctuation; whitespace and comments left out — up to the first character that starts
+    no token. Positions are offsets into `normalise_newlines(text)`, as spans are. For
+    editors: the language server colours a file with them.
+
+    >>> [t.value for t in tokens("x -> y  # done")]
+    ['x', '->', 'y']
+    """
+    found = []
+    try:
+        for token in _parser().lexer.lex(normalise_newlines(text)):
+            found.append(token)
+    except lark.exceptions.UnexpectedInput:
+        pass  # the tokens before the stray character still colour
+    return found
+
+
 def read_source(path: str | Path) -> str:
     """Read a .d2 file (at most `MAX_SOURCE_CHARS` bytes), turning OS problems into a
     diagnostic; line breaks come back as LF (see `normalise_newlines`)."""

@@ -11,7 +11,8 @@ as a subprocess and talks to it over stdio, as an editor does.
 - completion of layers, parameters, data sets, trainers, settings and node names;
 - formatting equals `d2graph fmt` on every example and a messy file, and is refused with
   a message on a file that does not parse;
-- document symbols follow the graph's declarations;
+- document symbols follow the graph's declarations; semantic tokens colour each name by
+  what it names;
 - fuzzed edits and requests at random places keep the server alive, with nothing in its
   error log, and it still answers correctly afterwards.
 
@@ -71,7 +72,7 @@ class CountingDiagnostics(dict):
 @pytest_lsp.fixture(scope="module", config=SERVER)
 async def client(lsp_client: pytest_lsp.LanguageClient):
     lsp_client.diagnostics = CountingDiagnostics()
-    await asyncio.wait_for(lsp_client.initialize_session(types.InitializeParams(
+    lsp_client.initialized_with = await asyncio.wait_for(lsp_client.initialize_session(types.InitializeParams(
         capabilities=pytest_lsp.client_capabilities("visual-studio-code"), root_uri=ROOT.as_uri())), FIRST_ANSWER_S)
     yield
     await asyncio.wait_for(lsp_client.shutdown_session(), ANSWER_S)
@@ -484,6 +485,43 @@ async def test_document_symbols_outline_the_graph(client):
     close_document(client, path.as_uri())
 
 
+# --- semantic tokens -----------------------------------------------------------------------------
+
+
+async def test_semantic_tokens_colour_names_by_what_they_name(client):
+    path = ROOT / "examples" / "early_exit.d2"
+    text = path.read_text(encoding="utf-8")
+    await open_document(client, path.as_uri(), text)
+    legend = client.initialized_with.capabilities.semantic_tokens_provider.legend
+    answer = await asyncio.wait_for(client.text_document_semantic_tokens_full_async(types.SemanticTokensParams(
+        text_document=types.TextDocumentIdentifier(uri=path.as_uri()))), ANSWER_S)
+    rows, line, column, colours = text.split("\n"), 0, 0, {}
+    for i in range(0, len(answer.data), 5):
+        dl, dc, length, kind, bits = answer.data[i:i + 5]
+        line, column = line + dl, (column + dc if dl == 0 else dc)
+        modifiers = {m for b, m in enumerate(legend.token_modifiers) if bits >> b & 1}
+        colours[line, column] = (rows[line][column:column + length], legend.token_types[kind], modifiers)
+
+    def colour(needle, offset=0):
+        at = position_of(text, needle, offset)
+        return colours[at.line, at.character]
+
+    assert colour("node B2") == ("node", "keyword", set())
+    assert colour("node B2", 5) == ("B2", "variable", {"declaration"})
+    assert colour("| B2", 2) == ("B2", "variable", set())
+    assert colour("conv(16") == ("conv", "function", {"defaultLibrary"})
+    assert colour("fc(classes)", 3) == ("classes", "variable", {"readonly"})
+    assert colour("padding=1") == ("padding", "property", set())
+    assert colour("merge=select", 6) == ("select", "enumMember", set())
+    assert colour("x -> B1", 2) == ("->", "operator", set())
+    assert colour("=> skip", 3) == ("skip", "keyword", set())
+    assert colour("lr = 0.003", 5) == ("0.003", "number", set())
+    assert colours[0, 0] == (rows[0], "comment", set())
+    comments = sum(1 for row in rows if row.lstrip().startswith("#") or "  #" in row)
+    assert sum(1 for c in colours.values() if c[1] == "comment") == comments
+    close_document(client, path.as_uri())
+
+
 # --- robustness ----------------------------------------------------------------------------------
 
 # What the fuzzer types: pieces of the language, brackets, line breaks of every kind,
@@ -516,6 +554,7 @@ async def test_fuzzed_edits_keep_the_server_alive(client):
             client.text_document_completion_async(types.CompletionParams(text_document=ident, position=where)),
             client.text_document_definition_async(types.DefinitionParams(text_document=ident, position=where)),
             client.text_document_document_symbol_async(types.DocumentSymbolParams(text_document=ident)),
+            client.text_document_semantic_tokens_full_async(types.SemanticTokensParams(text_document=ident)),
         ]
         if version % 5 == 0:
             requests.append(client.text_document_formatting_async(types.DocumentFormattingParams(
