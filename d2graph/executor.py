@@ -1,7 +1,7 @@
 """The executor: a checked graph compiled into an `nn.Module` that routes each example.
 
 In:  a `Graph` from `d2graph.load` / `d2graph.check` (frozen IR, nodes in topological order).
-Out: `compile(graph)` → `Executor`, an `nn.Module` holding one `nn.Sequential` per node that
+Out: `compile(graph)` → `Executor`, an `nn.Module` holding one `Pipeline` (an `nn.Sequential`) per node that
      has layers, keyed by the node's name (`executor.nodes["N1"]`, state_dict keys
      `nodes.N1.0.weight`). It is built on the CPU in float32; `.to(device / dtype)`,
      `.train()` / `.eval()` and `state_dict()` work as for any module.
@@ -73,7 +73,7 @@ from torch import Tensor, nn
 
 from .diagnostics import D2GraphError, Diagnostic
 from .ir import MAX_PARAMS, DataEdge, Graph, Node, describe_params
-from .layers import build_layer
+from .layers import Pipeline, build_layer
 
 MODES = ("argmax", "force", "explore", "sample", "all")
 
@@ -381,7 +381,7 @@ class Result:
 
 
 class Executor(nn.Module):
-    """A compiled graph: one `nn.Sequential` per node with layers, in `self.nodes`.
+    """A compiled graph: one `Pipeline` (an `nn.Sequential`) per node with layers, in `self.nodes`.
 
     Call it as `executor(x, mode="argmax", actions=None, epsilon=0.0, keep=(), generator=None)`;
     see the module docstring for the modes and `Result` for what comes back."""
@@ -395,7 +395,7 @@ class Executor(nn.Module):
                 # Written into `_modules` directly: ModuleDict refuses keys that are also
                 # attribute names of nn.Module (a node the user called `eval`, `to` or
                 # `forward`), and the names are the user's to choose.
-                self.nodes._modules[node.name] = nn.Sequential(
+                self.nodes._modules[node.name] = Pipeline(
                     *(build_layer(layer.name, layer.kwargs, layer.in_shape) for layer in node.layers))
         self.to(device="cpu", dtype=torch.float32)  # whatever the user's default device / dtype
         # After the last node that reads a value, the interpreter drops it (less peak
