@@ -42,6 +42,7 @@ class LayerSpec:
     # What building and measuring the layer costs the checker, in plain layers (E815 bounds
     # the sum): 1, or more for a layer that repeats a structure its arguments size.
     size: Callable[[dict], int] | None = None
+    reads_tokens: bool = False  # takes integer token ids (`embedding`), not real values
 
 
 LAYERS = Registry("layer")
@@ -276,13 +277,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        mask = None
+        # Written out rather than with scaled_dot_product_attention: on a CPU that call
+        # runs a fused kernel FlopCounterMode does not count, and the executor's costs
+        # must equal FlopCounterMode's for the same run (2·T²·D MACs here).
+        scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # [B, heads, T, T]
         padding = align_padding(padding, t)
         if padding is not None:
-            mask = ~padding[:, None, None, :]  # [B, 1, 1, T]: True where a key takes part
-        y = nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(b, t, d))
+            scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))  # no key that is padding
+        weights = nn.functional.dropout(scores.softmax(dim=-1), self.dropout, self.training)
+        return self.out((weights @ v).transpose(1, 2).reshape(b, t, d))
 
 
 class TransformerBlock(nn.Module):
@@ -325,7 +328,7 @@ class PoolTokens(nn.Module):
         return (x * keep).sum(dim=1) / keep.sum(dim=1)
 
 
-TOKEN_MODULES = (Patches, Attention, TransformerBlock)
+TOKEN_MODULES = (Patches, Attention, TransformerBlock, nn.Embedding)
 
 # --- shape helpers --------------------------------------------------------------------------
 
@@ -496,6 +499,16 @@ def _confidence(shape, a):
             f"at least 2 classes), but gets {list(shape)}"
         )
     return Confidence(a["exits"], shape[0] // a["exits"])
+
+
+@layer("embedding", Param("vocab", "posint", doc="number of token ids: ids lie in [0, vocab)"),
+       Param("dim", "posint", doc="token width"),
+       doc="token ids → learned vectors [T, dim]; id 0 is padding (its vector stays zero)",
+       takes="token ids [T]", reads_tokens=True)
+def _embedding(shape, a):
+    if len(shape) != 1:
+        raise LayerError(f"`embedding` needs a sequence of token ids [tokens], but gets {list(shape)}")
+    return nn.Embedding(a["vocab"], a["dim"], padding_idx=PAD_ID)
 
 
 @layer("patches", Param("size", "posint", doc="patch side in pixels"),

@@ -14,9 +14,15 @@ import pytest
 import torch
 
 from d2graph.check import check_text
+import d2graph
+from d2graph import data
 from d2graph.cost import measure
 from d2graph.diagnostics import D2GraphError
+from d2graph.executor import compile
+from d2graph.fmt import format_source
 from d2graph.layers import Pipeline, align_padding, build_layer, initialise
+
+from .conftest import ROOT
 
 
 def _args(name: str, **given) -> dict:
@@ -139,3 +145,79 @@ def test_kaiming_initialisation_leaves_the_token_layers_at_torchs_defaults():
     after = module.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"2.weight", "2.bias"}, changed  # only the fc
+
+
+# --- token inputs ------------------------------------------------------------------------
+
+BERT = ROOT / "examples" / "bert_early_exit.d2"
+
+
+def test_the_executor_hands_each_node_the_padding_of_its_own_examples():
+    """Batched with mixed lengths, routed (forced exits) = each example alone; and the
+    mask matters: the same weights without it give other scores."""
+    graph = d2graph.load(BERT)
+    torch.manual_seed(0)
+    executor = compile(graph).eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 64, (6, 32), generator=g)
+    lengths = torch.tensor([32, 20, 9, 1, 16, 27])
+    ids = ids.masked_fill(torch.arange(32)[None, :] >= lengths[:, None], 0)
+    forced = {"D1": torch.tensor([1, 0, 1, 1, 1, 0]), "D2": torch.tensor([1, 1, 0, 1, 0, 0]), "D3": 1}
+    with torch.no_grad():
+        batched = executor(ids, mode="force", actions=forced)
+        for b in range(6):
+            alone = executor(ids[b:b + 1], mode="force", actions={q: a if isinstance(a, int) else a[b:b + 1]
+                                                                  for q, a in forced.items()})
+            torch.testing.assert_close(batched.output[b:b + 1], alone.output, atol=1e-5, rtol=1e-5)
+            assert int(batched.cost[b]) == int(alone.cost[0])
+        # the same pass with the mask switched off differs on the padded examples only
+        unmasked = executor(ids, mode="all", keep=["L1"])
+        plain = executor.nodes["L1"](ids)  # no padding given: every token attended to
+        index, l1 = unmasked.values["L1"]
+        torch.testing.assert_close(l1[0], plain[0], atol=1e-5, rtol=1e-5)  # no padding in example 0
+        assert not torch.allclose(l1[2], plain[2], atol=1e-3)
+
+
+def test_token_ids_reach_only_an_embedding_and_the_data_must_match():
+    graph = d2graph.load(BERT)
+    assert graph.inputs[0].tokens and graph.inputs[0].out_shape == (32,)
+    with pytest.raises(D2GraphError) as e:
+        data.check_compatible(data.load("digits"), graph)
+    assert e.value.diagnostics[0].code == "E905"
+    vit = d2graph.load(ROOT / "examples" / "vit_early_exit.d2")
+    with pytest.raises(D2GraphError) as e:
+        data.check_compatible(data.load("negated_keywords", n=200, length=32), vit)
+    [diag] = e.value.diagnostics
+    assert diag.code == "E905"  # the shapes differ first
+    flat = check_text("graph g { input x [32] output y node A = fc(4) x -> A -> y }")
+    with pytest.raises(D2GraphError) as e:
+        data.check_compatible(data.load("negated_keywords", n=200, length=32), flat)
+    assert "takes real values but negated_keywords gives token ids" in e.value.diagnostics[0].message
+
+
+def test_a_token_input_round_trips_through_the_formatter():
+    text = "graph g {\n  input ids tokens [8]\n  output y\n  node A = embedding(10, 4), fc(2)\n  ids -> A -> y\n}\n"
+    assert format_source(text) == text
+    assert "input ids tokens [8]" in format_source(text.replace("tokens [8]", "tokens[8]"))
+
+
+def test_negated_keywords_follows_its_recipe():
+    s = data.load("negated_keywords", n=1200, seed=5)
+    again = data.load("negated_keywords", n=1200, seed=5)
+    x, y = s.train.tensors
+    assert x.dtype == torch.int64 and torch.equal(x, again.train.tensors[0])
+    assert not torch.equal(x, data.load("negated_keywords", n=1200, seed=6).train.tensors[0])
+    lengths = torch.from_numpy(s.meta["train"]["length"])
+    real = torch.arange(32)[None, :] < lengths[:, None]
+    assert torch.equal(x != 0, real)  # padding exactly after each sentence's end
+    assert (lengths >= 16).all() and (lengths <= 32).all()
+    keyword = lambda c: (x >= 2 + 3 * c) & (x < 2 + 3 * (c + 1))  # noqa: E731
+    negated = torch.cat([torch.zeros(len(x), 1, dtype=torch.bool), x[:, :-1] == 1], dim=1)
+    counted = torch.stack([(keyword(c) & ~negated).sum(1) for c in range(4)], 1)
+    raw = torch.stack([keyword(c).sum(1) for c in range(4)], 1)
+    top = counted.topk(2, dim=1).values
+    assert torch.equal(counted.argmax(1), y) and (top[:, 0] > top[:, 1]).all()  # the rule, without ties
+    easy = torch.from_numpy(s.meta["train"]["easy"])
+    assert 0.3 < easy.float().mean() < 0.5
+    assert (raw.argmax(1)[~easy] != y[~easy]).all()  # counting words is wrong on every hard sentence
+    assert (raw.argmax(1)[easy] == y[easy]).all()
