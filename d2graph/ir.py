@@ -152,6 +152,17 @@ class Graph:
     def inputs(self) -> tuple[Node, ...]:
         return self.of_kind("input")
 
+    def vocab(self, name: str) -> int:
+        """The number of token ids token input `name` may hold: the smallest `vocab` of the
+        embeddings that read it (the checker makes every reader start with one, E833).
+
+        Example:
+            >>> d2graph.load("examples/bert_early_exit.d2").vocab("ids")   # doctest: +SKIP
+            64
+        """
+        return min(dict(n.layers[0].args)["vocab"] for n in self.nodes
+                   if n.layers and any(e.source == name for e in n.inputs))
+
     @property
     def outputs(self) -> tuple[Node, ...]:
         return self.of_kind("output")

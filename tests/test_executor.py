@@ -52,8 +52,7 @@ def batch(graph: d2graph.Graph, n: int = B, seed: int = 1, dtype=torch.float32) 
     for node in graph.inputs:
         if node.tokens:
             (tokens,) = node.out_shape
-            vocab = min(dict(r.layers[0].kwargs)["vocab"] for r in graph.nodes if any(e.source == node.name for e in r.inputs))
-            ids = torch.randint(1, vocab, (n, tokens), generator=g)
+            ids = torch.randint(1, graph.vocab(node.name), (n, tokens), generator=g)
             lengths = torch.linspace(tokens, 1, n).round().long()
             out[node.name] = ids.masked_fill(torch.arange(tokens)[None, :] >= lengths[:, None], 0)
         else:

@@ -16,6 +16,7 @@ import torch
 from d2graph.check import check_text
 import d2graph
 from d2graph import data
+from d2graph.bench import bench
 from d2graph.cost import measure
 from d2graph.diagnostics import D2GraphError
 from d2graph.executor import compile
@@ -221,3 +222,11 @@ def test_negated_keywords_follows_its_recipe():
     assert 0.3 < easy.float().mean() < 0.5
     assert (raw.argmax(1)[~easy] != y[~easy]).all()  # counting words is wrong on every hard sentence
     assert (raw.argmax(1)[easy] == y[easy]).all()
+
+
+def test_bench_feeds_a_token_input_ids_within_its_vocabulary():
+    graph = d2graph.load(BERT)
+    assert graph.vocab("ids") == 64
+    rows = bench(graph, batch=4, rounds=1)
+    assert [r["cost"] for r in rows[1:]] == sorted((r["cost"] for r in rows[1:]), reverse=True)
+    assert rows[-1]["nodes"] == ("L1", "E1", "D1") and rows[-1]["cost"] == 327_680 + 128 + 6
