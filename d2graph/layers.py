@@ -6,7 +6,10 @@ Out: an `nn.Module` taking a batch `[B, *in_shape]`. Builders check what torch w
      report cryptically (rank, a kernel larger than the image) and raise `LayerError`
      with a sentence in the user's words.
 Guarantees: the registry is the single source of truth for validation, "did you mean"
-hints and the layer table in docs/language.md (`layer_table()`).
+hints and the layer table in docs/language.md (`layer_table()`). Token layers take
+`[T, D]`; those that must ignore padded tokens (`uses_padding`) take the padding mask as
+a second argument, which a node's `Pipeline` passes them (`embedding` reads int64 ids,
+`reads_tokens`).
 
 Example:
     >>> build_layer("fc", {"features": 10, "bias": True}, (4, 2, 2))
