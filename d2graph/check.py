@@ -1018,4 +1018,7 @@ def _layer_help(name: str, shape: tuple) -> str:
         return "image layers need [channels, height, width]; put them before `flatten`/`fc`"
     if name in ("conv", "maxpool", "avgpool", "residual", "resnet_stage"):
         return "use a smaller kernel or stride, add padding, or downsample less before this layer"
+    if name in ("attention", "transformer", "class_token", "positions", "pool_tokens") and len(shape) != 2:
+        return "token layers need [tokens, width]: start with `patches(size, dim)` on an image or " \
+               "`embedding(vocab, dim)` on a token input, and pool with `pool_tokens` before `fc`"
     return "see the layer table in docs/language.md for what each layer takes"

@@ -43,6 +43,10 @@ Guarantees:
     accumulated with integers (float64 if a node declares a fractional `cost=`). When no
     node declares `cost=`, its sum over the batch equals FlopCounterMode's FLOPs / 2 for
     the same forward pass.
+  - Token inputs (`input x tokens [T]`): a node downstream of the token input whose layers
+    ignore padding (`attention`, `transformer`, `pool_tokens(mean)`) gets the padding mask
+    (ids == 0) of exactly the examples it runs on, gathered like its data; so an example's
+    result does not depend on the other examples of its batch.
   - Gradients flow through every node that ran, and through `scores` and `log_probs`.
     Works in train and eval mode, under `torch.inference_mode()`, in float32 and bfloat16.
 
