@@ -24,6 +24,10 @@ for fresh pages on every pass.
       separates what smaller sub-batches cost the layers from what the executor adds.
       For context only (the target stays the FLOP-ideal one), a time-ideal speed-up: the
       stages' measured full-batch times, each weighted by the share of examples reaching it.
+  T3v T3's measure on a transformer: examples/vit_early_exit.d2 (four blocks, an exit after
+      each) with 50 % / 20 % / 15 % / 15 % of the examples leaving at exit 1 / 2 / 3 / 4
+      (random examples, actions forced): achieved speed-up over the full static network
+      against the FLOP-ideal and the time-ideal speed-ups (`--only vit`).
   T4  the same scenario against compute-every-stage-and-mask (`torch.where` per example).
   T5  fixed cost per control node on tiny nodes (fc(8), a chain of K control nodes), when
       nobody changes branch and when every control node splits the batch.
@@ -329,6 +333,92 @@ def t3_t4(quick: bool) -> tuple[str, str, list[dict]]:
     return "\n".join(t3), "\n".join(t4), rows
 
 
+# --- T3v: the ViT with an exit after each block -----------------------------------------------
+
+VIT_STAGES = (("B1", "E1", "D1"), ("B2", "E2", "D2"), ("B3", "E3", "D3"), ("B4", "E4", None))
+VIT_LEAVE = (0.50, 0.20, 0.15, 0.15)  # shares of the examples leaving at exit 1, 2, 3, 4
+
+
+class VitFull(nn.Module):
+    """Every block, exit and decision of vit_early_exit on every example (decision k reads
+    exits 1..k concatenated, as the graph's `merge=concat`); returns every exit's scores."""
+
+    def __init__(self, nodes: nn.ModuleDict):
+        super().__init__()
+        self.stages = [(nodes[b], nodes[e], nodes[d] if d else None) for b, e, d in VIT_STAGES]
+
+    def forward(self, x):
+        h, exits = x, []
+        for block, exit_, decide in self.stages:
+            h = block(h)
+            exits.append(exit_(h))
+            if decide is not None:
+                decide(torch.cat(exits, dim=1))
+        return exits
+
+
+def t3_vit(quick: bool) -> tuple[str, list[dict]]:
+    graph = d2graph.load(ROOT / "examples" / "vit_early_exit.d2")
+    executor = build(graph).to(DEVICE)
+    nodes, cost = executor.nodes, {n.name: n.cost for n in graph.nodes}
+    full = VitFull(nodes)
+    rows = []
+    for batch in ((256,) if quick else (64, 256, 1024)):
+        x = torch.rand(batch, 1, 32, 32, generator=torch.Generator().manual_seed(batch)).to(DEVICE)
+        order = torch.randperm(batch, generator=torch.Generator().manual_seed(0))
+        leave = torch.empty(batch, dtype=torch.long)  # the exit (0-based) each example leaves at
+        bounds = [0] + [round(batch * sum(VIT_LEAVE[:k + 1])) for k in range(4)]
+        for k in range(4):
+            leave[order[bounds[k]:bounds[k + 1]]] = k
+        # action 0 = skip (leave here), 1 = run the next block
+        actions = {d: (leave > k).long() for k, (_, _, d) in enumerate(VIT_STAGES) if d}
+        run = lambda: executor(x, mode="force", actions=actions)  # noqa: E731
+        with torch.inference_mode():
+            r = run()
+            exits = torch.stack(full(x))  # [4, B, classes]
+            check_close(r.output, exits[leave.to(DEVICE), torch.arange(batch, device=DEVICE)], f"T3v batch {batch}")
+            prefix = [0.0]
+            for b, e, d in VIT_STAGES:
+                prefix.append(prefix[-1] + cost[b] + cost[e] + (cost[d] if d else 0))
+            assert torch.equal(r.cost.cpu(), torch.tensor(prefix[1:])[leave].to(r.cost.dtype)), \
+                "the executor's cost accounting disagrees with the IR"
+            ideal = graph.full_cost / r.cost.double().mean().item()
+            times = measure({"executor": run, "static full": lambda: full(x)},
+                            seconds=4 if quick else 40, min_rounds=7, max_rounds=300)
+            hidden, outs = [x], []
+            for block, exit_, _ in full.stages:
+                hidden.append(block(hidden[-1]))
+                outs.append(exit_(hidden[-1]))
+
+            def stage(k):
+                block, exit_, decide = full.stages[k]
+                h = block(hidden[k])
+                s = exit_(h)
+                if decide is not None:
+                    decide(torch.cat(outs[:k] + [s], dim=1))
+
+            per_stage = measure({f"stage {k + 1}": (lambda k=k: stage(k)) for k in range(4)},
+                                seconds=2 if quick else 20, min_rounds=7, max_rounds=300)
+        reach = [float((leave >= k).double().mean()) for k in range(4)]
+        time_ideal = statistics.median(sum(ts) / sum(f * t for f, t in zip(reach, ts))
+                                       for ts in zip(*(per_stage[f"stage {k + 1}"] for k in range(4))))
+        achieved = median_ratio(times, "static full", "executor")
+        lo, hi = quartiles([a / ideal for a in ratios(times, "static full", "executor")])
+        rows.append(dict(batch=batch, ideal=ideal, time_ideal=time_ideal, achieved=achieved, q1=lo, q3=hi,
+                         full_ms=med_ms(times, "static full"), executor_ms=med_ms(times, "executor"),
+                         rounds=len(times["executor"]), reach=reach))
+    table = ["| batch | examples reaching block 2 / 3 / 4 | static full ms | executor ms | FLOP-ideal speed-up "
+             "| achieved speed-up | achieved ÷ FLOP-ideal | IQR | time-ideal speed-up (stage times) "
+             "| achieved ÷ time-ideal | rounds |",
+             "|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        reached = " / ".join(f"{round(f * r['batch'])}" for f in r["reach"][1:])
+        table.append(f"| {r['batch']} | {reached} | {r['full_ms']:.2f} | {r['executor_ms']:.2f} | {r['ideal']:.2f}× "
+                     f"| {r['achieved']:.2f}× | {r['achieved'] / r['ideal']:.2f} | {r['q1']:.2f} … {r['q3']:.2f} "
+                     f"| {r['time_ideal']:.2f}× | {r['achieved'] / r['time_ideal']:.2f} | {r['rounds']} |")
+    return "\n".join(table), rows
+
+
 # --- T5: fixed cost per control node ------------------------------------------------------------
 
 
@@ -551,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer batches and rounds: a smoke test, not the numbers")
     p.add_argument("--write", action="store_true", help=f"write the tables into {DOC.relative_to(ROOT)}")
-    p.add_argument("--only", nargs="*", choices=("t1", "t3", "t5", "memory"), help="run these parts only")
+    p.add_argument("--only", nargs="*", choices=("t1", "t3", "vit", "t5", "memory"), help="run these parts only")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: T3 on the GPU (with --only t3)")
     args = p.parse_args(argv)
     global DEVICE
@@ -560,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--device cuda runs T3 only (`--only t3`), on a machine where torch sees a GPU")
     torch.set_num_threads(1)
     allocator = settle_allocator()
-    only = set(args.only or ("t1", "t3", "t5", "memory"))
+    only = set(args.only or ("t1", "t3", "vit", "t5", "memory"))
 
     started = time.strftime("%Y-%m-%d %H:%M")
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -573,6 +663,10 @@ def main(argv: list[str] | None = None) -> int:
         t3_table, t4_table, _ = t3_t4(args.quick)
         sections.append(("T3 — 3-stage cascade (70 % / 15 % / 15 % leave after stage 1 / 2 / 3)", t3_table))
         sections.append(("T4 — the same cascade against compute-every-stage-and-mask", t4_table))
+    if "vit" in only:
+        table, _ = t3_vit(args.quick)
+        sections.append(("T3v — ViT with an exit after each block (50 % / 20 % / 15 % / 15 % leave at exit 1 / 2 / 3 / 4)",
+                         table))
     if "t5" in only:
         table, _ = t5(args.quick)
         sections.append(("T5 — fixed cost per control node, tiny nodes", table))

@@ -109,9 +109,13 @@ class BlockDef:
 
 @dataclass(frozen=True)
 class InputDecl:
+    """`input NAME [kind] [shape]`; `kind` is None for real-valued data, else the word
+    written before the shape (`tokens`: integer token ids), which the checker validates."""
+
     name: Name
     shape: List
     span: Span = span_field()
+    kind: Name | None = None
 
 
 @dataclass(frozen=True)

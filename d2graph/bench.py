@@ -72,7 +72,10 @@ def bench(graph: Graph | Executor, batch: int = 256, rounds: int = 20, *, seed: 
 def _bench(graph: Graph, executor: Executor, batch: int, rounds: int, seed: int) -> list[dict[str, Any]]:
     full = graph.full_cost
     generator = torch.Generator().manual_seed(seed)
-    x = {n.name: torch.randn((batch, *n.out_shape), generator=generator).to(_device(executor), _dtype(executor))
+    # Real inputs are standard normal; token inputs random ids in [1, vocab), no padding.
+    x = {n.name: (torch.randint(1, graph.vocab(n.name), (batch, *n.out_shape), generator=generator).to(_device(executor))
+                  if n.tokens else
+                  torch.randn((batch, *n.out_shape), generator=generator).to(_device(executor), _dtype(executor)))
          for n in graph.inputs}
     controls = {q.name: q for q in graph.control_nodes}
     rows: list[dict[str, Any]] = []

@@ -110,6 +110,7 @@ class _Checker:
         self.costs: dict[str, int | float] = {}
         self.layers: dict[str, tuple[Layer, ...]] = {}
         self.in_shapes: dict[str, tuple | None] = {}
+        self.token_inputs: list[str] = []  # inputs of token ids (`input x tokens [T]`), in file order
         # Nodes named in an edge statement that had an error: their missing edges are
         # a consequence, not a second mistake, so E504 and W501 stay quiet about them.
         self.tainted: set[str] = set()
@@ -565,6 +566,7 @@ class _Checker:
             d = self.decls[name]
             if d.kind == "input":
                 shape = self.value(d.decl.shape, self.lets)
+                tokens = self.input_kind(d, shape)
                 if not Param("shape", "shape").accepts(shape):
                     self.error("E605", f"input `{name}` needs a shape of positive integers", d.decl.shape.span,
                                f"this is {format_value(shape)}",
@@ -572,6 +574,8 @@ class _Checker:
                     self.shapes[name] = None
                 else:
                     self.shapes[name] = tuple(shape)
+                    if tokens is False:
+                        self.shapes[name] = None  # a wrong kind or rank: its readers' shapes would be guesses
                 self.costs[name] = 0
                 continue
             if d.kind == "dummy":
@@ -583,6 +587,9 @@ class _Checker:
             edges = self.inputs_of.get(name, [])
             in_shapes = [self.shapes.get(e.source) for e in edges]
             if not edges or any(s is None for s in in_shapes):
+                self.shapes[name] = None
+                continue
+            if not self.check_token_readers(d, edges):
                 self.shapes[name] = None
                 continue
             merged = self.merge(d, edges, in_shapes)
@@ -604,6 +611,57 @@ class _Checker:
                                f"the last layer gives {list(self.shapes[name])}",
                                help=f"end `{name}` with a layer giving one score per action, e.g. `fc({n_actions})`",
                                notes=[Note(self.control_lists[name][0].span, f"{n_actions} actions here")])
+
+    def input_kind(self, d: _Decl, shape) -> bool | None:
+        """None for an input of real values; True for a valid token input; False (after
+        an error) for an unknown kind (E830) or a token input whose shape is not [T] (E831)."""
+        kind = d.decl.kind
+        if kind is None:
+            return None
+        if kind.text != "tokens":
+            self.error("E830", f"unknown input kind `{kind.text}`{did_you_mean(kind.text, ['tokens'])}", kind.span,
+                       "not an input kind", help="write `input x tokens [16]` for token ids, or leave the word "
+                                                 "out for real values: `input x [1, 32, 32]`")
+            return False
+        if isinstance(shape, list) and len(shape) != 1:
+            self.error("E831", f"token input `{d.name}` needs one dimension, the number of tokens", d.decl.shape.span,
+                       f"this is {format_value(shape)}", help="write `input x tokens [T]`, T tokens per example")
+            return False
+        if self.token_inputs:
+            first = self.token_inputs[0]
+            self.error("E832", f"a graph has at most one token input; `{first}` is one already", d.name_span,
+                       "second token input", help="the padding mask that attention reads comes from one token input: "
+                                                  "concatenate the sequences into one input",
+                       notes=[Note(self.decls[first].name_span, "the first token input")])
+            return False
+        self.token_inputs.append(d.name)
+        return True
+
+    def check_token_readers(self, d: _Decl, edges: list[DataEdge]) -> bool:
+        """E833 unless token ids go into `embedding` and only there: a node fed by a token
+        input has that one input and starts with `embedding`; `embedding` reads nothing else."""
+        reads = [e for e in edges if e.source in self.token_inputs]
+        first = d.layers[0] if d.layers else None
+        starts = first is not None and LAYERS.get(first[0]) is not None and LAYERS.get(first[0]).reads_tokens
+        later = [layer for layer in d.layers[1:] if LAYERS.get(layer[0]) is not None and LAYERS.get(layer[0]).reads_tokens]
+        if reads and (not starts or len(edges) > 1):
+            what = "an output" if d.kind == "output" else f"`{d.name}`"
+            self.error("E833", f"token ids from `{reads[0].source}` go into {what}, which does not start with `embedding`"
+                       if not starts else f"`{d.name}` merges token ids from `{reads[0].source}` with other inputs",
+                       reads[0].span, "token ids here",
+                       help="token ids are integers, not features: feed the token input alone into a node that "
+                            "starts with `embedding(vocab, dim)`")
+            return False
+        if starts and not reads:
+            self.error("E833", f"`{first[0]}` reads token ids, but `{d.name}` is fed by `{edges[0].source}`, "
+                       "which is not a token input", first[2], "needs token ids",
+                       help="declare the input as `input x tokens [T]`, or use `fc`/`patches` on real values")
+            return False
+        if later:
+            self.error("E833", f"`{later[0][0]}` reads token ids, so it must be the first layer of `{d.name}`",
+                       later[0][2], "not the first layer", help="start a node fed by the token input with it")
+            return False
+        return True
 
     def merge(self, d: _Decl, edges: list[DataEdge], shapes: list[tuple]) -> tuple | None:
         if len(edges) == 1:
@@ -903,6 +961,7 @@ class _Checker:
                 controllers=tuple(controllers.get(name, ())),
                 actions=tuple(actions.get(name, ())),
                 span=d.span,
+                tokens=name in self.token_inputs,
             ))
         warnings = tuple(d for d in self.diags if not d.is_error)
         return Graph(g.name.text, tuple(nodes), tuple(self.data_edges), tuple(self.control_edges), train,
@@ -961,4 +1020,7 @@ def _layer_help(name: str, shape: tuple) -> str:
         return "image layers need [channels, height, width]; put them before `flatten`/`fc`"
     if name in ("conv", "maxpool", "avgpool", "residual", "resnet_stage"):
         return "use a smaller kernel or stride, add padding, or downsample less before this layer"
+    if name in ("attention", "transformer", "class_token", "positions", "pool_tokens") and len(shape) != 2:
+        return "token layers need [tokens, width]: start with `patches(size, dim)` on an image or " \
+               "`embedding(vocab, dim)` on a token input, and pool with `pool_tokens` before `fc`"
     return "see the layer table in docs/language.md for what each layer takes"

@@ -67,11 +67,14 @@ def _measure_frozen(name: str, args: tuple, in_shape: tuple[int, ...]) -> Measur
 
 
 def _measure(name: str, args: dict, in_shape: tuple[int, ...]) -> Measured:
+    spec = LAYERS.get(name)
     try:
         with torch.device("meta"):
             module = build_layer(name, args, in_shape)
         module.eval()  # batch statistics of a single example are undefined in training mode
-        x = torch.empty((1, *in_shape), device="meta")
+        # Token ids are integers; every other layer reads real values.
+        dtype = torch.long if spec is not None and spec.reads_tokens else torch.get_default_dtype()
+        x = torch.zeros((1, *in_shape), dtype=dtype, device="meta")
         with FlopCounterMode(display=False) as counter:
             y = module(x)
     except LayerError:

@@ -3,7 +3,7 @@
 In:  a data set name and its arguments as written in a `train { data = ... }` block
      (`digits`, `cluttered_digits(size=32)`, `npz("my.npz")`), plus a seed.
 Out: `Splits` — three `torch.utils.data.TensorDataset`s of (x float32 [N, C, H, W] or
-     [N, F], y int64 [N]), the number of classes, the per-example input shape, and
+     [N, F], or int64 token ids [N, T] for `negated_keywords`; y int64 [N]), the number of classes, the per-example input shape, and
      per-example metadata for the synthetic sets.
 Guarantees:
   - everything runs offline: the digits are scikit-learn's bundled copy, nothing is fetched;
@@ -18,7 +18,7 @@ Guarantees:
     per-example shape without building anything, so a graph that does not fit is told first;
   - no NaN or infinity reaches training from a user's arrays (E908).
 
-Importing this module registers `digits`, `cluttered_digits` and `npz` in
+Importing this module registers `digits`, `cluttered_digits`, `negated_keywords` and `npz` in
 `schema.DATASETS`, which the checker validates `data = ...` against.
 
 Diagnostic codes (E9xx, data):
@@ -28,7 +28,8 @@ Diagnostic codes (E9xx, data):
   E903  wrong shapes: x and y lengths differ, y is not 1-D, x is not [N, F] / [N, H, W] /
         [N, C, H, W], or the splits' example shapes differ
   E904  labels that are not integers or lie outside [0, classes)
-  E905  the graph's input shape differs from the data's example shape (or it has several inputs)
+  E905  the graph's input shape differs from the data's example shape (or it has several inputs),
+        or a token input meets real values (or an input of real values meets token ids)
   E906  the graph's output is narrower than the number of classes
   E907  data set arguments that cannot be honoured (e.g. `scale_max` larger than the
         canvas, a class subset naming an unknown class, split fractions summing to >= 1)
@@ -925,6 +926,16 @@ def check_compatible(splits: Splits, graph) -> None:
         d2graph.diagnostics.D2GraphError: error[E905]: graph `high_low` takes input [1, 32, 32] but ...
     """
     check_input(graph, splits.input_shape, splits.name)
+    node = graph.inputs[0]
+    x = splits.train.tensors[0]
+    data_tokens = isinstance(x, torch.Tensor) and not x.is_floating_point()
+    if node.tokens != data_tokens:
+        given, wanted = ("token ids", "real values") if data_tokens else ("real values", "token ids")
+        raise D2GraphError([Diagnostic(
+            "E905", f"graph `{graph.name}` takes {wanted} but {splits.name} gives {given}", node.span,
+            f"`{node.name}` is declared with {wanted}",
+            help=f"declare `input {node.name} tokens {_shape(splits.input_shape)}`" if data_tokens
+            else f"declare `input {node.name} {_shape(splits.input_shape)}` (without `tokens`)")])
     for out in graph.outputs:
         shape = tuple(out.out_shape or ())
         width = shape[-1] if shape else 0
@@ -981,6 +992,106 @@ def check_fits(graph, name: str, *, root: str | Path | None = None, **args: Any)
         check_input(graph, shape, shown)
 
 
+# --- negated keywords: a synthetic token task -----------------------------------------------
+
+# A sentence-classification task drawn deterministically, for token graphs (BERT-style
+# exits) without downloading a corpus. Token ids: 0 padding, 1 `not`, then `keywords`
+# keyword ids per class (class c owns ids 2 + c·keywords … 2 + (c+1)·keywords − 1), the rest
+# filler words. A sentence is `length` tokens at most, at least half of that; its label is
+# the class whose keywords occur most often *not* right after `not`. Two kinds:
+#   easy  2–4 keywords of the label's class, no `not`, nothing else that counts;
+#   hard  a (2–4) counted keywords of the label c and 0–1 negated ones; a− 1 counted
+#         keywords of one other class o and enough negated ones that o's keywords occur
+#         MORE often than c's: counting words without reading `not` picks o, the wrong
+#         class. Deciding needs each keyword's left neighbour (attention with positions).
+# Keywords and `not keyword` pairs sit at random places among the filler words.
+NOT_ID = 1
+
+NEGATED_KEYWORDS = Schema("negated_keywords", (
+    Param("n", "posint", 8000, doc="sentences in all, shared out by the split fractions"),
+    Param("length", "posint", 32, doc="tokens per example: the longest sentence; shorter ones are padded with id 0"),
+    Param("vocab", "posint", 64, doc="token ids in [0, vocab): padding, `not`, the keywords, filler words"),
+    Param("num_classes", "posint", 4, doc="classes"),
+    Param("keywords", "posint", 3, doc="keyword ids per class"),
+    Param("easy", "fraction", 0.4, doc="fraction of easy sentences: keywords of one class only, no `not`"),
+    *FRACTIONS,
+), doc="sentences labelled by their most frequent non-negated keyword class (token ids, padding 0)")
+
+
+def negated_keywords(n: int = 8000, length: int = 32, vocab: int = 64, num_classes: int = 4, keywords: int = 3,
+                     easy: float = 0.4, val: float = 0.15, test: float = 0.15, *, seed: int = 0) -> Splits:
+    """Token-id sentences [N, length] (int64, 0 = padding at the end) and labels; see the
+    recipe above. `meta[split]["easy"]` marks the easy sentences, `meta[split]["length"]`
+    gives each sentence's real length.
+
+    Example:
+        >>> s = negated_keywords(n=400)
+        >>> s.input_shape, s.classes, s.train.tensors[0].dtype
+        ((32,), 4, torch.int64)
+    """
+    check_fractions(val, test)
+    filler = vocab - 2 - num_classes * keywords
+    if filler < 1 or num_classes < 2:
+        raise data_error("E907", f"`negated_keywords` needs at least 2 classes and a vocabulary with room for "
+                         f"padding, `not`, {num_classes}×{keywords} keywords and one filler word; vocab={vocab} "
+                         f"has none left", help=f"raise `vocab` to at least {3 + num_classes * keywords}")
+    if length // 2 < 15:  # a hard sentence has up to 4 + 2·1 + 3 + 2·3 = 15 tokens that count
+        raise data_error("E907", f"`negated_keywords` needs `length` ≥ 30, so that its shortest sentences "
+                         f"(half the length) hold a hard example's keywords; got {length}",
+                         help="raise `length` to 30 or more")
+    require_memory(3 * n * length * 8, f"negated_keywords(n={n}, length={length})", "lower `n` or `length`")
+    parts, is_easy, lengths = _negated_cached(n, length, vocab, num_classes, keywords, float(easy), float(val),
+                                              float(test), int(seed))
+    # Copies, so a caller that edits a batch in place cannot corrupt the cache.
+    datasets = [TensorDataset(x.clone(), y.clone()) for x, y in parts]
+    return Splits("negated_keywords", *datasets, num_classes, (length,),
+                  {s: {"easy": is_easy[s].copy(), "length": lengths[s].copy()} for s in SPLITS})
+
+
+@functools.lru_cache(maxsize=8)
+def _negated_cached(n, length, vocab, num_classes, keywords, easy, val, test, seed):
+    filler = vocab - 2 - num_classes * keywords
+    rng = split_rng(seed, 1)
+    x = np.zeros((n, length), dtype=np.int64)
+    y = rng.integers(0, num_classes, n)
+    is_easy = rng.random(n) < easy
+    lengths = rng.integers(length // 2, length + 1, n)
+
+    def word(c: int) -> int:
+        return 2 + c * keywords + int(rng.integers(keywords))
+
+    for i in range(n):
+        c = int(y[i])
+        if is_easy[i]:
+            units = [[word(c)] for _ in range(int(rng.integers(2, 5)))]
+        else:
+            a = int(rng.integers(2, 5))
+            o = int((c + rng.integers(1, num_classes)) % num_classes)
+            neg_c = int(rng.integers(0, 2))
+            # o occurs a − 1 + neg_o times, c occurs a + neg_c times: one more for o
+            neg_o = neg_c + 2
+            units = ([[word(c)] for _ in range(a)] + [[NOT_ID, word(c)] for _ in range(neg_c)]
+                     + [[word(o)] for _ in range(a - 1)] + [[NOT_ID, word(o)] for _ in range(neg_o)])
+        order = rng.permutation(len(units))
+        used = sum(len(u) for u in units)
+        # The filler words fall into the len(units) + 1 gaps around the units.
+        gaps = np.bincount(rng.integers(0, len(units) + 1, int(lengths[i]) - used), minlength=len(units) + 1)
+        sentence: list[int] = []
+        for k, j in enumerate(order):
+            sentence += list(2 + num_classes * keywords + rng.integers(0, filler, gaps[k]))
+            sentence += units[j]
+        sentence += list(2 + num_classes * keywords + rng.integers(0, filler, gaps[-1]))
+        x[i, :len(sentence)] = sentence
+    parts = split_indices(y, val, test, split_rng(seed, 0))
+    x_t, y_t = torch.from_numpy(x), torch.from_numpy(y)
+    return ([(x_t[torch.as_tensor(p)], y_t[torch.as_tensor(p)]) for p in parts],
+            {s: is_easy[p] for s, p in zip(SPLITS, parts)}, {s: lengths[p] for s, p in zip(SPLITS, parts)})
+
+
+def _negated_keywords_shape(length: int = 32, **_: Any) -> tuple[int, ...]:
+    return (length,)
+
+
 def _digits_shape(size: int = 8, pad: int = 0, **_: Any) -> tuple[int, ...]:
     return (1, size + 2 * pad, size + 2 * pad)
 
@@ -1003,3 +1114,4 @@ def _shape(shape) -> str:
 DATASETS.register("digits", DatasetSpec(DIGITS, digits, _digits_shape))
 DATASETS.register("cluttered_digits", DatasetSpec(CLUTTERED, cluttered_digits, _cluttered_shape))
 DATASETS.register("npz", DatasetSpec(NPZ, npz, _npz_shape))
+DATASETS.register("negated_keywords", DatasetSpec(NEGATED_KEYWORDS, negated_keywords, _negated_keywords_shape))

@@ -1,7 +1,7 @@
 """The executor: a checked graph compiled into an `nn.Module` that routes each example.
 
 In:  a `Graph` from `d2graph.load` / `d2graph.check` (frozen IR, nodes in topological order).
-Out: `compile(graph)` → `Executor`, an `nn.Module` holding one `nn.Sequential` per node that
+Out: `compile(graph)` → `Executor`, an `nn.Module` holding one `Pipeline` (an `nn.Sequential`) per node that
      has layers, keyed by the node's name (`executor.nodes["N1"]`, state_dict keys
      `nodes.N1.0.weight`). It is built on the CPU in float32; `.to(device / dtype)`,
      `.train()` / `.eval()` and `state_dict()` work as for any module.
@@ -43,6 +43,10 @@ Guarantees:
     accumulated with integers (float64 if a node declares a fractional `cost=`). When no
     node declares `cost=`, its sum over the batch equals FlopCounterMode's FLOPs / 2 for
     the same forward pass.
+  - Token inputs (`input x tokens [T]`): a node downstream of the token input whose layers
+    ignore padding (`attention`, `transformer`, `pool_tokens(mean)`) gets the padding mask
+    (ids == 0) of exactly the examples it runs on, gathered like its data; so an example's
+    result does not depend on the other examples of its batch.
   - Gradients flow through every node that ran, and through `scores` and `log_probs`.
     Works in train and eval mode, under `torch.inference_mode()`, in float32 and bfloat16.
 
@@ -73,7 +77,7 @@ from torch import Tensor, nn
 
 from .diagnostics import D2GraphError, Diagnostic
 from .ir import MAX_PARAMS, DataEdge, Graph, Node, describe_params
-from .layers import build_layer
+from .layers import PAD_ID, Pipeline, build_layer
 
 MODES = ("argmax", "force", "explore", "sample", "all")
 
@@ -381,7 +385,7 @@ class Result:
 
 
 class Executor(nn.Module):
-    """A compiled graph: one `nn.Sequential` per node with layers, in `self.nodes`.
+    """A compiled graph: one `Pipeline` (an `nn.Sequential`) per node with layers, in `self.nodes`.
 
     Call it as `executor(x, mode="argmax", actions=None, epsilon=0.0, keep=(), generator=None)`;
     see the module docstring for the modes and `Result` for what comes back."""
@@ -395,7 +399,7 @@ class Executor(nn.Module):
                 # Written into `_modules` directly: ModuleDict refuses keys that are also
                 # attribute names of nn.Module (a node the user called `eval`, `to` or
                 # `forward`), and the names are the user's to choose.
-                self.nodes._modules[node.name] = nn.Sequential(
+                self.nodes._modules[node.name] = Pipeline(
                     *(build_layer(layer.name, layer.kwargs, layer.in_shape) for layer in node.layers))
         self.to(device="cpu", dtype=torch.float32)  # whatever the user's default device / dtype
         # After the last node that reads a value, the interpreter drops it (less peak
@@ -419,6 +423,18 @@ class Executor(nn.Module):
         self._actions_of = dict(self._controls)  # control node → its number of actions
         self._costs = tuple((node.name, node.cost) for node in graph.nodes if node.cost)
         self._full_cost = graph.full_cost
+        # node → the token input whose padding its layers must ignore: the one among its
+        # data ancestors (the checker allows one token input per graph, E832), for the
+        # nodes with a layer that reads a padding mask.
+        tokens_above: dict[str, set[str]] = {}
+        for node in graph.nodes:
+            above = {node.name} if node.kind == "input" and node.tokens else set()
+            for edge in node.inputs:
+                above |= tokens_above[edge.source]
+            tokens_above[node.name] = above
+        pipelines = self.nodes._modules
+        self._padding_of = {name: min(above) for name, above in tokens_above.items()
+                            if above and name in pipelines and pipelines[name].uses_padding}
 
     def extra_repr(self) -> str:
         return f"graph={self.graph.name!r}"
@@ -565,6 +581,7 @@ class Interpreter:
         self.actions: dict[str, Tensor] = {}
         self.log_probs: dict[str, Tensor] = {}
         self._counts: list[int] | None = None  # actions per branch, when forced_actions counted them
+        self._padding: dict[str, Tensor] = {}  # token input → its padding mask [B, T], made on first use
 
     def _check_inputs(self, x: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
         names = self.executor._input_names
@@ -651,7 +668,7 @@ class Interpreter:
         return self.inputs[node.name]
 
     def run_node(self, node: Node, rows: Rows) -> Tensor:
-        return self.call(node, self.merge(node, rows))
+        return self.call(node, self.merge(node, rows), rows)
 
     def run_dummy(self, node: Node, rows: Rows) -> Tensor:
         # `const` reads only the batch size, dtype and device of what it is given
@@ -666,7 +683,7 @@ class Interpreter:
 
     def run_control(self, node: Node, rows: Rows) -> Tensor:
         name = node.name
-        scores = self.call(node, self.merge(node, rows))
+        scores = self.call(node, self.merge(node, rows), rows)
         device_actions, host_actions = self.decide(node, rows, scores)
         if host_actions is not None:  # None in `all` mode: routing ignores the choice
             k = len(node.actions)
@@ -681,8 +698,20 @@ class Interpreter:
 
     # --- helpers ---
 
-    def call(self, node: Node, x: Tensor) -> Tensor:
-        return self.modules[node.name](x)
+    def call(self, node: Node, x: Tensor, rows: Rows | None = None) -> Tensor:
+        """The node's layers on `x`, its input on `rows`; layers that ignore padded tokens
+        get the padding mask of those rows."""
+        source = self.executor._padding_of.get(node.name)
+        if source is None or rows is None:
+            return self.modules[node.name](x)
+        return self.modules[node.name](x, self.padding(source, rows))
+
+    def padding(self, source: str, rows: Rows) -> Tensor:
+        """Where token input `source` holds padding (id 0) on `rows`: bool [rows.n, T]."""
+        mask = self._padding.get(source)
+        if mask is None:
+            mask = self._padding[source] = self.inputs[source] == PAD_ID
+        return mask if rows.full else mask.index_select(0, self.router.on_device(rows))
 
     def merge(self, node: Node, rows: Rows) -> Tensor:
         """The node's input on `rows`, its data inputs merged (LANGUAGE.md §3.3)."""
@@ -874,7 +903,7 @@ class _Routing(Interpreter):
     one zero expanded to the rows (no memory per row: pricing a large batch stays cheap; the
     merges write only into tensors they make themselves)."""
 
-    def call(self, node: Node, x: Tensor) -> Tensor:
+    def call(self, node: Node, x: Tensor, rows: Rows | None = None) -> Tensor:
         return _zeros(x.shape[0], node.out_shape, self.dtype, self.device)
 
 

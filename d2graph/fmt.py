@@ -313,7 +313,8 @@ def _simple_statement(stmt) -> str:
     if isinstance(stmt, ast.Let):
         return f"let {stmt.name.text} = {_value(stmt.value)}"
     if isinstance(stmt, ast.InputDecl):
-        return f"input {stmt.name.text} {_value(stmt.shape)}"
+        kind = f"{stmt.kind.text} " if stmt.kind is not None else ""
+        return f"input {stmt.name.text} {kind}{_value(stmt.shape)}"
     if isinstance(stmt, ast.OutputDecl):
         return f"output {stmt.name.text}{_attrs(stmt.attrs)}"
     if isinstance(stmt, ast.EdgeChain):

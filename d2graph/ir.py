@@ -88,6 +88,7 @@ class Node:
     controllers: tuple[ControlEdge, ...] = ()  # incoming control edges
     actions: tuple[str | None, ...] = ()  # a control node's targets, one per action
     span: Span = span_field()
+    tokens: bool = False  # an input of integer token ids (`input x tokens [T]`), 0 = padding
 
     @property
     def is_control(self) -> bool:
@@ -151,6 +152,17 @@ class Graph:
     def inputs(self) -> tuple[Node, ...]:
         return self.of_kind("input")
 
+    def vocab(self, name: str) -> int:
+        """The number of token ids token input `name` may hold: the smallest `vocab` of the
+        embeddings that read it (the checker makes every reader start with one, E833).
+
+        Example:
+            >>> d2graph.load("examples/bert_early_exit.d2").vocab("ids")   # doctest: +SKIP
+            64
+        """
+        return min(dict(n.layers[0].args)["vocab"] for n in self.nodes
+                   if n.layers and any(e.source == name for e in n.inputs))
+
     @property
     def outputs(self) -> tuple[Node, ...]:
         return self.of_kind("output")
@@ -198,7 +210,7 @@ class Graph:
                 parts.append("when: " + " or ".join(f"{c.source}={c.action + 1}" for c in n.controllers))
             if n.actions:
                 parts.append("actions: " + " | ".join(a or "skip" for a in n.actions))
-            parts.append(f"shape: {list(n.out_shape)}")
+            parts.append(f"shape: {list(n.out_shape)}" + (" tokens" if n.tokens else ""))
             if n.kind not in ("input", "output"):
                 parts.append(f"cost: {exact_cost(n.cost)}" + (" (declared)" if n.cost_declared else ""))
             if n.layers:

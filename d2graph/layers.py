@@ -6,7 +6,10 @@ Out: an `nn.Module` taking a batch `[B, *in_shape]`. Builders check what torch w
      report cryptically (rank, a kernel larger than the image) and raise `LayerError`
      with a sentence in the user's words.
 Guarantees: the registry is the single source of truth for validation, "did you mean"
-hints and the layer table in docs/language.md (`layer_table()`).
+hints and the layer table in docs/language.md (`layer_table()`). Token layers take
+`[T, D]`; those that must ignore padded tokens (`uses_padding`) take the padding mask as
+a second argument, which a node's `Pipeline` passes them (`embedding` reads int64 ids,
+`reads_tokens`).
 
 Example:
     >>> build_layer("fc", {"features": 10, "bias": True}, (4, 2, 2))
@@ -42,6 +45,7 @@ class LayerSpec:
     # What building and measuring the layer costs the checker, in plain layers (E815 bounds
     # the sum): 1, or more for a layer that repeats a structure its arguments size.
     size: Callable[[dict], int] | None = None
+    reads_tokens: bool = False  # takes integer token ids (`embedding`), not real values
 
 
 LAYERS = Registry("layer")
@@ -63,10 +67,18 @@ def initialise(module: nn.Module, scheme: str) -> None:
     graph such as the D²NN chain starts with near-constant scores and its loss sits at
     ln(classes) for many epochs; He initialisation keeps the scale through the layers.
     `torch`: leave PyTorch's defaults. Draws from torch's global generator (seed it first).
+    The token layers (`patches`, `attention`, `transformer`, `embedding`) keep PyTorch's
+    defaults under either scheme.
     """
     if scheme == "torch":
         return
+    # Token layers keep PyTorch's initialisation: their linear layers feed layer norms
+    # and residual sums, not ReLUs, and He's gain would double the residual stream's
+    # variance per block.
+    keep = {id(sub) for m in module.modules() if isinstance(m, TOKEN_MODULES) for sub in m.modules()}
     for m in module.modules():
+        if id(m) in keep:
+            continue
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             if m.bias is not None:
@@ -157,6 +169,170 @@ class Const(nn.Module):
         return torch.full((like.shape[0], *self.shape), float(self.value), dtype=like.dtype, device=like.device)
 
 
+# --- token layers: a sequence of T tokens of width D, `[T, D]` per example ----------------------
+#
+# Padding: a token input's id 0 is padding (docs/language.md#token-inputs). The executor
+# hands the layers that must ignore padded tokens (`uses_padding`) a boolean mask
+# `[B, T]`, True where a token is padding, through `Pipeline`. A layer may add tokens
+# at the front (`class_token`); they are never padding, so a mask shorter than a layer's
+# input is extended at the front (`align_padding`). The mask changes only what attention
+# attends to and what `pool_tokens(mean)` averages: padded tokens are still computed (and
+# counted in the cost), as in BERT.
+
+PAD_ID = 0  # the token id that means "no token here"
+
+
+def align_padding(padding: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
+    """The padding mask `[B, T0]` for an input of `tokens` ≥ T0 tokens: the tokens added in
+    front since the mask was made are real tokens. A row whose tokens are all padding is
+    treated as having none: attention over nothing is undefined (NaN), so such an example
+    attends over its padding instead, as it would without a mask."""
+    if padding is None:
+        return None
+    extra = tokens - padding.shape[1]
+    if extra < 0:
+        raise ValueError(f"a padding mask for {padding.shape[1]} tokens cannot describe {tokens}")
+    if extra:
+        padding = torch.cat([padding.new_zeros(padding.shape[0], extra), padding], dim=1)
+    return padding & ~padding.all(dim=1, keepdim=True)
+
+
+class Pipeline(nn.Sequential):
+    """A node's layers in order; `forward(x, padding=None)` hands the padding mask to the
+    layers that use one (`uses_padding = True`) and calls the others as `layer(x)`. It is
+    an `nn.Sequential`, so state_dict keys are `0.weight`, `1.bias`, … as before."""
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        for module in self:
+            if padding is not None and getattr(module, "uses_padding", False):
+                x = module(x, padding)
+            else:
+                x = module(x)
+        return x
+
+    @property
+    def uses_padding(self) -> bool:
+        return any(getattr(m, "uses_padding", False) for m in self)
+
+
+class Patches(nn.Module):
+    """ViT's patch embedding: [C, H, W] → [(H/size)·(W/size), dim], one token per
+    non-overlapping size×size patch, in row-major order (a convolution with stride = kernel)."""
+
+    def __init__(self, channels: int, size: int, dim: int):
+        super().__init__()
+        self.project = nn.Conv2d(channels, dim, size, size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(x).flatten(2).transpose(1, 2)
+
+
+def sinusoidal_positions(tokens: int, dim: int) -> torch.Tensor:
+    """The fixed positions of "Attention is all you need": sin on even, cos on odd features."""
+    position = torch.arange(tokens, dtype=torch.float32)[:, None]
+    rate = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(tokens, dim)
+    table[:, 0::2] = torch.sin(position * rate)
+    table[:, 1::2] = torch.cos(position * rate[: dim // 2])
+    return table
+
+
+class Positions(nn.Module):
+    """Adds a position embedding to [T, D]: learned (initialised N(0, 0.02²), as ViT and
+    BERT do) or sinusoidal (a fixed buffer, no parameters)."""
+
+    def __init__(self, tokens: int, dim: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        if kind == "learned":
+            self.table = nn.Parameter(torch.randn(tokens, dim) * 0.02)
+        else:
+            self.register_buffer("table", sinusoidal_positions(tokens, dim), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.table
+
+
+class ClassToken(nn.Module):
+    """Prepends one learned token: [T, D] → [T + 1, D]; `pool_tokens(cls)` reads it back."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.token.expand(x.shape[0], -1, -1), x], dim=1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on [T, D] (no residual, no norm). Padded tokens are
+    never attended to. Its cost is 4·T·D² (the q, k, v and output projections) plus
+    2·T²·D (scores and the weighted sum) multiply-accumulates."""
+
+    uses_padding = True
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        # Written out rather than with scaled_dot_product_attention: on a CPU that call
+        # runs a fused kernel FlopCounterMode does not count, and the executor's costs
+        # must equal FlopCounterMode's for the same run (2·T²·D MACs here).
+        scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # [B, heads, T, T]
+        padding = align_padding(padding, t)
+        if padding is not None:
+            scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))  # no key that is padding
+        weights = nn.functional.dropout(scores.softmax(dim=-1), self.dropout, self.training)
+        return self.out((weights @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class TransformerBlock(nn.Module):
+    """A pre-norm transformer encoder block (ViT, GPT-2):
+    x + attention(layernorm(x)), then x + ffn(layernorm(x)) with a GELU feed-forward of
+    width `ffn`; dropout after the attention and after the feed-forward."""
+
+    uses_padding = True
+
+    def __init__(self, dim: int, heads: int, ffn: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attention = Attention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attention(self.norm1(x), padding))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+class PoolTokens(nn.Module):
+    """[T, D] → [D]: the first token (`cls`, after `class_token`) or the mean over the
+    tokens that are not padding (`mean`)."""
+
+    uses_padding = True
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        if self.how == "cls":
+            return x[:, 0]
+        padding = align_padding(padding, x.shape[1])
+        if padding is None:
+            return x.mean(dim=1)
+        keep = (~padding).to(x.dtype)[:, :, None]
+        return (x * keep).sum(dim=1) / keep.sum(dim=1)
+
+
+TOKEN_MODULES = (Patches, Attention, TransformerBlock, nn.Embedding)
+
 # --- shape helpers --------------------------------------------------------------------------
 
 
@@ -178,6 +354,16 @@ def _spatial(name: str, shape: Shape, kernel: int, stride: int, padding: int, di
             )
         out.append(n)
     return tuple(out)
+
+
+def _need_tokens(name: str, shape: Shape) -> None:
+    if len(shape) != 2:
+        raise LayerError(f"`{name}` needs a sequence of tokens [tokens, width], but gets {list(shape)}")
+
+
+def _need_heads(name: str, dim: int, heads: int) -> None:
+    if dim % heads:
+        raise LayerError(f"`{name}` with {heads} heads needs a token width divisible by {heads}, but it is {dim}")
 
 
 # --- the vocabulary -------------------------------------------------------------------------
@@ -316,6 +502,77 @@ def _confidence(shape, a):
             f"at least 2 classes), but gets {list(shape)}"
         )
     return Confidence(a["exits"], shape[0] // a["exits"])
+
+
+@layer("embedding", Param("vocab", "posint", doc="number of token ids: ids lie in [0, vocab)"),
+       Param("dim", "posint", doc="token width"),
+       doc="token ids → learned vectors [T, dim]; id 0 is padding (its vector stays zero)",
+       takes="token ids [T]", reads_tokens=True)
+def _embedding(shape, a):
+    if len(shape) != 1:
+        raise LayerError(f"`embedding` needs a sequence of token ids [tokens], but gets {list(shape)}")
+    return nn.Embedding(a["vocab"], a["dim"], padding_idx=PAD_ID)
+
+
+@layer("patches", Param("size", "posint", doc="patch side in pixels"),
+       Param("dim", "posint", doc="token width"),
+       doc="ViT patch embedding: one token per size×size patch → [(H/size)·(W/size), dim]", takes="[C, H, W]")
+def _patches(shape, a):
+    _need_image("patches", shape)
+    size = a["size"]
+    if shape[1] % size or shape[2] % size:
+        raise LayerError(f"`patches({size})` needs a height and width divisible by {size}, "
+                         f"but the input is {shape[1]}×{shape[2]}")
+    return Patches(shape[0], size, a["dim"])
+
+
+@layer("positions", Param("kind", "choice", "learned", choices=("learned", "sinusoidal")),
+       doc="adds a position embedding, learned or sinusoidal (fixed)", takes="[T, D]")
+def _positions(shape, a):
+    _need_tokens("positions", shape)
+    if a["kind"] == "sinusoidal" and shape[1] % 2:
+        raise LayerError(f"`positions(sinusoidal)` needs an even token width, but it is {shape[1]}")
+    return Positions(shape[0], shape[1], a["kind"])
+
+
+@layer("class_token", doc="prepends a learned class token → [T+1, D]", takes="[T, D]")
+def _class_token(shape, a):
+    _need_tokens("class_token", shape)
+    return ClassToken(shape[1])
+
+
+@layer("layernorm", Param("eps", "number", 1e-5),
+       doc="layer normalisation over the last dimension (the token width)", takes="[T, D] or [F]")
+def _layernorm(shape, a):
+    if len(shape) not in (1, 2):
+        raise LayerError(f"`layernorm` needs [tokens, width] or [features], but gets {list(shape)}")
+    return nn.LayerNorm(shape[-1], a["eps"])
+
+
+@layer("attention", Param("heads", "posint"), Param("dropout", "fraction", 0.0),
+       doc="multi-head self-attention (no residual or norm); ignores padded tokens", takes="[T, D]")
+def _attention(shape, a):
+    _need_tokens("attention", shape)
+    _need_heads("attention", shape[1], a["heads"])
+    return Attention(shape[1], a["heads"], a["dropout"])
+
+
+@layer("transformer", Param("heads", "posint"), Param("ffn", "posint", doc="feed-forward width"),
+       Param("dropout", "fraction", 0.0),
+       doc="pre-norm encoder block: x + attention(layernorm(x)), x + ffn(layernorm(x)) with GELU",
+       takes="[T, D]", size=lambda a: 4)  # four linear layers and two norms
+def _transformer(shape, a):
+    _need_tokens("transformer", shape)
+    _need_heads("transformer", shape[1], a["heads"])
+    return TransformerBlock(shape[1], a["heads"], a["ffn"], a["dropout"])
+
+
+@layer("pool_tokens", Param("how", "choice", "mean", choices=("cls", "mean")),
+       doc="[T, D] → [D]: the first (class) token, or the mean over tokens that are not padding",
+       takes="[T, D]")
+def _pool_tokens(shape, a):
+    _need_tokens("pool_tokens", shape)
+    return PoolTokens(a["how"])
 
 
 @layer("const", Param("value", "number"), Param("shape", "shape"),

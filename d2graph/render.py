@@ -291,7 +291,7 @@ def _label(node: Node, rates: Mapping[str, float]) -> str:
     lines = [f"<B>{_esc(_short(node.name, NAME_CHARS))}</B>"]
     small: list[str] = []
     if node.kind in ("input", "output"):
-        small.append(_esc(_shape_text(node.out_shape)))
+        small.append(_esc(_shape_text(node.out_shape)) + (" tokens" if node.tokens else ""))
         if node.merge != "sum" and len(node.inputs) > 1:
             small.append(f"merge={node.merge}")
     else:

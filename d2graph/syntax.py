@@ -261,7 +261,9 @@ class _Builder(Transformer):
         return tuple(self._name(t) for t in ch if t is not None)
 
     def input_decl(self, meta, ch):
-        return ast.InputDecl(self._name(ch[0]), ch[1], self._span(meta))
+        name, kind, shape = ch
+        return ast.InputDecl(self._name(name), shape, self._span(meta),
+                             self._name(kind) if kind is not None else None)
 
     def output_decl(self, meta, ch):
         return ast.OutputDecl(self._name(ch[0]), ch[1] or (), self._span(meta))

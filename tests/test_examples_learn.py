@@ -17,9 +17,10 @@ from .conftest import EXAMPLES
 
 # Examples whose branches are summed train on random routes and need more steps (on all the
 # data) to leave chance than the early-exit families; early_exit's six-layer trunk needs a
-# few more epochs of its 3,000 examples. The epochs stay within a few seconds each. The D²NN
+# few more epochs of its 3,000 examples, and the ViT (a transformer on 2,100 training
+# images) leaves chance only after several. The epochs stay within a few seconds each. The D²NN
 # files' `qlearning` holds a fifth of the training examples out of the backbone's training.
-EPOCHS = {"chain": 5, "hierarchy": 4, "high_low": 3, "early_exit": 4}
+EPOCHS = {"chain": 5, "hierarchy": 4, "high_low": 3, "early_exit": 4, "vit_early_exit": 8}
 ALL_DATA = ("chain", "hierarchy", "high_low")
 MARGIN = 0.05  # nats below ln(classes): well outside the first epoch's noise
 

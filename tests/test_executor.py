@@ -45,8 +45,29 @@ def build(graph: d2graph.Graph, seed: int = 0) -> Executor:
 
 
 def batch(graph: d2graph.Graph, n: int = B, seed: int = 1, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Random inputs; a token input gets ids in [1, vocab) followed by padding (id 0), each
+    example a different length (the first example has none, the last only one real token)."""
     g = torch.Generator().manual_seed(seed)
-    return {node.name: torch.randn(n, *node.out_shape, generator=g).to(dtype) for node in graph.inputs}
+    out = {}
+    for node in graph.inputs:
+        if node.tokens:
+            (tokens,) = node.out_shape
+            ids = torch.randint(1, graph.vocab(node.name), (n, tokens), generator=g)
+            lengths = torch.linspace(tokens, 1, n).round().long()
+            out[node.name] = ids.masked_fill(torch.arange(tokens)[None, :] >= lengths[:, None], 0)
+        else:
+            out[node.name] = torch.randn(n, *node.out_shape, generator=g).to(dtype)
+    return out
+
+
+def call_node(executor: Executor, node, x: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A node's own module on `x`; layers that read a padding mask get the one of the
+    graph's token input `inputs` (the same examples as `x`), written here from the ids."""
+    module = executor.nodes[node.name]
+    tokens = [n.name for n in executor.graph.inputs if n.tokens]
+    if tokens and module.uses_padding:
+        return module(x, inputs[tokens[0]] == 0)
+    return module(x)
 
 
 def merge_plain(node, parts):
@@ -70,7 +91,7 @@ def reference_all(executor: Executor, inputs: dict[str, torch.Tensor]):
             values[node.name] = executor.nodes[node.name](torch.empty(n, 0, dtype=dtype))
         else:
             x = merge_plain(node, [values[e.source] for e in node.inputs])
-            values[node.name] = x if node.kind == "output" else executor.nodes[node.name](x)
+            values[node.name] = x if node.kind == "output" else call_node(executor, node, x, inputs)
     return ({o.name: values[o.name] for o in graph.outputs},
             {q.name: values[q.name] for q in graph.control_nodes})
 
@@ -98,7 +119,8 @@ def reference_example(executor: Executor, inputs: dict[str, torch.Tensor], b: in
             out = executor.nodes[node.name](torch.empty(1, 0))
         else:
             x = merge_plain(node, parts)
-            out = x if node.kind == "output" else executor.nodes[node.name](x)
+            out = x if node.kind == "output" else call_node(executor, node, x,
+                                                               {k: v[b:b + 1] for k, v in inputs.items()})
         values[node.name] = out
         cost += node.cost
         if node.is_control:

@@ -49,7 +49,9 @@ def test_shapes_and_costs_agree_with_real_modules(path):
     for node in graph.nodes:
         if not node.layers:
             continue
-        x = torch.randn(1, *node.layers[0].in_shape)
+        first = node.layers[0]
+        x = (torch.randint(1, dict(first.kwargs)["vocab"], (1, *first.in_shape)) if first.name == "embedding"
+             else torch.randn(1, *first.in_shape))  # token ids for an embedding, else real values
         with FlopCounterMode(display=False) as counter:
             for layer in node.layers:
                 module = build_layer(layer.name, layer.kwargs, layer.in_shape).eval()

@@ -10,7 +10,7 @@ other packages, declared under the entry-point group "d2graph.trainers" (each en
 names a `Trainer` subclass), are registered then too. A plugin that fails to load is
 reported as a warning and left out; it never breaks d2graph itself.
 One module per trainer family: supervised.py (function nodes), baselines.py (threshold,
-uniform, oracle, static), qlearning.py (D²NN), reinforce.py (Guan et al.), costsensitive.py
+patience, uniform, oracle, static), qlearning.py (D²NN), reinforce.py (Guan et al.), costsensitive.py
 (ANN, Bolukbasi et al.), eenet.py (EENet). The protocol is in base.py, what policy trainers
 share (budgets, calibration, path tables, an evaluation context) in toolkit.py; how to write
 one: docs/trainers.md.

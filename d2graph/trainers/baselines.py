@@ -3,11 +3,12 @@
 In:  a compiled `Executor` whose function nodes are already trained (the backbone stage), the
      data (`d2graph.data.Splits`; only `data.val` is used, for calibration) and a stage context
      (`batch`, `device`, `seed`, `log(**metrics)`, `generator(*key)`).
-Out: four policy trainers, registered by name (`role = "policy"`): each `fit` calibrates one
+Out: five policy trainers, registered by name (`role = "policy"`): each `fit` calibrates one
      number on the validation split, logs it once with the validation cost and accuracy it
      gives, and returns a `Policy` that routes every example with mode="force":
        threshold(measure, budget, drop)  BranchyNet / SDN / MSDNet: stop at a control node when
                                          its current head is confident enough (one τ for all)
+       patience(budget)                  PABEE: stop when the last k exits passed agree (one k)
        uniform(budget)                   the ANN paper's random baseline: one parameter p moves
                                          every control node's random choice from cheapest to dearest
        oracle(budget)                    reads the labels: the cheapest static path that answers
@@ -39,6 +40,7 @@ import itertools
 import math
 from typing import Any, Mapping
 
+import networkx as nx
 import numpy as np
 import torch
 from torch import Tensor
@@ -53,9 +55,9 @@ from .toolkit import (
     PathTable, batches, budget_param, calibrate, check_budget, drop_param, evaluating, every_control, path_table,
 )
 
-__all__ = ["MEASURES", "OraclePolicy", "OracleTrainer", "StaticTrainer", "ThresholdPolicy", "ThresholdTrainer",
-           "UniformPolicy", "UniformTrainer", "confidence", "head_confidences", "static_path_results",
-           "uniform_expected_cost"]
+__all__ = ["MEASURES", "OraclePolicy", "OracleTrainer", "PatiencePolicy", "PatienceTrainer", "StaticTrainer",
+           "ThresholdPolicy", "ThresholdTrainer", "UniformPolicy", "UniformTrainer", "agreeing_streaks", "confidence",
+           "exit_chains", "head_confidences", "static_path_results", "uniform_expected_cost"]
 
 MEASURES = ("maxprob", "entropy", "margin")
 
@@ -126,6 +128,23 @@ def head_confidences(executor: Executor, x: Tensor, heads, measures=MEASURES) ->
     return result, found
 
 
+def _require_heads(trainer: str, rule: str, graph: Graph, classes: int | None) -> None:
+    """E921 unless every control node has a current head (for `classes` class scores)."""
+    heads = _current_heads(graph, classes)
+    missing = [q for q, h in heads.items() if h is None]
+    if missing:
+        q = missing[0]
+        raise trainer_error(
+            trainer, f"control node `{q}` has no classifier to read: no head's class scores are "
+                     f"known when `{q}` decides",
+            help=f"{rule} needs, for each control node, a head (a node that feeds an output) "
+                 f"that runs before it on the same examples: feed one into `{q}` (e.g. `H1 -> {q}`) or "
+                 f"run a classifier before it; otherwise use `uniform`, `static` or a learned policy")
+    if not graph.control_nodes:
+        raise trainer_error(trainer, f"the graph has no control node for {rule} to decide",
+                            help="use `static` (or no policy stage) for a graph without control nodes")
+
+
 # --- threshold ------------------------------------------------------------------------------
 
 
@@ -191,20 +210,7 @@ class ThresholdTrainer(Trainer):
         self._check_heads(graph, _output_classes(graph))
 
     def _check_heads(self, graph: Graph, classes: int | None) -> None:
-        """E921 unless every control node has a current head (for `classes` class scores)."""
-        heads = _current_heads(graph, classes)
-        missing = [q for q, h in heads.items() if h is None]
-        if missing:
-            q = missing[0]
-            raise trainer_error(
-                self.name, f"control node `{q}` has no classifier to read: no head's class scores are "
-                           f"known when `{q}` decides",
-                help=f"a threshold rule needs, for each control node, a head (a node that feeds an output) "
-                     f"that runs before it on the same examples: feed one into `{q}` (e.g. `H1 -> {q}`) or "
-                     f"run a classifier before it; otherwise use `uniform`, `static` or a learned policy")
-        if not graph.control_nodes:
-            raise trainer_error(self.name, "the graph has no control node to set a threshold for",
-                                help="use `static` (or no policy stage) for a graph without control nodes")
+        _require_heads(self.name, "a threshold rule", graph, classes)
 
     def fit(self, executor: Executor, data, stage) -> ThresholdPolicy:
         graph = executor.graph
@@ -271,6 +277,139 @@ class ThresholdTrainer(Trainer):
         tau = best[2]
         below = every[every < tau]
         return (float(below[-1]) + tau) / 2 if len(below) else 0.0
+
+
+# --- patience (PABEE) -----------------------------------------------------------------------
+
+
+def exit_chains(graph: Graph, classes: int | None) -> dict[str, list[str]]:
+    """For each control node, the heads an example has passed when it decides, earliest
+    first: the current heads of the control nodes above it (its ancestors), then its own.
+    `early_exit.d2`: {"Q1": ["H1"], "Q2": ["H1", "H2"]}. A control node without a current
+    head is left out (`PatienceTrainer.check_graph` refuses such a graph).
+
+    Example:
+        >>> exit_chains(d2graph.load("examples/bert_early_exit.d2"), 4)["D3"]   # doctest: +SKIP
+        ['E1', 'E2', 'E3']
+    """
+    heads = _current_heads(graph, classes)
+    dag = graph.to_networkx()
+    position = {n.name: i for i, n in enumerate(graph.nodes)}
+    chains = {}
+    for q, head in heads.items():
+        if head is None:
+            continue
+        above = sorted((p for p in nx.ancestors(dag, q) if p in heads and heads[p] is not None), key=position.get)
+        chain = [heads[p] for p in above]
+        chains[q] = [h for i, h in enumerate(chain) if h not in chain[:i] and h != head] + [head]
+    return chains
+
+
+def agreeing_streaks(predictions: Mapping[str, Tensor], chains: Mapping[str, list[str]]) -> dict[str, Tensor]:
+    """For each control node, how many consecutive heads of its chain, ending with its
+    current head, predict the same class as that head (int64 [B], at least 1).
+
+    Example:
+        >>> p = {"E1": torch.tensor([0, 1]), "E2": torch.tensor([0, 2]), "E3": torch.tensor([0, 2])}
+        >>> agreeing_streaks(p, {"D3": ["E1", "E2", "E3"]})["D3"].tolist()
+        [3, 2]
+    """
+    out = {}
+    for q, chain in chains.items():
+        last = predictions[chain[-1]]
+        streak = torch.ones_like(last)
+        going = torch.ones_like(last, dtype=torch.bool)
+        for head in reversed(chain[:-1]):
+            going &= predictions[head] == last
+            streak += going.long()
+        out[q] = streak
+    return out
+
+
+@register_policy
+class PatiencePolicy(Policy):
+    """PABEE's patience rule: stop at a control node (its cheapest action) when the last
+    `patience` heads an example has passed, its current head included, all predict the
+    same class; else continue. `patience` = 1 stops everyone at the first control node;
+    a patience longer than every chain never stops (PABEE's patience t is `patience` − 1:
+    t agreements after the first exit).
+
+    As with `threshold`, the heads' predictions come from one mode="all" pass; the cost
+    reported for the routing is that of the forced pass that follows."""
+
+    kind = "patience"
+
+    def __init__(self, patience: int, chains: Mapping[str, list[str]], stop: Mapping[str, int],
+                 go: Mapping[str, int]):
+        self.patience = int(patience)
+        self.chains = {q: list(c) for q, c in chains.items()}
+        self.stop = {q: int(a) for q, a in stop.items()}
+        self.go = {q: int(a) for q, a in go.items()}
+
+    def streaks(self, executor: Executor, x: Tensor) -> dict[str, Tensor]:
+        """Each control node's agreeing streak, int64 CPU [B]."""
+        wanted = sorted({h for chain in self.chains.values() for h in chain})
+        with torch.no_grad():
+            result = executor(x, mode="all", keep=wanted)
+        predictions = {h: result.values[h][1].argmax(1).cpu() for h in wanted}  # every head ran on every row
+        return agreeing_streaks(predictions, self.chains)
+
+    def actions_at(self, patience: int, streaks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {q: torch.where(s >= patience, self.stop[q], self.go[q]) for q, s in streaks.items()}
+
+    def decide(self, executor, x, y=None, generator=None):
+        return self.actions_at(self.patience, self.streaks(executor, x))
+
+    def state(self) -> dict[str, Any]:
+        return {"patience": self.patience, "chains": {q: list(c) for q, c in self.chains.items()},
+                "stop": dict(self.stop), "go": dict(self.go)}
+
+    def describe(self) -> str:
+        return f"patience: stop where the last {self.patience} exits agree"
+
+
+@register
+class PatienceTrainer(Trainer):
+    """PABEE (Zhou et al., NeurIPS 2020): stop when k consecutive exits agree; k calibrated on validation."""
+
+    name, role = "patience", "policy"
+    schema = Schema("patience", (budget_param(0.5),),
+                    doc="stop at a control node when the last k exits agree (PABEE); k is the largest whose "
+                        "validation cost fits the budget")
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        check_budget(self)
+
+    def check_graph(self, graph: Graph) -> None:
+        _require_heads(self.name, "a patience rule", graph, _output_classes(graph))
+
+    def fit(self, executor: Executor, data, stage) -> PatiencePolicy:
+        graph = executor.graph
+        _require_heads(self.name, "a patience rule", graph, data.classes)
+        chains = exit_chains(graph, data.classes)
+        order = action_order(graph)
+        policy = PatiencePolicy(1, chains, stop={q: o[0] for q, o in order.items()},
+                                go={q: o[min(1, len(o) - 1)] for q, o in order.items()})
+        executor.to(stage.device)
+        with evaluating(executor):
+            parts = [policy.streaks(executor, x.to(stage.device)) for x, _ in batches(data.val, stage.batch)]
+            streaks = {q: torch.cat([p[q] for p in parts]) for q in chains}
+            table = path_table(executor, data.val, stage)
+            examples = np.arange(len(data.val))
+            # A longer patience never makes an example cheaper: the outcomes of every k, from
+            # stopping everyone at the first exit (k = 1) to never stopping (k = longest + 1).
+            outcomes = {}
+            for k in range(1, max(len(c) for c in chains.values()) + 2):
+                cost, right = table.outcome(policy.actions_at(k, streaks), examples)
+                outcomes[k] = (float(cost.mean()), float(right.mean()))
+        budget = self.params["budget"]
+        within = [k for k, (cost, _) in outcomes.items() if cost <= budget + 1e-12]
+        policy.patience = max(within) if within else 1
+        cost, accuracy = outcomes[policy.patience]
+        stage.log(patience=policy.patience, val_cost_fraction=cost, val_accuracy=accuracy,
+                  val_full_accuracy=outcomes[max(outcomes)][1])
+        return policy
 
 
 # --- uniform --------------------------------------------------------------------------------
