@@ -239,6 +239,23 @@ def test_full_targets_take_the_best_continuation_that_agrees_with_the_choices_ab
     assert t["Q2"].tolist() == [[pytest.approx(0.1), pytest.approx(0.4)], [pytest.approx(0.9), pytest.approx(0.0)]]
 
 
+def test_full_targets_follow_the_greedy_choices_below_when_given():
+    # The same chain; Q2's greedy choice on each path (as its forced pass scored it). Q1's
+    # target for an action is then the reward of the path Q2 will really take, not the
+    # best one: E[max] would credit Q1 with continuations that Q2 cannot pick out.
+    paths = [{"Q1": 0, "Q2": 0}, {"Q1": 0, "Q2": 1}, {"Q1": 1, "Q2": 0}, {"Q1": 1, "Q2": 1}]
+    rewards = torch.tensor([[0.1, 0.5], [0.4, 0.2], [0.3, 0.9], [0.6, 0.0]])
+    taken = {"Q1": torch.tensor([0, 1]), "Q2": torch.tensor([1, 0])}
+    # Q2 prefers action 0 for example 0 and action 1 for example 1, on every path
+    # (on one input its choice is the same whichever action is forced on it).
+    q2 = torch.tensor([0, 1])
+    greedy = [{"Q1": torch.tensor([-1, -1]), "Q2": q2} for _ in paths]
+    t = full_targets(rewards, paths, taken, ["Q1", "Q2"], [2, 2], greedy)
+    assert t["Q1"].tolist() == [[pytest.approx(0.1), pytest.approx(0.3)], [pytest.approx(0.2), pytest.approx(0.0)]]
+    # Q2 is the last node: its targets are those of the best-continuation backup
+    assert t["Q2"].tolist() == [[pytest.approx(0.1), pytest.approx(0.4)], [pytest.approx(0.9), pytest.approx(0.0)]]
+
+
 def test_full_backup_refuses_a_bag_of_several():
     with pytest.raises(D2GraphError, match="minibag=1"):
         _fit(0.5, overrides=["policy.epochs=1", "policy.minibag=8", "policy.backup=full"])
