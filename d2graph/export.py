@@ -34,12 +34,16 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -208,8 +212,12 @@ def _write_program(module: nn.Module, in_shape: tuple[int, ...], path: Path, fmt
             torch.export.save(program, str(path))
             run = bind_program(program)  # as the runtime binds it (loading it back would cost 0.4 s a node)
         else:
-            torch.onnx.export(module, (example,), str(path), input_names=["x"], output_names=["y"],
-                              dynamic_shapes=({0: batch},), dynamo=True)
+            # One self-contained file per program (the weights inside, where the manifest's
+            # checksum covers them); the exporter's progress lines and its notes about
+            # torchvision's operators are not the user's business.
+            with _quiet_onnx():
+                torch.onnx.export(module, (example,), str(path), input_names=["x"], output_names=["y"],
+                                  dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)
             onnx_call = load_program(path, "onnx")
             run = lambda x: torch.from_numpy(onnx_call(x.numpy()))  # noqa: E731
     except Exception as e:  # torch raises many kinds for a layer it cannot trace
@@ -223,6 +231,19 @@ def _write_program(module: nn.Module, in_shape: tuple[int, ...], path: Path, fmt
     if got.shape != expected.shape or not torch.allclose(got.to(expected.dtype), expected, rtol=1e-4, atol=1e-5):
         raise runtime_error("E941", f"{what}: the exported program computes something else than the module",
                             "report this with the .d2 file: d2graph should not export it")
+
+
+@contextlib.contextmanager
+def _quiet_onnx():
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _require_onnx() -> None:

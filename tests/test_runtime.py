@@ -252,3 +252,31 @@ def test_the_runtime_runs_without_the_front_end(trained):
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok []"
+
+
+def test_export_and_predict_from_the_command_line(trained, tmp_path, capsys):
+    from d2graph import cli
+
+    executor, policy, x, _, run_folder = trained["high_low"]
+    assert cli.main(["export", str(run_folder), "--out", str(tmp_path / "deploy")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    np.savez(tmp_path / "in.npz", x=x.numpy()[:50])
+    assert cli.main(["predict", str(tmp_path / "deploy"), "--input", str(tmp_path / "in.npz"),
+                     "--out", str(tmp_path / "p.npz"), "--batch", "16", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    with evaluating(executor):
+        expected = run_policy(executor, policy, x[:50])
+    with np.load(tmp_path / "p.npz") as p:
+        assert np.array_equal(p["cost"], expected.cost.numpy())
+        assert np.array_equal(p["action_Q1"], expected.actions["Q1"].numpy())
+        assert np.array_equal(p["prediction"], expected.output.argmax(1).numpy())
+    assert out.startswith("high_low: 50 examples") and "mean cost" in out and "exits N2" in out
+
+    np.savez(tmp_path / "small.npz", x=np.zeros((3, 1, 28, 28), np.float32))
+    assert cli.main(["predict", str(tmp_path / "deploy"), "--input", str(tmp_path / "small.npz"),
+                     "--out", str(tmp_path / "q.npz"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "error[E944]" in err and "[B, 1, 32, 32]" in err and "Traceback" not in err
+    assert not (tmp_path / "q.npz").exists()
+    assert cli.main(["export", str(tmp_path), "--out", str(tmp_path / "d2")]) == 2  # not a run folder
+    assert "E922" in capsys.readouterr().err
