@@ -17,7 +17,10 @@ thread), in eval mode under `torch.inference_mode()`, on the SAME weights and in
              (allclose) before timing.
   batch 256  the runtime against the executor with the same policy, on 256 test images
              (actions and costs checked identical first).
-  onnx       the ONNX runtime's throughput against the pt2 runtime's, batch 256 (CPU).
+  onnx       the ONNX runtime's throughput against the pt2 runtime's, batch 256 (CPU), and the
+             share of images it routes as the pt2 runtime does (onnxruntime rounds differently
+             in the last bits, so a near-tie decision can go the other way; outputs are
+             checked equal where the routing agrees).
 
 Each round runs every variant once, interleaved (the order reversed every other round); a
 row reports the median over rounds of the per-round ratio, with its interquartile range
@@ -152,14 +155,17 @@ def bench_example(name: str, base: Path, quick: bool, onnx: bool) -> tuple[list[
         net_onnx = runtime.load(onnx_folder, threads=1)
         xn = x.numpy()
         p = net_onnx(xn)
-        np.testing.assert_allclose(p.output, got.output.numpy(), rtol=1e-4, atol=1e-5)
-        assert np.array_equal(p.cost, got.cost)
+        # onnxruntime's kernels round differently in the last bits: an image whose decision
+        # is a near-tie may take the other branch. Where the routing agrees, so must the outputs.
+        same = np.all([p.actions[q] == got.actions[q] for q in p.actions], axis=0) if p.actions else \
+            np.ones(len(xn), bool)
+        np.testing.assert_allclose(p.output[same], got.output.numpy()[same], rtol=1e-4, atol=1e-5)
         times = measure({"onnx": lambda: net_onnx(xn), "pt2": lambda: net(x)}, seconds * 2, max(lo // 5, 10),
                         max(hi // 10, 20))
         r, q1, q3 = row(times, "pt2", "onnx")  # pt2 time / onnx time = onnx throughput / pt2 throughput
         onnx_rows.append(f"| {name} | {256 / statistics.median(times['pt2']):,.0f} | "
                          f"{256 / statistics.median(times['onnx']):,.0f} | **{r:.2f}×** ({q1:.2f}–{q3:.2f}) | "
-                         f"{len(times['onnx'])} |")
+                         f"{same.mean():.1%} ({int((~same).sum())} of {len(same)}) | {len(times['onnx'])} |")
     return batch1, batch256, onnx_rows
 
 
@@ -210,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     if on:
         lines += ["**ONNX** — throughput of the ONNX runtime (onnxruntime, 1 thread) against the pt2 runtime, "
                   "batch 256:", "",
-                  "| graph | pt2 images/s | onnx images/s | onnx ÷ pt2 throughput (IQR) | rounds |",
-                  "|---|---:|---:|---:|---:|", *on, ""]
+                  "| graph | pt2 images/s | onnx images/s | onnx ÷ pt2 throughput (IQR) | same routing as pt2 (differ) | "
+                  "rounds |",
+                  "|---|---:|---:|---:|---:|---:|", *on, ""]
     else:
         lines += ["(ONNX not measured: the `d2graph[onnx]` extra is not installed.)", ""]
     text = "\n".join(lines)

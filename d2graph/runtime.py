@@ -49,8 +49,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
-from functools import reduce
+from functools import cached_property, reduce
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -153,6 +152,10 @@ class _TorchOps:
         self.cpu = self.device.type == "cpu"
 
     def array(self, x, name: str):
+        if isinstance(x, self.torch.Tensor) and x.dtype == self.torch.float32 and x.device == self.device:
+            # The weights are bound detached: with the input detached too, no autograd graph is
+            # ever recorded, and no inference-mode context is needed around each batch.
+            return x.detach() if x.requires_grad else x
         t = self.torch.as_tensor(x)
         if not t.is_floating_point():
             t = t.float()
@@ -256,12 +259,13 @@ def bind_program(program, device="cpu") -> Callable:
     outputs = [i for i, spec in enumerate(signature.output_specs) if spec.kind == OutputKind.USER_OUTPUT]
     if len(user) != 1 or len(outputs) != 1:
         raise ValueError(f"{len(user)} inputs and {len(outputs)} outputs, where a node has one of each")
-    graph_module, slot, out = program.graph_module, user[0], outputs[0]
+    # `forward` itself: nn.Module's __call__ adds hook handling that a bare graph never uses
+    forward, slot, out = program.graph_module.forward, user[0], outputs[0]
 
     def call(x):
         args[slot] = x
         try:
-            return graph_module(*args)[out]
+            return forward(*args)[out]
         finally:
             args[slot] = None  # do not keep the batch alive between calls
 
@@ -343,7 +347,6 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 # --- the result -----------------------------------------------------------------------------
 
 
-@dataclass(eq=False)
 class Prediction:
     """What one batch of B examples produced.
 
@@ -354,14 +357,21 @@ class Prediction:
     exit           int64 [B], for each example the first of the first output's inputs
                    (`exit_names`) that ran for it: with `merge=select` the exit it answered
                    through
+    ran            node → the examples it ran for (None: all of them; else a sorted index array)
+
+    As the executor's `Result`, `actions`, `cost`, `cost_fraction` and `exit` are made from
+    the sets of examples when first read: serving at batch 1 often reads the output only.
     """
 
-    outputs: dict[str, Any]
-    actions: dict[str, np.ndarray]
-    cost: np.ndarray
-    cost_fraction: np.ndarray
-    exit: np.ndarray
-    exit_names: tuple[str, ...]
+    def __init__(self, outputs: dict[str, Any], ran: dict[str, np.ndarray | None],
+                 decided: dict[str, tuple[np.ndarray | None, np.ndarray | int]], runtime: Runtime, batch: int):
+        self.outputs = outputs
+        self.ran = ran
+        self.exit_names = runtime.exit_names
+        self._decided, self._runtime, self.batch_size = decided, runtime, batch
+
+    def __repr__(self) -> str:
+        return f"Prediction({self._runtime.graph!r}, batch_size={self.batch_size})"
 
     @property
     def output(self):
@@ -369,6 +379,55 @@ class Prediction:
             raise AttributeError(f"the graph has {len(self.outputs)} outputs ({', '.join(self.outputs)}): "
                                  "use prediction.outputs[name]")
         return next(iter(self.outputs.values()))
+
+    @cached_property
+    def actions(self) -> dict[str, np.ndarray]:
+        out = {}
+        for name in self._runtime.controls:
+            a = np.full(self.batch_size, -1, dtype=np.int64)
+            if name in self._decided:
+                rows, chosen = self._decided[name]
+                if rows is None:
+                    a[:] = chosen
+                else:
+                    a[rows] = chosen
+            out[name] = a
+        return out
+
+    @cached_property
+    def cost(self) -> np.ndarray:
+        rt = self._runtime
+        # The costs of the nodes run on each set of examples are added up first, then each
+        # set's total onto its examples (the executor's order: integers, so any order is exact).
+        by_rows: dict[int, tuple[np.ndarray | None, int | float]] = {}
+        for name, c in rt._costs:
+            rows = self.ran[name]
+            if rows is None or len(rows):
+                key = id(rows)
+                by_rows[key] = (rows, by_rows[key][1] + c if key in by_rows else c)
+        cost = np.zeros(self.batch_size, dtype=np.int64 if rt.integer_costs else np.float64)
+        for rows, c in by_rows.values():
+            if rows is None:
+                cost += c
+            else:
+                cost[rows] += c
+        return cost
+
+    @cached_property
+    def cost_fraction(self) -> np.ndarray:
+        full = self._runtime.full_cost
+        return self.cost / full if full else np.zeros(self.batch_size)
+
+    @cached_property
+    def exit(self) -> np.ndarray:
+        exit_index = np.full(self.batch_size, -1, dtype=np.int64)
+        for i in reversed(range(len(self.exit_names))):
+            rows = self.ran[self.exit_names[i]]
+            if rows is None:
+                exit_index[:] = i
+            elif len(rows):
+                exit_index[rows] = i
+        return exit_index
 
 
 # --- the runtime ----------------------------------------------------------------------------
@@ -378,7 +437,7 @@ class _Step:
     """One node of the manifest as the walk needs it."""
 
     __slots__ = ("name", "kind", "shape", "inputs", "merge", "controllers", "needs", "select", "sources", "anywhere",
-                 "k", "program", "rule", "scorer", "const", "dead")
+                 "k", "program", "rule", "scorer", "const", "dead", "single", "rule_kind", "tau", "stop", "go")
 
     def __init__(self, node: Mapping[str, Any]):
         self.name, self.kind, self.shape = node["name"], node["kind"], tuple(node["shape"])
@@ -396,6 +455,12 @@ class _Step:
         self.scorer: Callable | None = None
         self.const = node.get("const")
         self.dead: tuple[str, ...] = ()
+        # the source of the one data input, where there is one (the common node)
+        self.single = self.inputs[0][0] if len(self.inputs) == 1 else None
+        self.rule_kind = self.rule["kind"] if self.rule else None
+        cutoff = self.rule_kind == "cutoff"
+        self.tau = number(self.rule["tau"]) if cutoff else None
+        self.stop, self.go = (int(self.rule["stop"]), int(self.rule["go"])) if cutoff else (None, None)
 
 
 class Runtime:
@@ -446,6 +511,10 @@ class Runtime:
             load_program = lambda path: _load_onnx(path, threads)  # noqa: E731
         self._plan = [_Step(n) for n in manifest["nodes"]]
         self._shapes = {step.name: step.shape for step in self._plan}
+        self._one_input = None
+        if len(self.inputs) == 1:
+            name, shape = next(iter(self.inputs.items()))
+            self._one_input = (name, shape, len(shape) + 1)
         for node, step in zip(manifest["nodes"], self._plan):
             try:
                 if node.get("file"):
@@ -520,57 +589,157 @@ class Runtime:
         return out
 
     def __call__(self, x) -> Prediction:
-        inputs = self.check_inputs(x)
-        if self._torch is not None:
-            with self._torch.inference_mode():
-                return self._run(inputs)
+        one = self._one_input
+        shape = getattr(x, "shape", None)
+        if one is not None and shape is not None and len(shape) == one[2] and shape[1:] == one[1] and shape[0]:
+            inputs = {one[0]: self._ops.array(x, one[0])}  # the common case, checked in a few comparisons
+        else:
+            inputs = self.check_inputs(x)
         return self._run(inputs)
+
+    def _run_one(self, inputs: dict[str, Any]) -> Prediction:
+        """One example: every set is all or nothing, so the walk needs no set at all — a node
+        runs or it does not (the latency a single request sees; the same rules as `_run`)."""
+        ops = self._ops
+        env: dict[str, Any] = {}
+        rows_of: dict[str, np.ndarray | None] = {}
+        chosen: dict[str, int] = {}
+        actions: dict[str, tuple[None, int]] = {}
+        for step in self._plan:
+            name, kind = step.name, step.kind
+            # plain loops, not any()/all() over generators: this walk is the latency of one request
+            runs = True
+            if kind != "input":
+                if step.controllers:
+                    runs = False
+                    for source, action in step.controllers:
+                        if chosen.get(source) == action:
+                            runs = True
+                            break
+                if runs:
+                    if step.select:
+                        if not step.anywhere:
+                            runs = False
+                            for source in step.sources:
+                                if rows_of[source] is None:
+                                    runs = True
+                                    break
+                    else:
+                        for source in step.needs:
+                            if rows_of[source] is not None:
+                                runs = False
+                                break
+            if not runs:
+                rows_of[name] = _EMPTY
+                env[name] = None
+                continue
+            rows_of[name] = None
+            single = step.single
+            try:
+                if kind == "node":
+                    # the usual node: one data input, whose source ran
+                    x = env[single] if single is not None and rows_of[single] is None else \
+                        self._merge_one(step, env, rows_of)
+                    env[name] = step.program(x)
+                elif kind == "control":
+                    if step.rule_kind == "argmax":
+                        x = env[single] if single is not None and rows_of[single] is None else \
+                            self._merge_one(step, env, rows_of)
+                        acts = int(ops.host(step.program(x)).argmax())  # [1, k]: the flat index is the action
+                    elif step.rule_kind == "cutoff" and len(step.rule["reads"]) == 1 \
+                            and rows_of[step.rule["reads"][0]] is None:
+                        value = float(ops.host(step.scorer(env[step.rule["reads"][0]]))[0])  # float64, exactly
+                        acts = step.stop if value >= step.tau else step.go
+                    else:
+                        acts = self._decide(step, None, 1, env, rows_of, 1)
+                        acts = acts if isinstance(acts, int) else int(acts[0])
+                    chosen[name] = acts
+                    actions[name] = (None, acts)
+                elif kind == "input":
+                    env[name] = inputs[name]
+                elif kind == "dummy":
+                    env[name] = ops.constant(step.const, 1)
+                else:  # output
+                    env[name] = self._merge_one(step, env, rows_of)
+            except D2GraphError:
+                raise
+            except Exception as e:
+                raise RuntimeError(f"while running node `{name}` of `{self.graph}`: {e}") from e
+            for gone in step.dead:
+                env[gone] = None
+        return Prediction({name: env[name] for name in self.outputs}, rows_of, actions, self, 1)
+
+    def _merge_one(self, step: _Step, env, rows_of):
+        """`_merge` for one example: each input is its source's value if it ran, else its default."""
+        inputs = step.inputs
+        if len(inputs) == 1:
+            source, default = inputs[0]
+            if rows_of[source] is None:
+                return env[source]
+            return self._ops.full(1, self._shapes[source], default)
+        if step.select:
+            for source, default in inputs:
+                if rows_of[source] is None:
+                    return env[source]
+                if default is not None:
+                    return self._ops.full(1, self._shapes[source], default)
+            raise RuntimeError("a select node runs only where an input is present")
+        values = [env[s] if rows_of[s] is None else self._ops.full(1, self._shapes[s], d) for s, d in inputs
+                  if step.merge == "concat" or not (d == 0 and rows_of[s] is not None)]
+        if step.merge == "concat":
+            return self._ops.cat(values)
+        if not values:
+            source, default = inputs[0]
+            return self._ops.full(1, self._shapes[source], default)
+        return reduce(lambda a, b: a + b, values)
 
     def _run(self, inputs: dict[str, Any]) -> Prediction:
         ops = self._ops
         batch = next(iter(inputs.values())).shape[0]
+        if batch == 1:
+            return self._run_one(inputs)
         env: dict[str, Any] = {}
         rows_of: dict[str, np.ndarray | None] = {}
         chosen: dict[str, list[np.ndarray | None]] = {}
         actions: dict[str, tuple[np.ndarray | None, np.ndarray | int]] = {}
+        rows_for = self._rows_for
         for step in self._plan:
-            name = step.name
-            if step.kind == "input":
-                rows = None
-            else:
-                rows = self._rows_for(step, rows_of, chosen, batch)
+            name, kind = step.name, step.kind
+            rows = None if kind == "input" else rows_for(step, rows_of, chosen, batch)
             rows_of[name] = rows
-            n = _size(rows, batch)
-            if n == 0:
+            n = batch if rows is None else len(rows)
+            if n == 0:  # no example reaches it: not called at all
                 env[name] = None
                 if step.k:
                     chosen[name] = [_EMPTY] * step.k
             else:
                 try:
-                    if step.kind == "input":
-                        env[name] = inputs[name]
-                    elif step.kind == "node":
+                    if kind == "node":
                         env[name] = step.program(self._merge(step, rows, env, rows_of, batch))
-                    elif step.kind == "dummy":
-                        env[name] = ops.constant(step.const, n)
-                    elif step.kind == "output":
-                        if rows is not None:
-                            raise RuntimeError(f"output `{name}` has no value for some examples")
-                        env[name] = self._merge(step, rows, env, rows_of, batch)
-                    else:  # control
+                    elif kind == "control":
                         acts = self._decide(step, rows, n, env, rows_of, batch)
                         actions[name] = (rows, acts)
+                        if n == 1 and not isinstance(acts, int):
+                            acts = int(acts[0])  # one example: one branch, no set to split
                         if isinstance(acts, int):
                             chosen[name] = [rows if j == acts else _EMPTY for j in range(step.k)]
                         else:
                             chosen[name] = _split(rows, acts, step.k, batch)
+                    elif kind == "input":
+                        env[name] = inputs[name]
+                    elif kind == "dummy":
+                        env[name] = ops.constant(step.const, n)
+                    else:  # output
+                        if rows is not None:
+                            raise RuntimeError(f"output `{name}` has no value for some examples")
+                        env[name] = self._merge(step, rows, env, rows_of, batch)
                 except D2GraphError:
                     raise
                 except Exception as e:
                     raise RuntimeError(f"while running node `{name}` of `{self.graph}`: {e}") from e
             for gone in step.dead:
                 env[gone] = None
-        return self._result(batch, env, rows_of, actions)
+        return Prediction({name: env[name] for name in self.outputs}, rows_of, actions, self, batch)
 
     def _rows_for(self, step: _Step, rows_of, chosen, batch: int) -> np.ndarray | None:
         rows = None
@@ -681,35 +850,6 @@ class Runtime:
         else:
             raise RuntimeError(f"unknown decision rule {kind!r}")
         return total.argmax(axis=1)
-
-    def _result(self, batch: int, env, rows_of, actions) -> Prediction:
-        outputs = {name: env[name] for name in self.outputs}
-        chosen_actions = {}
-        for name in self.controls:
-            a = np.full(batch, -1, dtype=np.int64)
-            if name in actions:
-                rows, acts = actions[name]
-                if rows is None:
-                    a[:] = acts
-                else:
-                    a[rows] = acts
-            chosen_actions[name] = a
-        cost = np.zeros(batch, dtype=np.int64 if self.integer_costs else np.float64)
-        for name, c in self._costs:
-            rows = rows_of[name]
-            if rows is None:
-                cost += c
-            elif len(rows):
-                cost[rows] += c
-        fraction = cost / self.full_cost if self.full_cost else np.zeros(batch)
-        exit_index = np.full(batch, -1, dtype=np.int64)
-        for i in reversed(range(len(self.exit_names))):
-            rows = rows_of[self.exit_names[i]]
-            if rows is None:
-                exit_index[:] = i
-            elif len(rows):
-                exit_index[rows] = i
-        return Prediction(outputs, chosen_actions, cost, fraction, exit_index, self.exit_names)
 
 
 def load(folder: str | Path, *, device: str = "cpu", threads: int | None = None) -> Runtime:
