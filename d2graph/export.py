@@ -285,6 +285,9 @@ def export(executor: Executor, policy: Policy | None, out: str | Path, *, source
     if format == "onnx":
         _require_onnx()
     graph = executor.graph
+    device = next(executor.parameters(), torch.empty(0)).device
+    if device.type != "cpu":  # the programs are traced on CPU tensors; the runtime places them
+        raise ValueError(f"export traces a CPU executor; this one is on {device}: pass executor.cpu()")
     out = Path(out)
     if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise runtime_error("E946", f"{out} exists and is not an export folder", "choose another --out (an export "
