@@ -24,6 +24,11 @@ Guarantees:
     `index_select` (numpy: `take`) and merged with `index_copy_` (numpy: assignment at
     indices); a node no example reaches is not called; a node every example reaches runs on
     the whole batch without a copy. The sets of examples are numpy index arrays on the host.
+    A batch of one example walks the nodes without any set (each node runs or it does not):
+    the latency a single request sees.
+  - Programs are called as their bare graphs with the weights bound and detached, so no
+    autograd graph is recorded and no guard runs per call; the runtime checks the input's
+    shape once per batch instead.
   - `cost` is the executor's accounting: the sum of the IR costs of the nodes the routing
     runs for each example (integers; float64 when a node declares a fractional `cost=`).
     A policy that decides from a scorer does not run the control node's own layers, but
