@@ -16,6 +16,9 @@ Public API:
     train(graph, ...)     run the graph's train block → Trained (executor, policy, reports)
     evaluate(executor, dataset, policy, classes=...) → Report (accuracy, cost, paths, exits)
 
+Deployment (docs/deploy.md): `d2graph.export.export_run(run, out)` writes a trained run as one
+exported program per node and a manifest; `d2graph.runtime.load(out)` runs it with torch alone.
+
 Example:
     >>> import d2graph
     >>> g = d2graph.load("examples/high_low.d2")        # doctest: +SKIP

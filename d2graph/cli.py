@@ -1,9 +1,10 @@
 """argv → library calls → exit code. The only module that prints.
 
-Commands: `check`, `fmt`, `render`, `bench`, `train`, `eval`, `sweep`, `policy`, and `lsp` (the
-language server, `d2graph.lsp`, imported only by that command: pygls is an optional extra).
-Those that run a network (`bench`, `train`, `eval`, `sweep`, `policy export`) take `--threads`
-and compute on that many torch threads (else the file's or the run's `threads` setting).
+Commands: `check`, `fmt`, `render`, `bench`, `train`, `eval`, `sweep`, `policy`, `export`,
+`predict`, and `lsp` (the language server, `d2graph.lsp`, imported only by that command: pygls
+is an optional extra). Those that run a network (`bench`, `train`, `eval`, `sweep`, `policy export`,
+`predict`) take `--threads` and compute on that many torch threads (else the file's or the run's
+`threads` setting).
 Exit codes: 0 success · 1 `check` found errors, or `fmt --check` found a file to
 reformat · 2 usage errors and malformed input to any other command · 3 a required
 external tool is missing (Graphviz's `dot`) · 130 interrupted · 70 internal error.
@@ -14,6 +15,7 @@ files are written atomically.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -136,6 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated fractions of the full (last exit's) cost")
     pf.add_argument("--seed", type=int, default=0, help="seed of the learned rules (default 0)")
     pf.add_argument("--format", choices=("text", "json"), default="text", help="a table or JSON")
+
+    x = sub.add_parser("export", help="write a finished run as one program per node and a manifest (for "
+                                      "d2graph.runtime and `predict`)")
+    x.add_argument("run", metavar="RUN", help="a finished `d2graph train` run folder")
+    x.add_argument("--out", required=True, metavar="DIR", help="the export folder to write (an export there is "
+                                                               "replaced whole)")
+    x.add_argument("--format", choices=("pt2", "onnx"), default="pt2",
+                   help="torch.export programs (default) or ONNX (needs `pip install 'd2graph[onnx]'`)")
+
+    pr = sub.add_parser("predict", help="batched inference with an export folder: predictions, exits, cost")
+    pr.add_argument("export", metavar="DIR", help="a folder `d2graph export` wrote")
+    pr.add_argument("--input", required=True, metavar="DATA.npz",
+                    help="an .npz with one array per graph input (named as the input; `x` or a file's only "
+                         "array also works for a one-input graph), [N, *shape]")
+    pr.add_argument("--out", required=True, metavar="PREDICTIONS.npz", help="where to write the predictions")
+    pr.add_argument("--batch", type=_positive_int, default=256, help="examples per batch (default 256)")
+    _add_threads(pr, "auto")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -565,6 +585,53 @@ def cmd_lsp(args) -> int:
     return EXIT_OK
 
 
+def cmd_export(args) -> int:
+    from .export import export_run
+    from .runtime import read_manifest
+
+    folder = export_run(args.run, args.out, format=args.format)
+    manifest = read_manifest(folder)
+    print(f"wrote {folder} ({manifest['graph']}: {len(manifest['files'])} {args.format} programs; policy: "
+          f"{manifest['policy']['describe']})")
+    return EXIT_OK
+
+
+def cmd_predict(args) -> int:
+    from . import runtime
+
+    net = runtime.load(args.export)
+    arrays = _read_inputs(Path(args.input), net)
+    with _using_threads(args.threads, "auto") if net.format == "pt2" else contextlib.nullcontext():
+        predicted = runtime.predict(net, arrays, batch=args.batch, progress=not args.quiet)
+    runtime.write_predictions(args.out, predicted)
+    print(runtime.summary(predicted, net))
+    print(f"wrote {args.out}")
+    return EXIT_OK
+
+
+def _read_inputs(path: Path, net) -> dict:
+    """The graph's inputs from an .npz: each by its input's name, or, for a graph of one input,
+    the file's only array (E944 when an input is missing)."""
+    import numpy as np
+
+    from .runtime import runtime_error
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError) as e:
+        raise runtime_error("E944", f"cannot read {path} as an .npz ({e})",
+                            "save the inputs with numpy.savez(path, x=array)") from None
+    names = list(net.inputs)
+    if len(names) == 1 and names[0] not in arrays and len(arrays) == 1:
+        return {names[0]: next(iter(arrays.values()))}
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise runtime_error("E944", f"{path} has no array `{missing[0]}` (it holds {', '.join(arrays) or 'nothing'})",
+                            f"save one array per input of `{net.graph}`, named {', '.join(names)}")
+    return {n: arrays[n] for n in names}
+
+
 def _load_run(folder, checkpoint: str) -> dict:
     """A run folder's graph, config, executor (with the checkpoint's weights), policy, data."""
     from .check import load
@@ -637,7 +704,8 @@ def _usage(message: str, help: str) -> D2GraphError:
 
 
 _COMMANDS = {"check": cmd_check, "fmt": cmd_fmt, "render": cmd_render, "bench": cmd_bench, "train": cmd_train,
-             "eval": cmd_eval, "sweep": cmd_sweep, "policy": cmd_policy, "lsp": cmd_lsp}
+             "eval": cmd_eval, "sweep": cmd_sweep, "policy": cmd_policy, "export": cmd_export,
+             "predict": cmd_predict, "lsp": cmd_lsp}
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ PACKAGE = ROOT / "d2graph"
 # README's layers, lowest first: a module may import modules of its own layer or below.
 LAYERS = [
     {"diagnostics", "distributed", "files", "threads"},
+    {"runtime"},
     {"schema"},
     {"ast", "layers"},
     {"syntax", "cost"},
@@ -41,7 +42,7 @@ LAYERS = [
     {"bench", "evaluate", "predictions", "plots"},
     {"trainers"},
     {"runs"},
-    {"sweep"},
+    {"sweep", "export"},
     {"lsp"},
     {"cli"},
     {"__init__", "__main__"},

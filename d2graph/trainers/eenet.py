@@ -81,9 +81,8 @@ from .baselines import MEASURES, NEVER_STOP
 from .toolkit import budget_param, calibrate, check_budget, search_under_budget, validate_budget
 
 __all__ = ["EENetPolicy", "EENetRule", "EENetTrainer", "ThresholdRule", "compare_on_predictions",
-           "confidence_features", "eenet_losses", "exit_of", "fit_on_predictions", "search_thresholds",
-           "threshold_on_predictions",
-           "thresholds_for"]
+           "confidence_features", "eenet_losses", "exit_of", "fit_on_predictions", "scorer_inputs",
+           "search_thresholds", "threshold_on_predictions", "thresholds_for"]
 
 # Bounds of the tilt u: at |u| = 60 an exit 1 cost-unit dearer gets e^60 times less share,
 # i.e. none of any validation split (the bisection needs a cost reachable at both ends).
@@ -114,8 +113,9 @@ def confidence_features(probs: Tensor) -> Tensor:
     return torch.stack([top, certainty, vote], 2)
 
 
-def _inputs(probs: Tensor) -> list[Tensor]:
-    """Each exit's input before the earlier scores are appended: ŷ_k ‖ a_k, [N, C + 3]."""
+def scorer_inputs(probs: Tensor) -> list[Tensor]:
+    """Each exit's input to its scorers before the earlier scores are appended: ŷ_k ‖ a_k,
+    [N, C + 3] per exit, from the exits' probabilities [K, N, C] (what `export` traces too)."""
     probs = probs.float()
     feats = confidence_features(probs)
     return [torch.cat([probs[k], feats[k]], 1) for k in range(probs.shape[0])]
@@ -321,7 +321,7 @@ class EENetRule:
         if self._model is None:
             self._model = self.scorers()
         with torch.no_grad(), _one_thread():
-            return self._model(_inputs(_tensor(probs)), assign=False)[0].T.contiguous()
+            return self._model(scorer_inputs(_tensor(probs)), assign=False)[0].T.contiguous()
 
     def exit_index(self, probs) -> np.ndarray:
         return exit_of(self.scores(probs), self.thresholds)
@@ -414,7 +414,7 @@ def _fit(pred: Predictions, budget: float, seed: int, epochs: int, lr: float, hi
     targets = torch.from_numpy(pred.val_targets)
     correct = (probs.argmax(2) == targets[None]).T.float()  # [N, K]
     fractions = torch.from_numpy(pred.fractions).float()
-    inputs = _inputs(probs)
+    inputs = scorer_inputs(probs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _Scorers(k, pred.classes, hidden)
