@@ -58,7 +58,7 @@ from .paths import action_order
 from .policies import LearnedPolicy, Policy, StaticPolicy, load_policy, save_policy
 from .runs import Run, check_fingerprint, load_checkpoint
 from .runtime import FORMATS, MANIFEST, MANIFEST_VERSION, bind_program, load_program, runtime_error
-from .trainers.baselines import MEASURES, ThresholdPolicy, confidence
+from .trainers.baselines import MEASURES, PatiencePolicy, ThresholdPolicy, confidence
 from .trainers.costsensitive import CostSensitivePolicy
 from .trainers.eenet import EENetPolicy, scorer_inputs
 from .trainers.reinforce import OffsetPolicy
@@ -96,6 +96,26 @@ class ConfidenceTerm(nn.Module):
     def forward(self, scores: Tensor) -> Tensor:
         found = torch.stack([confidence(scores, m) for m in MEASURES], dim=1)
         return found @ self.weight.T
+
+
+class Streak(nn.Module):
+    """PABEE's agreeing streak, float64 [n], from the class scores of a chain's heads
+    concatenated [n, k·C] (its current head last): how many consecutive heads, ending with
+    the last, predict the class the last one predicts (`baselines.agreeing_streaks`)."""
+
+    def __init__(self, heads: int, classes: int):
+        super().__init__()
+        self.heads, self.classes = heads, classes
+
+    def forward(self, scores: Tensor) -> Tensor:
+        votes = scores.reshape(scores.shape[0], self.heads, self.classes).argmax(2)
+        last = votes[:, -1]
+        streak = torch.ones_like(last, dtype=torch.float64)
+        going = torch.ones_like(last, dtype=torch.bool)
+        for j in range(self.heads - 2, -1, -1):
+            going = going & (votes[:, j] == last)
+            streak = streak + going.to(torch.float64)
+        return streak
 
 
 class ExitScore(nn.Module):
@@ -164,6 +184,12 @@ def decision_rules(graph: Graph, policy: Policy) -> tuple[dict[str, dict], dict[
         for q, head in policy.heads.items():
             rules[q] = {"kind": "plus", "reads": [head], "bias": policy.bias[q].tolist()}
             modules[q] = ConfidenceTerm(policy.weight[q])
+    elif isinstance(policy, PatiencePolicy):
+        for q, chain in policy.chains.items():
+            classes = graph[chain[-1]].out_shape[0]
+            rules[q] = {"kind": "cutoff", "reads": list(chain), "tau": float(policy.patience),
+                        "stop": policy.stop[q], "go": policy.go[q]}
+            modules[q] = Streak(len(chain), classes)
     elif isinstance(policy, EENetPolicy):
         scorers = policy.rule.scorers()
         heads = [e.head for e in policy.exits]
@@ -178,7 +204,7 @@ def decision_rules(graph: Graph, policy: Policy) -> tuple[dict[str, dict], dict[
         raise runtime_error("E941", f"the run's policy `{policy.kind}` cannot be deployed: "
                                     f"{why.get(policy.kind, 'd2graph does not know how to export it')}",
                             "train the graph with a policy stage that decides from the inputs (threshold, eenet, "
-                            "costsensitive, reinforce, qlearning, static)")
+                            "costsensitive, patience, reinforce, qlearning, static)")
     return rules, modules
 
 
@@ -292,6 +318,12 @@ def export(executor: Executor, policy: Policy | None, out: str | Path, *, source
     if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise runtime_error("E946", f"{out} exists and is not an export folder", "choose another --out (an export "
                                                                                 "folder is replaced whole)")
+    tokens = [n.name for n in graph.inputs if n.tokens]
+    if tokens:
+        # The runtime carries float inputs only, and no padding mask to the attention layers.
+        raise runtime_error("E941", f"`{graph.name}` reads token ids (`{tokens[0]}`), which the export cannot carry "
+                                    "yet (integer inputs and padding masks)",
+                            "serve a token graph with the executor (d2graph.load + compile + the run's last.pt)")
     rules, modules = decision_rules(graph, policy or LearnedPolicy())
     order = evaluation_order(graph, rules)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from d2graph.export import export, export_run
 from d2graph.paths import action_order, current_head
 from d2graph.policies import StaticPolicy, evaluating, run_policy
 from d2graph.runs import Run, resolve, train
-from d2graph.trainers.baselines import OraclePolicy, ThresholdPolicy
+from d2graph.trainers.baselines import OraclePolicy, PatiencePolicy, ThresholdPolicy, exit_chains
 from d2graph.trainers.reinforce import OffsetPolicy
 
 from .conftest import EXAMPLES, ROOT
@@ -48,6 +48,11 @@ def trained(tmp_path_factory, one_thread):
         config = resolve(graph, TINY + extra)
         run = Run.create(graph, path.read_text(encoding="utf-8"), config, base / "runs" / graph.name)
         result = train(graph, config, run, quiet=True, echo=None, evaluate=False)
+        if any(n.tokens for n in graph.inputs):
+            with pytest.raises(D2GraphError) as e:
+                export_run(run.folder, base / "deploy" / graph.name)
+            out[graph.name] = _codes(e)  # what the export said instead
+            continue
         folder = export_run(run.folder, base / "deploy" / graph.name)
         x = torch.cat([result.data.test.tensors[0], result.data.val.tensors[0]])
         x = torch.cat([x] * (256 // len(x) + 1))[:256]  # 256 real images
@@ -69,6 +74,8 @@ def _same(executor, policy, net, x) -> None:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_the_runtime_predicts_what_the_executor_does(trained, path):
+    if isinstance(trained[path.stem], list):
+        pytest.skip("token inputs are not exported yet (test_a_token_graph_is_refused_clearly)")
     executor, policy, x, net, _ = trained[path.stem]
     assert net.policy == policy.describe()
     _same(executor, policy, net, x)  # batch 256
@@ -81,8 +88,8 @@ def test_the_runtime_predicts_what_the_executor_does(trained, path):
 
 
 def test_the_trained_policies_are_exported_as_their_rules(trained):
-    kinds = {name: {n["name"]: n["rule"]["kind"] for n in net.manifest["nodes"] if "rule" in n}
-             for name, (_, _, _, net, _) in trained.items()}
+    kinds = {name: {n["name"]: n["rule"]["kind"] for n in entry[3].manifest["nodes"] if "rule" in n}
+             for name, entry in trained.items() if not isinstance(entry, list)}
     assert set(kinds["early_exit"].values()) == {"cutoff"}  # threshold
     assert set(kinds["eenet_resnet"].values()) == {"cutoff"}  # EENet's scorers
     assert "plus" in kinds["ann_network_selection"].values()  # costsensitive
@@ -102,13 +109,22 @@ def test_the_trained_policies_are_exported_as_their_rules(trained):
     ("cascade", lambda g: ThresholdPolicy("entropy", 0.3, {q.name: current_head(g, q.name) for q in g.control_nodes},
                                           {q: o[0] for q, o in action_order(g).items()},
                                           {q: o[1] for q, o in action_order(g).items()})),
-], ids=["offset", "static", "threshold-reordered"])
+    # PABEE's patience rule on early_exit's exits: stop where the last two exits agree
+    ("early_exit", lambda g: PatiencePolicy(2, exit_chains(g, 10), {q: o[0] for q, o in action_order(g).items()},
+                                            {q: o[1] for q, o in action_order(g).items()})),
+], ids=["offset", "static", "threshold-reordered", "patience"])
 def test_other_policies_export_and_agree(trained, tmp_path, example, make):
     executor, _, x, _, _ = trained[example]
     policy = make(executor.graph)
     net = runtime.load(export(executor, policy, tmp_path / "out"))
     _same(executor, policy, net, x)
     _same(executor, policy, net, x[:1])
+
+
+def test_a_token_graph_is_refused_clearly(trained):
+    token_graphs = [name for name, entry in trained.items() if isinstance(entry, list)]
+    assert token_graphs == ["bert_early_exit"]
+    assert trained["bert_early_exit"] == ["E941"]
 
 
 def test_a_policy_that_reads_labels_is_refused(trained, tmp_path):
