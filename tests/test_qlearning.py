@@ -180,9 +180,11 @@ def test_full_backups_learn_the_known_routing_sooner_than_sampled_ones():
     # `backup=full` fits every action's value on every example (one forced pass per path);
     # `sampled` only the action the exploring run took, so the other waits for exploration.
     short = ["policy.epochs=4", "policy.epsilon_decay=2", "policy.minibag=1"]
-    agreement = {backup: _agreement(0.5, [*short, f"policy.backup={backup}"]) for backup in ("full", "sampled")}
+    agreement = {backup: _agreement(0.5, [*short, f"policy.backup={backup}"])
+                 for backup in ("full", "greedy", "sampled")}
     print("agreement with the known routing after 4 epochs:", agreement)
     assert agreement["full"] >= 0.75 and agreement["sampled"] <= 0.70
+    assert agreement["greedy"] == agreement["full"]  # one control node: nothing below it to follow
 
 
 def test_rewards_on_held_out_examples_do_not_trust_what_a_branch_memorised():

@@ -45,14 +45,14 @@ Guarantees:
     weak backbone it found the best routing within 6 epochs where the sum had not.
   - `backup=full` (`auto` for accuracy on graphs of at most FULL_BACKUP_PATHS static paths):
     one forced pass per static path (no gradient) gives every path's reward for every
-    example, and each control node regresses the value of every action towards the reward
-    of the path that takes it, agrees with the example's choices above the node and
-    follows the greedy choices of the nodes below (`full_targets`): Q-learning's backup
-    r + max_a' Q(s', a') with full information, so no action's value waits for exploration.
-    `best` continues each example by its best path instead, whatever the nodes below would
-    choose: E[max] rather than max E, which overrates going on (on the D²NN cascade it
-    spent 0.37 of the cost at λ = 0.9 to reach 67.0%, where a threshold on the same
-    fine-tuned network reached 73.3%). `sampled`: the paper's update above.
+    example, and each control node regresses the value of every action towards the best
+    reward of a path that takes it and agrees with the example's choices above the node
+    (`full_targets`): Q-learning's max backup with full information, so no action's value
+    waits for exploration. `greedy` continues each example by the choices the nodes below
+    make instead of its best path: r + max_a' Q(s', a') measured, where the best path is
+    E[max] rather than max E and overrates going on. On the D²NN cascade it lowers the
+    cost each λ reaches but leaves the accuracy–cost curve where it was (docs/trainers.md),
+    so it is not the default. `sampled`: the paper's update above.
   - Function nodes learn jointly on the executed paths: cross-entropy of the graph's
     output on the same explored run. loss = q_loss + mix · ce_loss. With `mix = 0` the
     function nodes are frozen (left out of the optimiser; no gradient is computed for
@@ -233,10 +233,10 @@ class QLearningTrainer(Trainer):
         Param("lr_scale", "number", 1.0, doc="the control nodes' learning rate, times the block's `lr`"),
         Param("bag", "choice", "sum", choices=("sum", "mean"),
               doc="the bag's action value: `sum` of the examples' Q (the paper) or their `mean`"),
-        Param("backup", "choice", "auto", choices=("auto", "full", "best", "sampled"),
+        Param("backup", "choice", "auto", choices=("auto", "full", "greedy", "sampled"),
               doc="`sampled`: each control node learns the value of the action it took (the paper); `full`: "
-                  "of every action, from one forced pass per static path, continued by the greedy choices "
-                  "of the nodes below; `best`: the same with each example's best continuation; "
+                  "of every action, from one forced pass per static path and each example's best "
+                  "continuation; `greedy`: the same, continued by the choices of the nodes below; "
                   f"`auto`: full for accuracy on graphs of at most {FULL_BACKUP_PATHS} paths"),
     ), doc="D²NN: control nodes learn Q-values of their actions from a mini-bag reward λ·A + (1 − λ)·E")
 
@@ -281,11 +281,11 @@ class QLearningTrainer(Trainer):
         backup = p["backup"]
         if backup == "auto":
             backup = "full" if m == 1 and len(paths) <= FULL_BACKUP_PATHS else "sampled"
-        if backup in ("full", "best") and m != 1:
+        if backup in ("full", "greedy") and m != 1:
             raise trainer_error(self.name, f"`backup={backup}` values each example on its own, but the mini-bag has {m}",
                                 help="use `minibag=1` (or `auto` with the accuracy metric), or `backup=sampled`")
-        self.paths = [actions for actions, _ in paths] if backup in ("full", "best") else None
-        self.best = backup == "best"
+        self.paths = [actions for actions, _ in paths] if backup in ("full", "greedy") else None
+        self.greedy = backup == "greedy"
         try:
             self._train(executor, data, stage, optimizer, metric, m)
         finally:
@@ -359,7 +359,7 @@ class QLearningTrainer(Trainer):
                 run = executor(x, mode="force", actions=every_control(graph, actions, len(y)))
                 right = (run.outputs[output].argmax(1) == y).float()
                 rewards.append(lam * right + (1.0 - lam) * (1.0 - run.cost_fraction.float()))
-                if not self.best:  # what each control node would choose on this path
+                if self.greedy:  # what each control node would choose on this path
                     greedy.append({q: torch.where(run.actions[q].cpu() >= 0, run.scores[q].argmax(1).cpu(), -1)
                                    for q in actions})
         taken = {q: r.actions[q].cpu() for q in controls}
