@@ -611,7 +611,8 @@ def cmd_predict(args) -> int:
 
 def _read_inputs(path: Path, net) -> dict:
     """The graph's inputs from an .npz: each by its input's name, or, for a graph of one input,
-    the file's only array (E944 when an input is missing)."""
+    the file's only array (E944 when an input is missing, or a token input's array is not of
+    integers)."""
     import numpy as np
 
     from .runtime import runtime_error
@@ -624,12 +625,22 @@ def _read_inputs(path: Path, net) -> dict:
                             "save the inputs with numpy.savez(path, x=array)") from None
     names = list(net.inputs)
     if len(names) == 1 and names[0] not in arrays and len(arrays) == 1:
-        return {names[0]: next(iter(arrays.values()))}
-    missing = [n for n in names if n not in arrays]
-    if missing:
-        raise runtime_error("E944", f"{path} has no array `{missing[0]}` (it holds {', '.join(arrays) or 'nothing'})",
-                            f"save one array per input of `{net.graph}`, named {', '.join(names)}")
-    return {n: arrays[n] for n in names}
+        given = {names[0]: next(iter(arrays.values()))}
+    else:
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise runtime_error("E944", f"{path} has no array `{missing[0]}` (it holds "
+                                        f"{', '.join(arrays) or 'nothing'})",
+                                f"save one array per input of `{net.graph}`, named {', '.join(names)}")
+        given = {n: arrays[n] for n in names}
+    for name, array in given.items():
+        # token ids must come as integers: a float array is a mistake (pixels, embeddings), not
+        # ids to round
+        if name in net.tokens and not np.issubdtype(array.dtype, np.integer):
+            raise runtime_error("E944", f"{path}: input `{name}` takes token ids (integers), the array holds "
+                                        f"{array.dtype} values",
+                                f"save the token ids of `{name}` as an integer array (int64), 0 where padded")
+    return given
 
 
 def _load_run(folder, checkpoint: str) -> dict:

@@ -436,6 +436,17 @@ class Executor(nn.Module):
         self._padding_of = {name: min(above) for name, above in tokens_above.items()
                             if above and name in pipelines and pipelines[name].uses_padding}
 
+    def padding_source(self, node: str) -> str | None:
+        """The token input whose padding mask node `node`'s layers take (as a second argument,
+        on the node's rows), or None where its layers read no mask. `d2graph export` records
+        it, so that the runtime hands each program the mask the executor would.
+
+        Example:
+            >>> compile(d2graph.load("examples/bert_early_exit.d2")).padding_source("L2")  # doctest: +SKIP
+            'ids'
+        """
+        return self._padding_of.get(node)
+
     def extra_repr(self) -> str:
         return f"graph={self.graph.name!r}"
 

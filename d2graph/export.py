@@ -3,15 +3,20 @@
 In:  a finished run folder (`export_run(RUN, OUT)`, what `d2graph export` calls), or a
      compiled `Executor` with its `Policy` (`export(executor, policy, OUT)`).
 Out: the folder OUT that `d2graph.runtime` loads:
-       manifest.json      plain JSON: the graph's name, its inputs (shapes) and outputs, the
-                          nodes in evaluation order (kind, data inputs with their defaults,
-                          merge, control edges, actions, shape, cost, program file), the
+       manifest.json      plain JSON: the graph's name, its inputs (shapes; a token input
+                          `"tokens": true` with its `"vocab"`) and outputs, the nodes in
+                          evaluation order (kind, data inputs with their defaults, merge,
+                          control edges, actions, shape, cost, program file, and `"padding"`:
+                          the token input whose padding mask the program takes), the
                           edges, each control node's decision rule with its numbers
                           (thresholds, biases, bonuses), the policy (kind, words, state), the
                           exits, the full cost, the graph's source text, the manifest version
                           and each file's SHA-256
        nodes/<N>.pt2      each node's (and control node's) layer pipeline, torch.export'ed
-                          with a batch dimension that varies (or .onnx, `format="onnx"`)
+                          with a batch dimension that varies (or .onnx, `format="onnx"`):
+                          x → y, int64 ids for a node that reads a token input; (x, padding)
+                          → y for one whose layers ignore padding (`Executor.padding_source`),
+                          the mask bool [B, T], True where the id is 0
        policy/<Q>.pt2     for policies that compute (threshold's and costsensitive's
                           confidences, EENet's scorers): the computation of control node Q's
                           decision, exported the same way
@@ -20,7 +25,9 @@ Guarantees:
     so nothing here exports the routing: each node is exported on its own and the runtime
     routes between them with the executor's rules.
   - Every program is checked after writing: bound as the runtime binds it and run on a
-    batch of 3 (the trace used 2), its output must match the module's (E941 otherwise).
+    batch of 3 (the trace used 2) — token ids in [0, vocab), and for a program that takes a
+    padding mask, rows of no, half and all padding — its output must match the module's
+    (E941 otherwise).
   - The policy is exported as the executor applies it (`policies.run_policy`): the same
     float64 additions in the same order, the same confidence functions (traced from the
     trainers' own code), so actions and costs are identical. Policies that are not a rule
@@ -228,13 +235,39 @@ def evaluation_order(graph: Graph, rules: Mapping[str, dict]) -> list[str]:
 # --- writing programs -----------------------------------------------------------------------
 
 
-def _write_program(module: nn.Module, in_shape: tuple[int, ...], path: Path, fmt: str, what: str) -> None:
+def _example_padding(batch: int, tokens: int) -> Tensor:
+    """A realistic padding mask bool [batch, tokens]: each row padded at its end, as token
+    data is, the rows' real lengths taken in turn from all, half, none and all but one."""
+    cycle = (tokens, tokens // 2, 0, tokens - 1)
+    lengths = torch.tensor([cycle[i % len(cycle)] for i in range(batch)])
+    return torch.arange(tokens)[None, :] >= lengths[:, None]
+
+
+def _example(batch: int, in_shape: tuple[int, ...], vocab: int | None, padding: Tensor | None) -> Tensor:
+    """An input batch for tracing and checking: token ids in [1, vocab), 0 where `padding`
+    says so (a node that reads the token input directly), or floats."""
+    if vocab is None:
+        return torch.randn(batch, *in_shape)
+    ids = torch.randint(1, max(vocab, 2), (batch, *in_shape), dtype=torch.int64)
+    if padding is not None and padding.shape == ids.shape:
+        ids = ids.masked_fill(padding, 0)
+    return ids
+
+
+def _write_program(module: nn.Module, in_shape: tuple[int, ...], path: Path, fmt: str, what: str, *,
+                   vocab: int | None = None, padding: int | None = None) -> None:
+    """Export `module` (input [B, *in_shape]) to `path` and check it. `vocab`: the input is
+    token ids in [0, vocab) (int64), not floats. `padding`: the module takes a second
+    argument, the padding mask bool [B, padding] of the token input."""
     module = module.eval()
-    example = torch.randn(_TRACE_BATCH, *in_shape)
+    mask = _example_padding(_TRACE_BATCH, padding) if padding is not None else None
+    example = (_example(_TRACE_BATCH, in_shape, vocab, mask),) + ((mask,) if mask is not None else ())
     batch = torch.export.Dim("batch", min=1)
+    dynamic = tuple({0: batch} for _ in example)  # every argument varies in its batch only
+    names = ["x", "padding"][:len(example)]
     try:
         if fmt == "pt2":
-            program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+            program = torch.export.export(module, example, dynamic_shapes=dynamic)
             torch.export.save(program, str(path))
             run = bind_program(program)  # as the runtime binds it (loading it back would cost 0.4 s a node)
         else:
@@ -242,18 +275,20 @@ def _write_program(module: nn.Module, in_shape: tuple[int, ...], path: Path, fmt
             # checksum covers them); the exporter's progress lines and its notes about
             # torchvision's operators are not the user's business.
             with _quiet_onnx():
-                torch.onnx.export(module, (example,), str(path), input_names=["x"], output_names=["y"],
-                                  dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)
+                torch.onnx.export(module, example, str(path), input_names=names, output_names=["y"],
+                                  dynamic_shapes=dynamic, dynamo=True, external_data=False, verbose=False)
             onnx_call = load_program(path, "onnx")
-            run = lambda x: torch.from_numpy(onnx_call(x.numpy()))  # noqa: E731
+            run = lambda *xs: torch.from_numpy(onnx_call(*(x.numpy() for x in xs)))  # noqa: E731
     except Exception as e:  # torch raises many kinds for a layer it cannot trace
         raise runtime_error("E941", f"{what} cannot be exported as {fmt} ({type(e).__name__}: {str(e)[:300]})",
                             "a `module(...)` layer must be traceable by torch.export (no data-dependent Python "
                             "control flow)") from None
-    # Checked on another batch size than the traced one.
-    x = torch.randn(3, *in_shape)
+    # Checked on another batch size than the traced one; where the module reads a mask, with
+    # rows of no padding, half padding and all padding (align_padding's special case).
+    mask = _example_padding(3, padding) if padding is not None else None
+    x = (_example(3, in_shape, vocab, mask),) + ((mask,) if mask is not None else ())
     with torch.inference_mode():
-        expected, got = module(x), run(x)
+        expected, got = module(*x), run(*x)
     if got.shape != expected.shape or not torch.allclose(got.to(expected.dtype), expected, rtol=1e-4, atol=1e-5):
         raise runtime_error("E941", f"{what}: the exported program computes something else than the module",
                             "report this with the .d2 file: d2graph should not export it")
@@ -318,12 +353,8 @@ def export(executor: Executor, policy: Policy | None, out: str | Path, *, source
     if out.exists() and not (out / MANIFEST).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise runtime_error("E946", f"{out} exists and is not an export folder", "choose another --out (an export "
                                                                                 "folder is replaced whole)")
-    tokens = [n.name for n in graph.inputs if n.tokens]
-    if tokens:
-        # The runtime carries float inputs only, and no padding mask to the attention layers.
-        raise runtime_error("E941", f"`{graph.name}` reads token ids (`{tokens[0]}`), which the export cannot carry "
-                                    "yet (integer inputs and padding masks)",
-                            "serve a token graph with the executor (d2graph.load + compile + the run's last.pt)")
+    # token input → its vocabulary: the runtime keeps these int64 and makes their padding masks
+    tokens = {n.name: graph.vocab(n.name) for n in graph.inputs if n.tokens}
     rules, modules = decision_rules(graph, policy or LearnedPolicy())
     order = evaluation_order(graph, rules)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -350,8 +381,15 @@ def export(executor: Executor, policy: Policy | None, out: str | Path, *, source
                     entry["const"] = module(torch.empty(1, 0)).tolist()
             elif module is not None:
                 file = f"nodes/{name}{suffix}"
-                _write_program(module, node.in_shape, work / file, format, f"node `{name}`")
+                # A node reads a token input directly or not at all (the checker's E833).
+                reads = [e.source for e in node.inputs if e.source in tokens]
+                masked = executor.padding_source(name)
+                _write_program(module, node.in_shape, work / file, format, f"node `{name}`",
+                               vocab=tokens[reads[0]] if reads else None,
+                               padding=graph[masked].out_shape[0] if masked is not None else None)
                 entry["file"] = file
+                if masked is not None:  # the program's second argument: this input's padding mask
+                    entry["padding"] = masked
                 files[file] = _sha256(work / file)
             if node.is_control:
                 rule = dict(rules[name])
@@ -368,7 +406,9 @@ def export(executor: Executor, policy: Policy | None, out: str | Path, *, source
         manifest = {
             "format": "d2graph-export", "version": MANIFEST_VERSION, "d2graph": _version(),
             "program_format": format, "torch": torch.__version__, "graph": graph.name,
-            "inputs": [{"name": n.name, "shape": list(n.out_shape)} for n in graph.inputs],
+            "inputs": [{"name": n.name, "shape": list(n.out_shape)}
+                       | ({"tokens": True, "vocab": tokens[n.name]} if n.name in tokens else {})
+                       for n in graph.inputs],
             "outputs": [n.name for n in graph.outputs],
             "exits": [e.source for e in first.inputs] if first is not None else [],
             "full_cost": graph.full_cost,

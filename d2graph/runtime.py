@@ -2,9 +2,11 @@
 
 In:  a folder written by `d2graph export` (d2graph/export.py): `manifest.json` (plain JSON:
      the nodes in evaluation order, their edges, defaults, merges, actions and costs, the
-     input shapes, the policy's decision rule per control node, the graph's source text and
-     the format version) and one exported program per node with layers, `nodes/<name>.pt2`
-     (torch.export) or `nodes/<name>.onnx`, plus one per policy scorer, `policy/<name>.*`.
+     input shapes (token inputs with their vocabulary), the token input whose padding mask
+     each node's program takes, the policy's decision rule per control node, the graph's
+     source text and the format version) and one exported program per node with layers,
+     `nodes/<name>.pt2` (torch.export) or `nodes/<name>.onnx`, plus one per policy scorer,
+     `policy/<name>.*`.
 Out: `load(folder)` → `Runtime`; `runtime(x)` runs one batch and returns a `Prediction`
      (the outputs, each control node's chosen action, the per-example cost, the exit each
      example answered through); `predict(runtime, x, batch=256)` runs a whole array in
@@ -20,6 +22,10 @@ Guarantees:
     programs of their own. For the same weights and policy, the outputs equal those of
     `run_policy(executor, policy, x)` within float tolerance, and the actions and
     per-example costs are identical (tests/test_runtime.py, every shipped example).
+  - Token inputs stay int64 (the embedding indexes with them). Each token input's padding
+    mask (ids == 0, bool [B, T]) is made once per batch, and a program whose layers ignore
+    padding gets, as its second argument, the mask's rows of exactly the examples it runs
+    on, as the executor hands them: an example's result does not depend on its batch.
   - Compact-row routing: each node runs only on the examples that reach it, gathered with
     `index_select` (numpy: `take`) and merged with `index_copy_` (numpy: assignment at
     indices); a node no example reaches is not called; a node every example reaches runs on
@@ -37,9 +43,9 @@ Guarantees:
     checker, no trainers); torch only for the `pt2` format, onnxruntime only for `onnx`.
   - Mistakes are `D2GraphError`s: E942 (not an export folder, or one of another format
     version), E943 (a file missing, damaged or altered since the export), E944 (an input
-    of the wrong shape, or an input file without the array), E945 (the ONNX format without
-    onnxruntime installed). Nothing is half-written: `write_predictions` replaces its file
-    in one rename.
+    of the wrong shape, token ids that are not integers in [0, vocab), or an input file
+    without the array), E945 (the ONNX format without onnxruntime installed). Nothing is
+    half-written: `write_predictions` replaces its file in one rename.
 
 Example:
     >>> from d2graph import runtime                                         # doctest: +SKIP
@@ -149,6 +155,17 @@ def _positions(sub: np.ndarray | None, sup: np.ndarray | None, batch: int) -> np
 # --- array operations, for torch tensors or numpy arrays ------------------------------------
 
 
+def _not_ids(name: str, dtype: str) -> D2GraphError:
+    return runtime_error("E944", f"input `{name}` takes token ids (integers), got {dtype} values",
+                         "give the token ids as an integer array (int64), 0 where a sequence is padded")
+
+
+def _check_ids(name: str, low: int, high: int, vocab: int) -> None:
+    if low < 0 or high >= vocab:
+        raise runtime_error("E944", f"input `{name}` takes token ids in [0, {vocab}), got ids from {low} to {high}",
+                            "encode the tokens with the vocabulary the graph was trained with")
+
+
 class _TorchOps:
     """Tensors for the `pt2` format, on one device."""
 
@@ -156,7 +173,15 @@ class _TorchOps:
         self.torch, self.device = torch, torch.device(device)
         self.cpu = self.device.type == "cpu"
 
-    def array(self, x, name: str):
+    def array(self, x, name: str, vocab: int | None = None):
+        if vocab is not None:  # token ids stay integers: the embedding indexes with them
+            t = self.torch.as_tensor(x)
+            if t.is_floating_point() or t.is_complex() or t.dtype == self.torch.bool:
+                raise _not_ids(name, str(t.dtype).replace("torch.", ""))
+            t = t.to(self.device, self.torch.int64)
+            if t.numel():
+                _check_ids(name, int(t.min()), int(t.max()), vocab)
+            return t
         if isinstance(x, self.torch.Tensor) and x.dtype == self.torch.float32 and x.device == self.device:
             # The weights are bound detached: with the input detached too, no autograd graph is
             # ever recorded, and no inference-mode context is needed around each batch.
@@ -200,7 +225,15 @@ class _TorchOps:
 class _NumpyOps:
     """numpy arrays for the `onnx` format."""
 
-    def array(self, x, name: str):
+    def array(self, x, name: str, vocab: int | None = None):
+        if vocab is not None:  # token ids stay integers: the embedding indexes with them
+            a = np.asarray(x)
+            if not np.issubdtype(a.dtype, np.integer):
+                raise _not_ids(name, str(a.dtype))
+            a = np.ascontiguousarray(a, dtype=np.int64)
+            if a.size:
+                _check_ids(name, int(a.min()), int(a.max()), vocab)
+            return a
         return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
 
     def take(self, x, idx: np.ndarray):
@@ -240,10 +273,11 @@ def _load_pt2(path: Path, device) -> Callable:
 
 
 def bind_program(program, device="cpu") -> Callable:
-    """An `ExportedProgram` as a plain call x → y, its weights on `device`. The program's own
-    module (`.module()`) checks its guards and flattens its arguments on every call, which at
-    batch 1 costs more than a small node computes; the runtime checks the shapes once per
-    batch, so it calls the graph directly with the weights bound.
+    """An `ExportedProgram` as a plain call x → y, its weights on `device` (x, padding → y
+    for a node whose layers ignore padding: the mask is its second argument). The program's
+    own module (`.module()`) checks its guards and flattens its arguments on every call,
+    which at batch 1 costs more than a small node computes; the runtime checks the shapes
+    once per batch, so it calls the graph directly with the weights bound.
 
     Example:
         >>> f = bind_program(torch.export.export(module, (x,)))               # doctest: +SKIP
@@ -262,10 +296,23 @@ def bind_program(program, device="cpu") -> Callable:
         else:  # constants and non-persistent buffers
             args.append(program.constants[spec.target].to(device))
     outputs = [i for i, spec in enumerate(signature.output_specs) if spec.kind == OutputKind.USER_OUTPUT]
-    if len(user) != 1 or len(outputs) != 1:
-        raise ValueError(f"{len(user)} inputs and {len(outputs)} outputs, where a node has one of each")
+    if len(user) not in (1, 2) or len(outputs) != 1:
+        raise ValueError(f"{len(user)} inputs and {len(outputs)} outputs, where a node has one input (two with "
+                         "a padding mask) and one output")
     # `forward` itself: nn.Module's __call__ adds hook handling that a bare graph never uses
-    forward, slot, out = program.graph_module.forward, user[0], outputs[0]
+    forward, out = program.graph_module.forward, outputs[0]
+    if len(user) == 2:
+        slot, mask_slot = user
+
+        def call_masked(x, padding):
+            args[slot], args[mask_slot] = x, padding
+            try:
+                return forward(*args)[out]
+            finally:
+                args[slot] = args[mask_slot] = None  # do not keep the batch alive between calls
+
+        return call_masked
+    slot = user[0]
 
     def call(x):
         args[slot] = x
@@ -285,7 +332,15 @@ def _load_onnx(path: Path, threads: int | None) -> Callable:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    names = [i.name for i in session.get_inputs()]
+    if len(names) == 2:  # a node whose layers ignore padding: (x, padding mask)
+        x_name, mask_name = names
+
+        def call_masked(x, padding):
+            return session.run(None, {x_name: np.ascontiguousarray(x), mask_name: np.ascontiguousarray(padding)})[0]
+
+        return call_masked
+    name = names[0]
 
     def call(x):
         return session.run(None, {name: np.ascontiguousarray(x)})[0]
@@ -296,7 +351,8 @@ def _load_onnx(path: Path, threads: int | None) -> Callable:
 def load_program(path: str | Path, format: str = "pt2", *, device: str = "cpu",
                  threads: int | None = None) -> Callable:
     """One exported program (a node's layer pipeline, or a policy's scorer) as a call
-    x [n, ...] → y [n, ...]: torch tensors for pt2, numpy arrays for onnx. `export` uses it
+    x [n, ...] → y [n, ...] (x, padding mask → y for a node whose layers ignore padding):
+    torch tensors for pt2, numpy arrays for onnx. `export` uses it
     to check what it wrote.
 
     Example:
@@ -442,7 +498,8 @@ class _Step:
     """One node of the manifest as the walk needs it."""
 
     __slots__ = ("name", "kind", "shape", "inputs", "merge", "controllers", "needs", "select", "sources", "anywhere",
-                 "k", "program", "rule", "scorer", "const", "dead", "single", "rule_kind", "tau", "stop", "go")
+                 "k", "program", "rule", "scorer", "const", "dead", "single", "rule_kind", "tau", "stop", "go",
+                 "padding")
 
     def __init__(self, node: Mapping[str, Any]):
         self.name, self.kind, self.shape = node["name"], node["kind"], tuple(node["shape"])
@@ -459,6 +516,8 @@ class _Step:
         self.rule: dict[str, Any] | None = node.get("rule")
         self.scorer: Callable | None = None
         self.const = node.get("const")
+        # the token input whose padding mask the program takes as its second argument, if any
+        self.padding: str | None = node.get("padding")
         self.dead: tuple[str, ...] = ()
         # the source of the one data input, where there is one (the common node)
         self.single = self.inputs[0][0] if len(self.inputs) == 1 else None
@@ -472,9 +531,10 @@ class Runtime:
     """An exported network, loaded: call it on a batch (`runtime(x)` → `Prediction`).
 
     `x` is an array [B, *shape] (torch tensor or numpy) for a graph with one input, else a
-    dict input name → array. Attributes: `graph` (its name), `inputs` (name → per-example
-    shape), `outputs`, `controls`, `full_cost`, `exit_names`, `policy` (the policy in words),
-    `format`, `manifest`."""
+    dict input name → array (token ids as integers). Attributes: `graph` (its name), `inputs`
+    (name → per-example shape), `tokens` (token input → its vocabulary), `outputs`,
+    `controls`, `full_cost`, `exit_names`, `policy` (the policy in words), `format`,
+    `manifest`."""
 
     def __init__(self, folder: str | Path, *, device: str = "cpu", threads: int | None = None):
         self.folder = Path(folder)
@@ -486,6 +546,8 @@ class Runtime:
         self.format = fmt
         self.graph = manifest["graph"]
         self.inputs = {i["name"]: tuple(i["shape"]) for i in manifest["inputs"]}
+        # token input → its vocabulary: kept int64, checked to lie in [0, vocab)
+        self.tokens = {i["name"]: int(i["vocab"]) for i in manifest["inputs"] if i.get("tokens")}
         self.outputs = tuple(manifest["outputs"])
         self.full_cost = manifest["full_cost"]
         self.integer_costs = bool(manifest["integer_costs"])
@@ -519,7 +581,7 @@ class Runtime:
         self._one_input = None
         if len(self.inputs) == 1:
             name, shape = next(iter(self.inputs.items()))
-            self._one_input = (name, shape, len(shape) + 1)
+            self._one_input = (name, shape, len(shape) + 1, self.tokens.get(name))
         for node, step in zip(manifest["nodes"], self._plan):
             try:
                 if node.get("file"):
@@ -545,6 +607,8 @@ class Runtime:
             dead[i].append(name)
         for step, names in zip(self._plan, dead):
             step.dead = tuple(n for n in names if n not in self.outputs)
+        # the token inputs whose padding masks some program takes (each made once per batch)
+        self._masked = tuple(sorted({step.padding for step in self._plan if step.padding}))
 
     def _check_files(self) -> None:
         again = "export the run again: `d2graph export RUN --out DIR`"
@@ -588,7 +652,7 @@ class Runtime:
                 raise runtime_error("E944", f"the inputs have different numbers of examples ({batch} and {got[0]} "
                                             f"for `{name}`)", "give every input the same examples")
             batch = got[0]
-            out[name] = self._ops.array(given[name], name)
+            out[name] = self._ops.array(given[name], name, self.tokens.get(name))
         if not batch:
             raise runtime_error("E944", "the batch is empty", "give at least one example")
         return out
@@ -597,7 +661,7 @@ class Runtime:
         one = self._one_input
         shape = getattr(x, "shape", None)
         if one is not None and shape is not None and len(shape) == one[2] and shape[1:] == one[1] and shape[0]:
-            inputs = {one[0]: self._ops.array(x, one[0])}  # the common case, checked in a few comparisons
+            inputs = {one[0]: self._ops.array(x, one[0], one[3])}  # the common case, checked in a few comparisons
         else:
             inputs = self.check_inputs(x)
         return self._run(inputs)
@@ -606,6 +670,7 @@ class Runtime:
         """One example: every set is all or nothing, so the walk needs no set at all — a node
         runs or it does not (the latency a single request sees; the same rules as `_run`)."""
         ops = self._ops
+        masks = self._masks(inputs)
         env: dict[str, Any] = {}
         rows_of: dict[str, np.ndarray | None] = {}
         chosen: dict[str, int] = {}
@@ -645,18 +710,19 @@ class Runtime:
                     # the usual node: one data input, whose source ran
                     x = env[single] if single is not None and rows_of[single] is None else \
                         self._merge_one(step, env, rows_of)
-                    env[name] = step.program(x)
+                    env[name] = step.program(x) if step.padding is None else step.program(x, masks[step.padding])
                 elif kind == "control":
                     if step.rule_kind == "argmax":
                         x = env[single] if single is not None and rows_of[single] is None else \
                             self._merge_one(step, env, rows_of)
-                        acts = int(ops.host(step.program(x)).argmax())  # [1, k]: the flat index is the action
+                        scores = step.program(x) if step.padding is None else step.program(x, masks[step.padding])
+                        acts = int(ops.host(scores).argmax())  # [1, k]: the flat index is the action
                     elif step.rule_kind == "cutoff" and len(step.rule["reads"]) == 1 \
                             and rows_of[step.rule["reads"][0]] is None:
                         value = float(ops.host(step.scorer(env[step.rule["reads"][0]]))[0])  # float64, exactly
                         acts = step.stop if value >= step.tau else step.go
                     else:
-                        acts = self._decide(step, None, 1, env, rows_of, 1)
+                        acts = self._decide(step, None, 1, env, rows_of, 1, masks)
                         acts = acts if isinstance(acts, int) else int(acts[0])
                     chosen[name] = acts
                     actions[name] = (None, acts)
@@ -703,6 +769,7 @@ class Runtime:
         batch = next(iter(inputs.values())).shape[0]
         if batch == 1:
             return self._run_one(inputs)
+        masks = self._masks(inputs)
         env: dict[str, Any] = {}
         rows_of: dict[str, np.ndarray | None] = {}
         chosen: dict[str, list[np.ndarray | None]] = {}
@@ -720,9 +787,9 @@ class Runtime:
             else:
                 try:
                     if kind == "node":
-                        env[name] = step.program(self._merge(step, rows, env, rows_of, batch))
+                        env[name] = self._call(step, self._merge(step, rows, env, rows_of, batch), rows, masks)
                     elif kind == "control":
-                        acts = self._decide(step, rows, n, env, rows_of, batch)
+                        acts = self._decide(step, rows, n, env, rows_of, batch, masks)
                         actions[name] = (rows, acts)
                         if n == 1 and not isinstance(acts, int):
                             acts = int(acts[0])  # one example: one branch, no set to split
@@ -826,7 +893,21 @@ class Runtime:
             self._ops.put(out, _positions(take, rows, batch), part)
         return out
 
-    def _decide(self, step: _Step, rows, n: int, env, rows_of, batch: int) -> np.ndarray | int:
+    def _masks(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Each token input's padding mask on the whole batch (bool [B, T], True where the id
+        is 0, the executor's rule), for the token inputs some program takes a mask of."""
+        return {source: inputs[source] == 0 for source in self._masked}
+
+    def _call(self, step: _Step, x, rows, masks: dict[str, Any]):
+        """The node's program on `x`, its input on `rows`; a program whose layers ignore
+        padding also gets its token input's padding mask on those rows (the executor's
+        `Interpreter.call`)."""
+        if step.padding is None:
+            return step.program(x)
+        mask = masks[step.padding]
+        return step.program(x, mask if rows is None else self._ops.take(mask, rows))
+
+    def _decide(self, step: _Step, rows, n: int, env, rows_of, batch: int, masks: dict[str, Any]) -> np.ndarray | int:
         """The actions of a control node on its rows (host int64 [n], or one int for all)."""
         rule = step.rule
         kind = rule["kind"]
@@ -843,7 +924,7 @@ class Runtime:
             value = self._ops.host(step.scorer(parts[0] if len(parts) == 1 else self._ops.cat(parts)))
         if kind == "cutoff":  # stop where the scorer's value reaches the threshold
             return np.where(value.astype(np.float64) >= number(rule["tau"]), int(rule["stop"]), int(rule["go"]))
-        scores = self._ops.host(step.program(self._merge(step, rows, env, rows_of, batch)))
+        scores = self._ops.host(self._call(step, self._merge(step, rows, env, rows_of, batch), rows, masks))
         if kind == "argmax":
             return scores.argmax(axis=1)
         # The executor's policies add in float64, in this order (the same rounding).

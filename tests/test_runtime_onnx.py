@@ -69,3 +69,28 @@ def test_the_onnx_runtime_needs_no_torch(high_low):
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_the_onnx_runtime_carries_token_ids_and_padding_masks(tmp_path, one_thread):
+    """bert_early_exit as ONNX: int64 ids in, each attention and mean program fed its rows'
+    padding mask (bool), the same routing as the executor's with PABEE's patience 2."""
+    path = ROOT / "examples" / "bert_early_exit.d2"
+    graph = d2graph.load(path)
+    config = resolve(graph, ["data.n=160", "batch=40", "stage.backbone.epochs=1", "stage.policy.budget=0.9",
+                             "threads=1"])
+    run = Run.create(graph, path.read_text(encoding="utf-8"), config, tmp_path / "run")
+    trained = train(graph, config, run, quiet=True, echo=None, evaluate=False)
+    net = runtime.load(export_run(run.folder, tmp_path / "deploy", format="onnx"), threads=1)
+    assert net.tokens == {"ids": 64} and net.manifest["nodes"][1]["padding"] == "ids"
+    executor, policy = trained.executor.eval(), trained.policy
+    x = torch.cat([trained.data.test.tensors[0], trained.data.val.tensors[0]] * 6)[:256]
+    assert 0 < int((x == 0).any(1).sum()) < len(x)  # some rows padded, some not
+    for batch in (x, x[:1], x[7:8]):
+        with evaluating(executor):
+            expected = run_policy(executor, policy, batch)
+        got = net(batch.numpy())
+        np.testing.assert_allclose(got.output, expected.output.numpy(), rtol=1e-4, atol=1e-5)
+        for q, actions in expected.actions.items():
+            assert np.array_equal(got.actions[q], actions.numpy()), q
+        assert np.array_equal(got.cost, expected.cost.numpy())
+    assert len(np.unique(net(x.numpy()).actions["D2"])) > 1  # the routing split the batch
