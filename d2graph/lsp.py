@@ -808,6 +808,12 @@ class D2GraphServer(LanguageServer):
             self.parsed[uri] = result
         return result
 
+    def cancel_check(self, uri: str) -> None:
+        """Drop the document's debounced check, if one is waiting."""
+        timer = self.pending.pop(uri, None)
+        if timer is not None:
+            timer.cancel()
+
     def publish(self, uri: str) -> None:
         self.pending.pop(uri, None)
         if uri not in self.workspace.text_documents:
@@ -864,9 +870,7 @@ def did_open(ls: D2GraphServer, params: types.DidOpenTextDocumentParams):
 @guarded
 def did_change(ls: D2GraphServer, params: types.DidChangeTextDocumentParams):
     uri = params.text_document.uri
-    timer = ls.pending.pop(uri, None)
-    if timer is not None:
-        timer.cancel()
+    ls.cancel_check(uri)
 
     def later():
         try:
@@ -880,9 +884,7 @@ def did_change(ls: D2GraphServer, params: types.DidChangeTextDocumentParams):
 @server.feature(types.TEXT_DOCUMENT_DID_SAVE)
 @guarded
 def did_save(ls: D2GraphServer, params: types.DidSaveTextDocumentParams):
-    timer = ls.pending.pop(params.text_document.uri, None)
-    if timer is not None:
-        timer.cancel()
+    ls.cancel_check(params.text_document.uri)
     ls.publish(params.text_document.uri)
 
 
@@ -890,9 +892,7 @@ def did_save(ls: D2GraphServer, params: types.DidSaveTextDocumentParams):
 @guarded
 def did_close(ls: D2GraphServer, params: types.DidCloseTextDocumentParams):
     uri = params.text_document.uri
-    timer = ls.pending.pop(uri, None)
-    if timer is not None:
-        timer.cancel()
+    ls.cancel_check(uri)
     ls.analyses.pop(uri, None)
     ls.parsed.pop(uri, None)
     ls.text_document_publish_diagnostics(types.PublishDiagnosticsParams(uri=uri, diagnostics=[]))
