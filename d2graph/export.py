@@ -65,7 +65,7 @@ from .paths import action_order
 from .policies import LearnedPolicy, Policy, StaticPolicy, load_policy, save_policy
 from .runs import Run, check_fingerprint, load_checkpoint
 from .runtime import FORMATS, MANIFEST, MANIFEST_VERSION, bind_program, load_program, runtime_error
-from .trainers.baselines import MEASURES, PatiencePolicy, ThresholdPolicy, confidence
+from .trainers.baselines import MEASURES, PatiencePolicy, ThresholdPolicy, agreeing_streaks, confidence
 from .trainers.costsensitive import CostSensitivePolicy
 from .trainers.eenet import EENetPolicy, scorer_inputs
 from .trainers.reinforce import OffsetPolicy
@@ -116,13 +116,9 @@ class Streak(nn.Module):
 
     def forward(self, scores: Tensor) -> Tensor:
         votes = scores.reshape(scores.shape[0], self.heads, self.classes).argmax(2)
-        last = votes[:, -1]
-        streak = torch.ones_like(last, dtype=torch.float64)
-        going = torch.ones_like(last, dtype=torch.bool)
-        for j in range(self.heads - 2, -1, -1):
-            going = going & (votes[:, j] == last)
-            streak = streak + going.to(torch.float64)
-        return streak
+        chain = [str(j) for j in range(self.heads)]
+        streak = agreeing_streaks({h: votes[:, j] for j, h in enumerate(chain)}, {"q": chain})["q"]
+        return streak.to(torch.float64)
 
 
 class ExitScore(nn.Module):
