@@ -65,8 +65,7 @@ from .paths import action_order
 from .policies import LearnedPolicy, Policy, StaticPolicy, load_policy, save_policy
 from .runs import Run, check_fingerprint, load_checkpoint
 from .runtime import FORMATS, MANIFEST, MANIFEST_VERSION, bind_program, load_program, runtime_error
-from .trainers.baselines import MEASURES, PatiencePolicy, ThresholdPolicy, agreeing_streaks, confidence
-from .trainers.costsensitive import CostSensitivePolicy
+from .trainers.baselines import MEASURES, HeadTermPolicy, PatiencePolicy, ThresholdPolicy, agreeing_streaks, confidence
 from .trainers.eenet import EENetPolicy, scorer_inputs
 from .trainers.reinforce import OffsetPolicy
 
@@ -183,7 +182,7 @@ def decision_rules(graph: Graph, policy: Policy) -> tuple[dict[str, dict], dict[
             rules[q] = {"kind": "cutoff", "reads": [head], "tau": _finite(policy.tau), "stop": policy.stop[q],
                         "go": policy.go[q]}
             modules[q] = Confidence(policy.measure)
-    elif isinstance(policy, CostSensitivePolicy):
+    elif isinstance(policy, HeadTermPolicy):
         for q, head in policy.heads.items():
             rules[q] = {"kind": "plus", "reads": [head], "bias": policy.bias[q].tolist()}
             modules[q] = ConfidenceTerm(policy.weight[q])

@@ -27,7 +27,8 @@ from d2graph.diagnostics import D2GraphError
 from d2graph.evaluate import per_example
 from d2graph.policies import evaluating
 from d2graph.trainers import LearnedPolicy, load_policy, save_policy
-from d2graph.trainers.costsensitive import CostSensitivePolicy, CostSensitiveTrainer, _filter_tree, lambda_at
+from d2graph.trainers.baselines import HeadTermPolicy
+from d2graph.trainers.costsensitive import CostSensitiveTrainer, _filter_tree, lambda_at
 
 from .conftest import ROOT
 
@@ -123,7 +124,7 @@ def policy_run(graph, backbone: runs.Trained, **params) -> runs.Trained:
 
 def test_the_cheap_exits_subset_and_only_it_stops(two_exit):
     graph, trained, budget = two_exit
-    assert isinstance(trained.policy, CostSensitivePolicy)  # Q reads x; H1 is its current head
+    assert isinstance(trained.policy, HeadTermPolicy)  # Q reads x; H1 is its current head
     assert trained.policy.heads == {"Q": "H1"}
     assert trained.reports["val"].cost_fraction <= budget + 1e-9
     for split in ("val", "test"):
@@ -230,7 +231,7 @@ def test_ann_network_selection_trains_end_to_end():
     graph, _ = d2graph.check(text)
     config = runs.resolve(graph, ["data.n=600", "stage.backbone.epochs=1", "batch=128"])
     trained = runs.train(graph, config, None, quiet=True, echo=None)
-    assert isinstance(trained.policy, CostSensitivePolicy)
+    assert isinstance(trained.policy, HeadTermPolicy)
     assert trained.policy.heads == {"Q1": "A", "Q2": "B"}  # the networks whose scores E1, E2 pass on
     assert trained.reports["val"].cost_fraction <= 0.5 + 1e-9
 
@@ -329,7 +330,7 @@ def test_the_head_term_learns_what_only_the_heads_confidence_shows(tmp_path):
     config.stages[1].update(trainer="threshold", params={"measure": "maxprob", "budget": budget, "drop": -1})
     start = runs.Trained(copy.deepcopy(backbone.executor), LearnedPolicy(), backbone.data, config, None)
     threshold = runs.train(graph, config, None, quiet=True, echo=None, start=start, stages=slice(1, 2))
-    assert isinstance(runs_by["heads"].policy, CostSensitivePolicy)
+    assert isinstance(runs_by["heads"].policy, HeadTermPolicy)
     assert isinstance(runs_by["alone"].policy, LearnedPolicy)
     accuracy = {name: run.reports["test"].accuracy for name, run in {**runs_by, "threshold": threshold}.items()}
     for run in (*runs_by.values(), threshold):

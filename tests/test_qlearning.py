@@ -20,6 +20,7 @@ from d2graph.executor import compile
 from d2graph.runs import Interrupted, Run, Trained, derive_seed, resolve, train
 from d2graph.runs import load_data as runs_load_data_root
 from d2graph.trainers import LearnedPolicy
+from d2graph.trainers.baselines import HeadTermPolicy
 from d2graph.trainers.qlearning import QLearningTrainer, bag_reward, epsilon_at, full_targets, minibag_size
 
 from .conftest import ROOT, ctrl_c_after
@@ -229,6 +230,81 @@ def test_a_fifth_of_the_training_examples_is_held_out_with_qlearning_and_never_t
     assert runs_load_data(config, graph).holdout is None
 
 
+HEADS = """
+graph heads {
+  input x [13]
+  output y [merge=select]
+  node H1 [cost=1] = fc(4)  # the cheap classifier: confident exactly where it is right
+  node F [cost=0] = fc(3)   # what Q reads: noise (not 4 wide, which would make it a classifier)
+  node H2 [cost=3] = fc(4)  # the dear classifier: always right
+  control Q [cost=0] = fc(2)
+  x -> H1, F, H2
+  F -> Q
+  Q => H2 | skip
+  H2, H1 -> y
+  train {
+    data = npz(path="heads.npz")  # not read: the tests hand the arrays in (`start`)
+    lr = 0.01
+    batch = 64
+    stage policy = qlearning(epochs=12, lambda=0.5, epsilon_decay=6, mix=0)
+  }
+}
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _heads_task():
+    """A task where only the cheap head's confidence tells when it may stop: H1 sees the class
+    it shows at full strength on the flagged examples (it is right and sure) and at a fifth of
+    it on the others (wrong, and unsure); Q's own input is noise."""
+    rng = np.random.default_rng(1)
+    sets, flags = [], []
+    for n in (1024, 512, 256):
+        data, flag = _examples(n, rng)
+        x = data.tensors[0].clone()
+        x[:, 1:5] *= torch.from_numpy(np.where(flag, 1.0, 0.2)).float()[:, None]
+        sets.append(TensorDataset(x, data.tensors[1]))
+        flags.append(flag)
+    graph, diags = d2graph.check(HEADS)
+    assert not [d for d in diags if d.severity == "error"], diags
+    return graph, Splits("confidence", *sets, 4, (13,)), flags[1]
+
+
+def _train_heads(overrides=(), run: Run | None = None, resume: bool = False) -> Trained:
+    graph, data, _ = _heads_task()
+    config = resolve(graph, ["seed=0", *overrides])
+    torch.manual_seed(derive_seed(0, -1))
+    executor = compile(graph)
+    with torch.no_grad():
+        for name, first, width in (("H1", 1, 4), ("H2", 5, 4), ("F", 9, 3)):
+            fc = executor.nodes[name][0]
+            fc.weight.zero_()
+            fc.bias.zero_()
+            fc.weight[:, first:first + width] = 5 * torch.eye(width)
+    return train(graph, config, run, resume=resume, quiet=True, echo=None,
+                 start=Trained(executor, LearnedPolicy(), data, config, None))
+
+
+@functools.lru_cache(maxsize=None)
+def _fit_heads(heads: bool) -> tuple[Trained, float]:
+    """The run, and the share of validation examples it routes as the known answer says."""
+    graph, data, flag = _heads_task()
+    trained = _train_heads([f"policy.heads={str(heads).lower()}"])
+    stops = per_example(trained.executor, data.val, trained.policy)["action.Q"] == 1
+    return trained, float(np.mean(stops == flag))
+
+
+def test_a_head_term_learns_the_rule_that_only_the_heads_confidence_can_tell():
+    # λ = 0.5: stopping at H1 is worth 0.5·right + 0.375, going on to H2 0.5, so the best
+    # routing stops exactly on the flagged examples, which only H1's confidence reveals.
+    trained, agreement = _fit_heads(True)
+    _, without = _fit_heads(False)
+    print(f"agreement with the known routing: {agreement:.1%} with the head term, {without:.1%} without")
+    assert isinstance(trained.policy, HeadTermPolicy) and trained.policy.heads == {"Q": "H1"}
+    assert agreement >= 0.95 and without <= 0.75
+    assert trained.reports["val"].accuracy >= 0.95
+
+
 def test_full_targets_take_the_best_continuation_that_agrees_with_the_choices_above():
     # Two binary nodes in a chain, Q1 then Q2; four paths; rewards for two examples.
     paths = [{"Q1": 0, "Q2": 0}, {"Q1": 0, "Q2": 1}, {"Q1": 1, "Q2": 0}, {"Q1": 1, "Q2": 1}]
@@ -303,6 +379,26 @@ def test_an_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     assert all(r["train_reward"] is not None for r in logged)
 
 
+def test_an_interrupted_run_resumes_its_head_term_exactly(tmp_path, monkeypatch):
+    graph = _heads_task()[0]
+    short = ["policy.epochs=2", "policy.mix=0.5"]
+
+    def run(name):
+        return Run.create(graph, HEADS, resolve(graph, ["seed=0", *short]), out=tmp_path / name)
+
+    whole = _train_heads(short, run=run("whole"))
+    cut = run("cut")
+    ctrl_c_after(monkeypatch, stage=0, epoch=1, step=3)
+    with pytest.raises(Interrupted):
+        _train_heads(short, run=cut)
+    monkeypatch.undo()
+    resumed = _train_heads(short, run=Run.open(cut.folder), resume=True)
+    sw, sr = whole.executor.state_dict(), resumed.executor.state_dict()
+    assert all(torch.equal(sw[k], sr[k]) for k in sw)
+    assert whole.policy.state() == resumed.policy.state() and whole.policy.weight["Q"].abs().sum() > 0
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (cut.folder / "metrics.jsonl").read_text()
+
+
 # --- mistakes -------------------------------------------------------------------------------
 
 
@@ -315,6 +411,7 @@ def _codes(excinfo) -> list[str]:
     ("policy.metric=f1", "needs a binary task"),
     ("policy.mix=-1", "`mix` must not be negative"),
     ("policy.lr_scale=0", "`lr_scale` must be positive"),
+    ("policy.decay=-1", "`decay` must not be negative"),
 ])
 def test_mistakes_are_E921_before_any_step(override, fragment):
     with pytest.raises(D2GraphError) as e:
@@ -360,7 +457,10 @@ def test_every_d2nn_example_trains_a_few_steps(example, data, tmp_path):
     assert len(trained.data.holdout) == pytest.approx(0.25 * len(trained.data.train), abs=10)
     assert row["epsilon"] == pytest.approx(1 - 0.95 * (steps - 1) / (5 * steps))  # the last step; the decay spans 5 epochs
     assert ("val_f1" in row) == bool(data)
-    assert isinstance(trained.policy, LearnedPolicy)
+    # The cascade's control nodes have a stage classifier to read (a head term each); the others none.
+    assert isinstance(trained.policy, HeadTermPolicy if example == "cascade" else LearnedPolicy)
+    if example == "cascade":
+        assert trained.policy.heads == {"Q1": "N2", "Q2": "N4", "Q3": "N6"}
     report = trained.reports["val"]
     for q in graph.control_nodes:  # the control nodes route every example they reach
         assert sum(report.action_rates[q.name]) == pytest.approx(1.0)

@@ -48,14 +48,14 @@ from torch import Tensor
 from ..executor import Executor, Result
 from ..ir import Graph
 from ..paths import MAX_COMBINATIONS, action_order, current_head, nodes_run, path_costs
-from ..policies import Policy, StaticPolicy, register_policy
+from ..policies import POLICIES, Policy, StaticPolicy, register_policy
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
 from .toolkit import (
     PathTable, batches, budget_param, calibrate, check_budget, drop_param, evaluating, every_control, path_table,
 )
 
-__all__ = ["MEASURES", "OraclePolicy", "OracleTrainer", "PatiencePolicy", "PatienceTrainer", "StaticTrainer",
+__all__ = ["HeadTermPolicy", "MEASURES", "OraclePolicy", "OracleTrainer", "PatiencePolicy", "PatienceTrainer", "StaticTrainer",
            "ThresholdPolicy", "ThresholdTrainer", "UniformPolicy", "UniformTrainer", "agreeing_streaks", "confidence",
            "exit_chains", "head_confidences", "static_path_results", "uniform_expected_cost"]
 
@@ -126,6 +126,47 @@ def head_confidences(executor: Executor, x: Tensor, heads, measures=MEASURES) ->
         conf[index.cpu()] = torch.stack([confidence(scores, m) for m in measures], dim=1).cpu()
         found[head] = conf
     return result, found
+
+
+@register_policy
+class HeadTermPolicy(Policy):
+    """Each control node's own scores plus a linear term on its current head's confidence:
+    s_q(input) + W_q · features(head_q) + b_q, argmax. `costsensitive` and `qlearning` learn
+    both; the term lets a node express a confidence threshold when it reads only features.
+
+    The heads' and control nodes' scores come from one mode="all" pass (every node on every
+    example), so deciding costs a full forward pass; the cost reported for the routing is that
+    of the forced pass that follows, as for `threshold` and `eenet`. Runs saved before the
+    class had this name load through its old kind, `costsensitive`."""
+
+    kind = "head_term"
+
+    def __init__(self, heads: Mapping[str, str], weight: Mapping[str, list], bias: Mapping[str, list]):
+        self.heads = {str(q): str(h) for q, h in heads.items()}
+        self.weight = {q: torch.tensor(w, dtype=torch.float64) for q, w in weight.items()}
+        self.bias = {q: torch.tensor(b, dtype=torch.float64) for q, b in bias.items()}
+
+    def decide(self, executor, x, y=None, generator=None):
+        with torch.no_grad():
+            result, found = head_confidences(executor, x, self.heads.values())
+            actions = {}
+            for q in executor.graph.control_nodes:
+                s = result.scores[q.name].double().cpu()
+                if q.name in self.heads:
+                    s = s + found[self.heads[q.name]] @ self.weight[q.name].T + self.bias[q.name]
+                actions[q.name] = s.argmax(1)
+        return actions
+
+    def state(self) -> dict[str, Any]:
+        return {"heads": dict(self.heads), "weight": {q: w.tolist() for q, w in self.weight.items()},
+                "bias": {q: b.tolist() for q, b in self.bias.items()}}
+
+    def describe(self) -> str:
+        return ("the control nodes' scores plus a learned term on the confidence of "
+                + ", ".join(f"{h} (for {q})" for q, h in self.heads.items()))
+
+
+POLICIES["costsensitive"] = HeadTermPolicy  # its kind before it was shared with `qlearning`
 
 
 def _require_heads(trainer: str, rule: str, graph: Graph, classes: int | None) -> None:

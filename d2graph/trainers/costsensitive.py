@@ -3,7 +3,7 @@
 In:  a compiled `Executor` whose function nodes are trained (a `supervised` stage came first),
      the data (`d2graph.data.Splits`: `train` to learn the policies, `val` to meet the budget)
      and a stage context (`batch`, `device`, `generator(*key)`, `log(**metrics)`).
-Out: the control nodes' own weights, trained in place, and the policy: `CostSensitivePolicy`
+Out: the control nodes' own weights, trained in place, and the policy: `HeadTermPolicy`
      (each control node's scores plus its learned head term, argmax) when some control node
      has a current head and `heads=true`, else `LearnedPolicy()` (every control node routes by
      the argmax of its own scores). Function nodes are not touched.
@@ -75,13 +75,13 @@ from torch import Tensor, nn
 
 from ..executor import Executor
 from ..paths import action_order, current_head, parameter_count, static_paths
-from ..policies import LearnedPolicy, Policy, evaluating, register_policy, run_policy
+from ..policies import LearnedPolicy, Policy, evaluating, run_policy
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
-from .baselines import MEASURES, head_confidences
+from .baselines import MEASURES, HeadTermPolicy, head_confidences
 from .toolkit import PathTable, budget_param, calibrate, check_budget, search_under_budget
 
-__all__ = ["CostSensitivePolicy", "CostSensitiveTrainer", "LOSSES", "MULTICLASS", "lambda_at"]
+__all__ = ["CostSensitiveTrainer", "LOSSES", "MULTICLASS", "lambda_at"]
 
 LOSSES = ("error", "cross_entropy")
 MULTICLASS = ("expected", "argmin", "filter_tree")
@@ -181,43 +181,6 @@ class _SplitCache(PathTable):
         fraction, loss, correct = self._tables
         rows = np.arange(self.n)
         return fraction[path], loss[path, rows], correct[path, rows]
-
-
-@register_policy
-class CostSensitivePolicy(Policy):
-    """Each control node's own scores plus a linear term on its current head's confidence:
-    s_q(input) + W_q · features(head_q) + b_q, argmax. `costsensitive` learns both; the term
-    lets it express a confidence threshold when the node itself reads only features.
-
-    The heads' and control nodes' scores come from one mode="all" pass (every node on every
-    example), so deciding costs a full forward pass; the cost reported for the routing is that
-    of the forced pass that follows, as for `threshold` and `eenet`."""
-
-    kind = "costsensitive"
-
-    def __init__(self, heads: Mapping[str, str], weight: Mapping[str, list], bias: Mapping[str, list]):
-        self.heads = {str(q): str(h) for q, h in heads.items()}
-        self.weight = {q: torch.tensor(w, dtype=torch.float64) for q, w in weight.items()}
-        self.bias = {q: torch.tensor(b, dtype=torch.float64) for q, b in bias.items()}
-
-    def decide(self, executor, x, y=None, generator=None):
-        with torch.no_grad():
-            result, found = head_confidences(executor, x, self.heads.values())
-            actions = {}
-            for q in executor.graph.control_nodes:
-                s = result.scores[q.name].double().cpu()
-                if q.name in self.heads:
-                    s = s + found[self.heads[q.name]] @ self.weight[q.name].T + self.bias[q.name]
-                actions[q.name] = s.argmax(1)
-        return actions
-
-    def state(self) -> dict[str, Any]:
-        return {"heads": dict(self.heads), "weight": {q: w.tolist() for q, w in self.weight.items()},
-                "bias": {q: b.tolist() for q, b in self.bias.items()}}
-
-    def describe(self) -> str:
-        return ("the control nodes' scores plus a learned term on the confidence of "
-                + ", ".join(f"{h} (for {q})" for q, h in self.heads.items()))
 
 
 # --- learning one policy --------------------------------------------------------------------
@@ -406,7 +369,7 @@ class CostSensitiveTrainer(Trainer):
             simulated = val.routing_outcome(self._decisions(modules, val))
         finally:
             executor.train(was_training)
-        policy = LearnedPolicy() if not heads else CostSensitivePolicy(
+        policy = LearnedPolicy() if not heads else HeadTermPolicy(
             heads, {q: modules[q].term.weight.double().tolist() for q in heads},
             {q: modules[q].term.bias.double().tolist() for q in heads})
         cost_fraction, accuracy = _policy_outcome(executor, policy, data.val, batch, stage.device)

@@ -89,10 +89,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..evaluate import evaluate
-from ..paths import static_paths
+from ..paths import current_head, static_paths
 from ..policies import LearnedPolicy, evaluating
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
+from .baselines import MEASURES, HeadTermPolicy, head_confidences
 from .supervised import function_parameters
 from .toolkit import every_control, held_out, held_out_batch
 
@@ -100,6 +101,10 @@ __all__ = ["FULL_BACKUP_PATHS", "QLearningTrainer", "bag_reward", "control_param
            "full_targets", "minibag_size"]
 
 FULL_BACKUP_PATHS = 16  # `backup=auto` computes every action's value when the graph has at most this many paths
+# `decay=auto`: the L2 weight of the own weights of a control node that has a head term. It
+# leaves them only what the head's confidence does not already say (docs/trainers.md: at 0
+# they overfit the held-out rewards and ranked unseen examples no better than chance).
+HEAD_DECAY = 10.0
 
 
 def control_parameters(executor) -> list[torch.nn.Parameter]:
@@ -238,16 +243,22 @@ class QLearningTrainer(Trainer):
                   "of every action, from one forced pass per static path and each example's best "
                   "continuation; `greedy`: the same, continued by the choices of the nodes below; "
                   f"`auto`: full for accuracy on graphs of at most {FULL_BACKUP_PATHS} paths"),
+        Param("heads", "bool", True,
+              doc="add to each control node's Q-values a learned linear term on its current head's confidence "
+                  "(max probability, entropy, margin), as `costsensitive` does"),
+        Param("decay", "number", "auto", also=("auto",),
+              doc="L2 penalty on the control nodes' own weights (not biases, not the head term), added to the "
+                  f"loss; `auto`: {HEAD_DECAY:g} on nodes with a head term, 0 on the others"),
     ), doc="D²NN: control nodes learn Q-values of their actions from a mini-bag reward λ·A + (1 − λ)·E")
 
     def check_graph(self, graph) -> None:
         if not graph.control_nodes:
             raise trainer_error(self.name, f"graph `{graph.name}` has no control node, so there is no routing to learn",
                                 help="add a `control` node, or use `supervised` alone")
-        for key in ("epsilon_decay", "mix"):
+        for key in ("epsilon_decay", "mix") + (("decay",) if self.params["decay"] != "auto" else ()):
             if self.params[key] < 0:
                 raise trainer_error(self.name, f"`{key}` must not be negative, not {self.params[key]}",
-                                    help=f"e.g. `{key}={'5' if key == 'epsilon_decay' else '1'}`")
+                                    help=f"e.g. `{key}={dict(epsilon_decay='5', mix='1', decay='auto').get(key)}`")
         if self.params["lr_scale"] <= 0:
             raise trainer_error(self.name, f"`lr_scale` must be positive, not {self.params['lr_scale']}",
                                 help="e.g. `lr_scale=1` (the block's learning rate) or `lr_scale=10`")
@@ -266,7 +277,15 @@ class QLearningTrainer(Trainer):
             raise trainer_error(self.name, f"a mini-bag of {m} examples does not fit in a batch of {stage.batch}",
                                 help=f"lower `minibag` to at most {stage.batch}, or raise the block's `batch`")
 
-        groups = [{"params": control_parameters(executor)}]
+        graph = executor.graph
+        self.heads = {}
+        if p["heads"]:
+            self.heads = {q.name: h for q in graph.control_nodes
+                          if (h := current_head(graph, q.name, data.classes)) is not None}
+        self.term = self._head_term(graph, stage)
+        self.decay = {q.name: (float(p["decay"]) if p["decay"] != "auto" else HEAD_DECAY if q.name in self.heads else 0.0)
+                      for q in graph.control_nodes}
+        groups = [{"params": control_parameters(executor) + [w for pair in self.term.values() for w in pair]}]
         if mix > 0:
             groups.append({"params": function_parameters(executor)})
         optimizer = stage.optimizer(groups)
@@ -291,7 +310,70 @@ class QLearningTrainer(Trainer):
         finally:
             for w in frozen:
                 w.requires_grad_(True)
-        return LearnedPolicy()
+        return self._policy()
+
+    def _head_term(self, graph, stage) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+        """Each control node with a current head: (W [k, 3], b [k]) of its head term, zero at
+        the start so that training begins from the node alone. Kept in `stage.extra` (sharing
+        storage), so a checkpoint holds their current values and a resumed run starts from them."""
+        saved = stage.extra.setdefault("head_term", {})
+        term = {}
+        for q in self.heads:
+            k = len(graph[q].actions)
+            w, b = saved.get(q, (torch.zeros(k, len(MEASURES)), torch.zeros(k)))
+            pair = (torch.nn.Parameter(w.detach().clone().float().to(stage.device)),
+                    torch.nn.Parameter(b.detach().clone().float().to(stage.device)))
+            saved[q] = (pair[0].detach(), pair[1].detach())
+            term[q] = pair
+        return term
+
+    def _policy(self):
+        """The policy the control nodes are: argmax of their scores, plus the head term where there is one."""
+        if not self.term:
+            return LearnedPolicy()
+        return HeadTermPolicy(self.heads, {q: w.detach().double().cpu().tolist() for q, (w, _) in self.term.items()},
+                              {q: b.detach().double().cpu().tolist() for q, (_, b) in self.term.items()})
+
+    def _explore(self, executor, x: Tensor, epsilon: float, generator: torch.Generator):
+        """An ε-greedy run on x: (Result, each head's confidences or None). With head terms the
+        greedy action is the argmax of scores + term, which the executor cannot add itself: one
+        pass of every node (eval mode, no gradient) gives the scores and the heads, and the
+        chosen actions are then forced in a training-mode pass whose scores carry the gradient."""
+        if not self.term:
+            return executor(x, mode="explore", epsilon=epsilon, generator=generator), None
+        with evaluating(executor, inference=False):
+            everything, found = head_confidences(executor, x, self.heads.values())
+        device = generator.device
+        chosen = {}
+        for q in executor.graph.control_nodes:
+            scores = everything.scores[q.name].float()
+            if q.name in self.term:
+                w, b = self.term[q.name]
+                scores = scores + found[self.heads[q.name]].to(scores) @ w.detach().T + b.detach()
+            n, k = scores.shape
+            explore = torch.rand(n, generator=generator, device=device) < epsilon
+            anything = torch.randint(k, (n,), generator=generator, device=device)
+            chosen[q.name] = torch.where(explore, anything, scores.argmax(1).to(device)).cpu()
+        return executor(x, mode="force", actions=chosen), found
+
+    def _values(self, r, found) -> dict[str, Tensor]:
+        """Each control node's Q-values on the run: its scores, plus its head term on the rows it ran on."""
+        values = {}
+        for q, scores in r.scores.items():
+            if q in self.term and found is not None:
+                w, b = self.term[q]
+                ran = (r.actions[q] >= 0).to(scores.device).unsqueeze(1)
+                scores = scores + torch.where(ran, found[self.heads[q]].to(scores) @ w.T + b, 0.0)
+            values[q] = scores
+        return values
+
+    def _penalty(self, executor) -> Tensor | float:
+        """decay · Σ ‖W‖² over the control nodes' weight matrices (biases are not penalised)."""
+        total = 0.0
+        for q, decay in self.decay.items():
+            if decay > 0 and q in executor.nodes:
+                total = total + decay * sum((w ** 2).sum() for w in executor.nodes[q].parameters() if w.dim() > 1)
+        return total
 
     def _train(self, executor, data, stage, optimizer, metric: str, m: int) -> None:
         p = self.params
@@ -316,16 +398,17 @@ class QLearningTrainer(Trainer):
                     xq, yq = held_out_batch(held, stage)
                 else:
                     xq, yq = x, y
-                r = executor(xq, mode="explore", epsilon=epsilon, generator=stage.generator("explore"))
+                r, found = self._explore(executor, xq, epsilon, stage.generator("explore"))
+                values = self._values(r, found)
                 with torch.no_grad():
                     reward = bag_reward(r.outputs[output].argmax(dim=1), yq, r.cost_fraction, m, lam, metric)
                 if self.paths is not None:
-                    loss = self._full_loss(executor, xq, yq, r, controls, lam)
+                    loss = self._full_loss(executor, xq, yq, r, values, found, controls, lam)
                 else:
-                    loss = self._q_loss(r, controls, reward, m, self.params["bag"] == "mean")
+                    loss = self._q_loss(r, values, controls, reward, m, self.params["bag"] == "mean")
+                loss = loss + self._penalty(executor)
                 if mix > 0:
-                    learn = r if xq is x else executor(x, mode="explore", epsilon=epsilon,
-                                                       generator=stage.generator("explore", "learn"))
+                    learn = r if xq is x else self._explore(executor, x, epsilon, stage.generator("explore", "learn"))[0]
                     loss = loss + mix * F.cross_entropy(learn.outputs[output], y)
                 optimizer.zero_grad(set_to_none=True)
                 if loss.requires_grad:  # not when a short last batch holds no bag and mix = 0
@@ -334,7 +417,7 @@ class QLearningTrainer(Trainer):
                 stage.step(loss=float(loss.detach()), n=len(y))
                 total, bags = stage.sums([float(reward.sum()), len(reward)])
                 stage.extra["reward"] = [stage.extra["reward"][0] + total, stage.extra["reward"][1] + int(bags)]
-            report = evaluate(executor, data.val, None, classes=data.classes, batch=max(stage.batch, 256),
+            report = evaluate(executor, data.val, self._policy(), classes=data.classes, batch=max(stage.batch, 256),
                               split="val")
             accuracy = report.f1 if metric == "f1" else report.accuracy
             val_reward = lam * accuracy + (1 - lam) * (1 - report.cost_fraction)
@@ -346,7 +429,8 @@ class QLearningTrainer(Trainer):
                             train_reward=round(total / bags, 6) if bags else None,
                             epsilon=round(epsilon, 6))
 
-    def _full_loss(self, executor, x, y, r, controls: list[str], lam: float) -> Tensor:
+    def _full_loss(self, executor, x, y, r, values: dict[str, Tensor], found, controls: list[str],
+                   lam: float) -> Tensor:
         """Σ over control nodes of the mean squared error between every action's Q-value and
         its full-backup target (`full_targets`), on the examples where the node ran."""
         graph = executor.graph
@@ -360,7 +444,8 @@ class QLearningTrainer(Trainer):
                 right = (run.outputs[output].argmax(1) == y).float()
                 rewards.append(lam * right + (1.0 - lam) * (1.0 - run.cost_fraction.float()))
                 if self.greedy:  # what each control node would choose on this path
-                    greedy.append({q: torch.where(run.actions[q].cpu() >= 0, run.scores[q].argmax(1).cpu(), -1)
+                    chose = self._values(run, found)
+                    greedy.append({q: torch.where(run.actions[q].cpu() >= 0, chose[q].argmax(1).cpu(), -1)
                                    for q in actions})
         taken = {q: r.actions[q].cpu() for q in controls}
         targets = full_targets(torch.stack(rewards).cpu(), self.paths, taken, controls,
@@ -369,15 +454,15 @@ class QLearningTrainer(Trainer):
         for q in controls:
             ran = taken[q] >= 0
             if bool(ran.any()):
-                target = targets[q][ran].to(r.scores[q].device, r.scores[q].dtype)
+                target = targets[q][ran].to(values[q].device, values[q].dtype)
                 known = torch.isfinite(target)  # an action no listed path takes from there has no target
-                scores = r.scores[q][ran.to(r.scores[q].device)]
+                scores = values[q][ran.to(values[q].device)]
                 error = torch.where(known, scores - target.nan_to_num(0.0, 0.0, 0.0), 0.0)
                 loss = loss + (error ** 2).sum() / known.sum().clamp(min=1)
         return loss
 
     @staticmethod
-    def _q_loss(r, controls: list[str], reward: Tensor, m: int, mean: bool = False) -> Tensor:
+    def _q_loss(r, values: dict[str, Tensor], controls: list[str], reward: Tensor, m: int, mean: bool = False) -> Tensor:
         """Σ over control nodes of the mean over bags of (r − Σᵢ Q(sᵢ, aᵢ))² (with `mean`,
         Σᵢ / m), examples where the node ran only; bags where it never ran are left out."""
         bags = len(reward)
@@ -389,7 +474,7 @@ class QLearningTrainer(Trainer):
             actions = r.actions[q][:n]
             ran = actions >= 0
             # Scores are zero rows where the node did not run; the mask makes that explicit.
-            chosen = r.scores[q][:n].gather(1, actions.clamp(min=0).unsqueeze(1)).squeeze(1) * ran
+            chosen = values[q][:n].gather(1, actions.clamp(min=0).unsqueeze(1)).squeeze(1) * ran
             value = chosen.view(bags, m).sum(1)
             if mean:  # each example's value then estimates r itself, not r / m
                 value = value / m
