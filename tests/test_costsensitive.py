@@ -7,7 +7,8 @@
   network: the learned policy (each multiclass reduction) beats `uniform` at the same budget;
 - the ANN network-selection example (a DAG: Q1 with 3 actions, Q2 below it) trains end to end;
 - the same inputs give the same weights, and the caller's random state is left alone;
-- a control node whose input depends on the route above it is flagged as approximate;
+- a control node whose input depends on the route above it is flagged as approximate, and
+  the budget holds for the real routing even where the simulation read such a node wrong;
 - where what predicts the cheap exit's errors is its own confidence, which the control node's
   linear scores cannot express, the head term (`heads=true`) learns it: at least as good as
   the max-probability threshold, far better than the node alone (`heads=false`)."""
@@ -307,6 +308,60 @@ graph dep {{
     logs: list = []
     CostSensitiveTrainer(**{"lambda": 1.0}).fit(trained.executor, trained.data, stage(logs))
     assert logs[0]["approximate"] == "Q2"
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.3])
+def test_budgets_hold_for_the_real_routing_where_a_control_input_is_approximate(tmp_path, budget):
+    # Q2 reads M: A's output on the cheapest route (zeros, so the simulation sees Q2 skip H on
+    # every example), B's on the other (its outputs sum to 10, which Q2's weights, never
+    # trained on zeros, turn into "run H"). B is right and A is not, so the simulation sends
+    # everyone through B for 2/23 of the cost; the real executor sends them on to H (22/23).
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 2)).astype(np.float32)
+    np.savez(tmp_path / "dep.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    graph, diags = d2graph.check(f"""
+graph dep {{
+  input x [2]
+  output y [merge=select]
+  node A [cost=1] = fc(2)
+  node B [cost=2] = fc(2)
+  node M [merge=select] = identity
+  node H [cost=20] = fc(8), relu, fc(2)
+  control Q1 [cost=0] = fc(2)
+  control Q2 [cost=0] = fc(2)
+  x -> Q1, A, B
+  Q1 => A | B
+  A, B -> M
+  M -> Q2, H
+  Q2 => skip | H
+  H, M -> y
+  train {{
+    data = npz(path="{tmp_path / 'dep.npz'}")
+    stage backbone = supervised(epochs=1)
+  }}
+}}""")
+    assert not diags
+    trained = runs.train(graph, runs.resolve(graph), None, quiet=True, echo=None, evaluate=False)
+    executor = trained.executor
+    with torch.no_grad():
+        a, b, q2 = executor.nodes["A"][0], executor.nodes["B"][0], executor.nodes["Q2"][0]
+        a.weight.zero_()
+        a.bias.zero_()
+        b.weight.zero_()
+        b.weight[0, 0], b.weight[1, 0] = -5.0, 5.0
+        b.bias.fill_(5.0)
+        q2.weight.zero_()
+        q2.weight[1] = 10.0
+    logs: list = []
+    # heads=false: M feeds the output, so it is Q2's head, and a head term decides on the
+    # inputs of a pass of every node, which are the cheapest route's too.
+    policy = CostSensitiveTrainer(budget=budget, heads=False).fit(executor, trained.data, stage(logs))
+    (log,) = logs
+    assert log["approximate"] == "Q2" and log["simulated_val_cost_fraction"] < budget / 1.1
+    assert log["real_shift"] < 0  # the real cost was over the budget, and a shift brought it under
+    real = per_example(executor, trained.data.val, policy)
+    assert real["cost"].mean() / 23 == pytest.approx(log["val_cost_fraction"])
+    assert budget - 0.05 <= log["val_cost_fraction"] <= budget
 
 
 def test_the_head_term_learns_what_only_the_heads_confidence_shows(tmp_path):

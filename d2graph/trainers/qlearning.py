@@ -3,7 +3,8 @@
 In:  an executor (ideally warm-started by a `supervised` stage before this one), the data
      (`d2graph.data.Splits`), a stage context (d2graph.runs.Stage).
 Out: the control nodes' weights (and, with `mix > 0`, the function nodes') trained in place;
-     returns `LearnedPolicy()`: from then on each control node takes the argmax of its scores.
+     returns `LearnedPolicy()` (from then on each control node takes the argmax of its
+     scores), or `HeadTermPolicy` when some control node has a head term (below).
 Guarantees:
   - Each control node's scores are the Q-values of its actions. Training routes with
     ε-greedy exploration (executor mode `explore`); ε falls linearly, step by step, from
@@ -53,6 +54,17 @@ Guarantees:
     E[max] rather than max E and overrates going on. On the D²NN cascade it lowers the
     cost each λ reaches but leaves the accuracy–cost curve where it was (docs/trainers.md),
     so it is not the default. `sampled`: the paper's update above.
+  - **Head term** (`heads=true`): a control node with a current head h (`paths.current_head`,
+    the classifier that answers if it stops) has the Q-values s_a(input) + W_a · f(h) + b_a,
+    f = h's max probability, 1 − normalised entropy and margin, W and b zero at the start and
+    learned with the node (`costsensitive`'s term). Exploring then needs the heads before the
+    node decides: one pass of every node (eval mode, no gradient) gives scores and heads, the
+    ε-greedy actions on scores + term are forced in the training pass. `decay` adds
+    decay · ‖weights‖² of the node's own weight matrices to the loss; `auto` puts
+    HEAD_DECAY on the nodes with a head term and nothing on the others. Why: a linear Q-value
+    on a stage's hundreds of features fitted the ~1,100 held-out examples it learns from and
+    ranked unseen ones no better than chance (docs/trainers.md); the penalty leaves the
+    features only what the head's confidence does not already say.
   - Function nodes learn jointly on the executed paths: cross-entropy of the graph's
     output on the same explored run. loss = q_loss + mix · ce_loss. With `mix = 0` the
     function nodes are frozen (left out of the optimiser; no gradient is computed for
