@@ -55,16 +55,18 @@ Guarantees:
     cost each λ reaches but leaves the accuracy–cost curve where it was (docs/trainers.md),
     so it is not the default. `sampled`: the paper's update above.
   - **Head term** (`heads=true`): a control node with a current head h (`paths.current_head`,
-    the classifier that answers if it stops) has the Q-values s_a(input) + W_a · f(h) + b_a,
-    f = h's max probability, 1 − normalised entropy and margin, W and b zero at the start and
-    learned with the node (`costsensitive`'s term). Exploring then needs the heads before the
-    node decides: one pass of every node (eval mode, no gradient) gives scores and heads, the
-    ε-greedy actions on scores + term are forced in the training pass. `decay` adds
-    decay · ‖weights‖² of the node's own weight matrices to the loss; `auto` puts
-    HEAD_DECAY on the nodes with a head term and nothing on the others. Why: a linear Q-value
-    on a stage's hundreds of features fitted the ~1,100 held-out examples it learns from and
-    ranked unseen ones no better than chance (docs/trainers.md); the penalty leaves the
-    features only what the head's confidence does not already say.
+    the classifier that answers if it stops) that is not one of its own inputs has the
+    Q-values s_a(input) + W_a · f(h) + b_a, f = h's max probability, 1 − normalised entropy
+    and margin, W and b zero at the start and learned with the node (`costsensitive`'s
+    term); a node that reads its head itself already has its scores. Exploring then needs
+    the heads before the node decides: one pass of every node (eval mode, no gradient)
+    gives scores and heads, the ε-greedy actions on scores + term are forced in the
+    training pass. `decay` adds decay · ‖weights‖² of the node's own weight matrices to the
+    loss; `auto` puts HEAD_DECAY on the nodes with a head term and nothing on the others.
+    Why: a linear Q-value on a stage's hundreds of features fitted the ~1,100 held-out
+    examples it learns from and ranked unseen ones no better than chance
+    (docs/trainers.md); the penalty leaves the features only what the head's confidence
+    does not already say.
   - Function nodes learn jointly on the executed paths: cross-entropy of the graph's
     output on the same explored run. loss = q_loss + mix · ce_loss. With `mix = 0` the
     function nodes are frozen (left out of the optimiser; no gradient is computed for
@@ -256,8 +258,8 @@ class QLearningTrainer(Trainer):
                   "continuation; `greedy`: the same, continued by the choices of the nodes below; "
                   f"`auto`: full for accuracy on graphs of at most {FULL_BACKUP_PATHS} paths"),
         Param("heads", "bool", True,
-              doc="add to each control node's Q-values a learned linear term on its current head's confidence "
-                  "(max probability, entropy, margin), as `costsensitive` does"),
+              doc="add to the Q-values of each control node that does not read its current head itself a learned "
+                  "linear term on that head's confidence (max probability, entropy, margin), as `costsensitive` does"),
         Param("decay", "number", "auto", also=("auto",),
               doc="L2 penalty on the control nodes' own weights (not biases, not the head term), added to the "
                   f"loss; `auto`: {HEAD_DECAY:g} on nodes with a head term, 0 on the others"),
@@ -292,8 +294,11 @@ class QLearningTrainer(Trainer):
         graph = executor.graph
         self.heads = {}
         if p["heads"]:
+            # Only where the node does not read its head itself: one that reads the
+            # classifier's scores (early_exit's `confidence, fc(2)`) already has them.
             self.heads = {q.name: h for q in graph.control_nodes
-                          if (h := current_head(graph, q.name, data.classes)) is not None}
+                          if (h := current_head(graph, q.name, data.classes)) is not None
+                          and h not in {e.source for e in q.inputs}}
         self.term = self._head_term(graph, stage)
         self.decay = {q.name: (float(p["decay"]) if p["decay"] != "auto" else HEAD_DECAY if q.name in self.heads else 0.0)
                       for q in graph.control_nodes}
