@@ -277,45 +277,9 @@ def test_filter_tree_labels_the_cheaper_of_each_pair():
     assert lambda_at(0.0) == 0.0 and lambda_at(1.0) == pytest.approx(1000, rel=1e-5)
 
 
-def test_a_route_dependent_control_input_is_flagged(tmp_path):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(600, 2)).astype(np.float32)
-    np.savez(tmp_path / "dep.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
-    # Q2 reads M, which is A's output or B's depending on Q1.
-    graph, diags = d2graph.check(f"""
-graph dep {{
-  input x [2]
-  output y [merge=select]
-  node A = fc(2)
-  node B = fc(2)
-  node M [merge=select] = identity
-  node H = fc(8), relu, fc(2)
-  control Q1 = fc(2)
-  control Q2 = fc(2)
-  x -> Q1, A, B
-  Q1 => A | B
-  A, B -> M
-  M -> Q2, H
-  Q2 => skip | H
-  H, M -> y
-  train {{
-    data = npz(path="{tmp_path / 'dep.npz'}")
-    stage backbone = supervised(epochs=1)
-  }}
-}}""")
-    assert not diags
-    trained = runs.train(graph, runs.resolve(graph), None, quiet=True, echo=None, evaluate=False)
-    logs: list = []
-    CostSensitiveTrainer(**{"lambda": 1.0}).fit(trained.executor, trained.data, stage(logs))
-    assert logs[0]["approximate"] == "Q2"
-
-
-@pytest.mark.parametrize("budget", [0.1, 0.3])
-def test_budgets_hold_for_the_real_routing_where_a_control_input_is_approximate(tmp_path, budget):
-    # Q2 reads M: A's output on the cheapest route (zeros, so the simulation sees Q2 skip H on
-    # every example), B's on the other (its outputs sum to 10, which Q2's weights, never
-    # trained on zeros, turn into "run H"). B is right and A is not, so the simulation sends
-    # everyone through B for 2/23 of the cost; the real executor sends them on to H (22/23).
+def _route_dependent(tmp_path):
+    """A graph whose Q2 reads M, A's output or B's depending on Q1, trained one epoch: (graph, Trained).
+    Costs: A 1, B 2, H 20 of 23."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(600, 2)).astype(np.float32)
     np.savez(tmp_path / "dep.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
@@ -341,7 +305,23 @@ graph dep {{
   }}
 }}""")
     assert not diags
-    trained = runs.train(graph, runs.resolve(graph), None, quiet=True, echo=None, evaluate=False)
+    return graph, runs.train(graph, runs.resolve(graph), None, quiet=True, echo=None, evaluate=False)
+
+
+def test_a_route_dependent_control_input_is_flagged(tmp_path):
+    _, trained = _route_dependent(tmp_path)
+    logs: list = []
+    CostSensitiveTrainer(**{"lambda": 1.0}).fit(trained.executor, trained.data, stage(logs))
+    assert logs[0]["approximate"] == "Q2"
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.3])
+def test_budgets_hold_for_the_real_routing_where_a_control_input_is_approximate(tmp_path, budget):
+    # Q2 reads M: A's output on the cheapest route (zeros, so the simulation sees Q2 skip H on
+    # every example), B's on the other (its outputs sum to 10, which Q2's weights, never
+    # trained on zeros, turn into "run H"). B is right and A is not, so the simulation sends
+    # everyone through B for 2/23 of the cost; the real executor sends them on to H (22/23).
+    _, trained = _route_dependent(tmp_path)
     executor = trained.executor
     with torch.no_grad():
         a, b, q2 = executor.nodes["A"][0], executor.nodes["B"][0], executor.nodes["Q2"][0]
