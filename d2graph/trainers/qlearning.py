@@ -107,7 +107,7 @@ from ..paths import current_head, static_paths
 from ..policies import LearnedPolicy, evaluating
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
-from .baselines import MEASURES, HeadTermPolicy, head_confidences
+from .baselines import HEAD_DECAY, MEASURES, HeadTermPolicy, head_confidences, head_decay
 from .supervised import function_parameters
 from .toolkit import every_control, held_out, held_out_batch
 
@@ -115,10 +115,6 @@ __all__ = ["FULL_BACKUP_PATHS", "QLearningTrainer", "bag_reward", "control_param
            "full_targets", "minibag_size"]
 
 FULL_BACKUP_PATHS = 16  # `backup=auto` computes every action's value when the graph has at most this many paths
-# `decay=auto`: the L2 weight of the own weights of a control node that has a head term. It
-# leaves them only what the head's confidence does not already say (docs/trainers.md: at 0
-# they overfit the held-out rewards and ranked unseen examples no better than chance).
-HEAD_DECAY = 10.0
 
 
 def control_parameters(executor) -> list[torch.nn.Parameter]:
@@ -300,8 +296,7 @@ class QLearningTrainer(Trainer):
                           if (h := current_head(graph, q.name, data.classes)) is not None
                           and h not in {e.source for e in q.inputs}}
         self.term = self._head_term(graph, stage)
-        self.decay = {q.name: (float(p["decay"]) if p["decay"] != "auto" else HEAD_DECAY if q.name in self.heads else 0.0)
-                      for q in graph.control_nodes}
+        self.decay = head_decay(graph, self.heads, p["decay"])
         groups = [{"params": control_parameters(executor) + [w for pair in self.term.values() for w in pair]}]
         if mix > 0:
             groups.append({"params": function_parameters(executor)})
