@@ -267,6 +267,8 @@ graph fixed {
         CostSensitiveTrainer(budget=0.3, **{"lambda": 1.0})  # two answers to one question
     with pytest.raises(D2GraphError):
         CostSensitiveTrainer(multiclass="tree")
+    with pytest.raises(D2GraphError, match="`decay` must not be negative"):
+        CostSensitiveTrainer(decay=-1)
 
 
 def test_filter_tree_labels_the_cheaper_of_each_pair():

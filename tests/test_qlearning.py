@@ -17,11 +17,12 @@ from d2graph.data import Splits
 from d2graph.diagnostics import D2GraphError
 from d2graph.evaluate import per_example
 from d2graph.executor import compile
+from d2graph.paths import current_head
 from d2graph.runs import Interrupted, Run, Trained, derive_seed, resolve, train
 from d2graph.runs import load_data as runs_load_data_root
 from d2graph.trainers import LearnedPolicy
 from d2graph.trainers.baselines import HeadTermPolicy
-from d2graph.trainers.qlearning import QLearningTrainer, bag_reward, epsilon_at, full_targets, minibag_size
+from d2graph.trainers.qlearning import QLearningTrainer, bag_reward, epsilon_at, full_targets, head_decay, minibag_size
 
 from .conftest import ROOT, ctrl_c_after
 
@@ -397,6 +398,17 @@ def test_an_interrupted_run_resumes_its_head_term_exactly(tmp_path, monkeypatch)
     assert all(torch.equal(sw[k], sr[k]) for k in sw)
     assert whole.policy.state() == resumed.policy.state() and whole.policy.weight["Q"].abs().sum() > 0
     assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (cut.folder / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("example, expected", [
+    ("cascade", {"Q1": 10.0, "Q2": 10.0, "Q3": 10.0}),  # they read features; their heads are N2, N4, N6
+    ("early_exit", {"Q1": 0.0, "Q2": 0.0}),  # they read their heads H1, H2 themselves
+])
+def test_decay_auto_penalises_only_nodes_that_do_not_read_their_head(example, expected):
+    graph = d2graph.load(ROOT / "examples" / f"{example}.d2")
+    heads = {q.name: h for q in graph.control_nodes if (h := current_head(graph, q.name, 10))}
+    assert head_decay(graph, heads, "auto") == expected
+    assert set(head_decay(graph, heads, 0.5).values()) == {0.5}
 
 
 # --- mistakes -------------------------------------------------------------------------------

@@ -55,9 +55,9 @@ from .toolkit import (
     PathTable, batches, budget_param, calibrate, check_budget, drop_param, evaluating, every_control, path_table,
 )
 
-__all__ = ["HEAD_DECAY", "HeadTermPolicy", "MEASURES", "OraclePolicy", "OracleTrainer", "PatiencePolicy",
+__all__ = ["HeadTermPolicy", "MEASURES", "OraclePolicy", "OracleTrainer", "PatiencePolicy",
            "PatienceTrainer", "StaticTrainer", "ThresholdPolicy", "ThresholdTrainer", "UniformPolicy",
-           "UniformTrainer", "agreeing_streaks", "confidence", "exit_chains", "head_confidences", "head_decay",
+           "UniformTrainer", "agreeing_streaks", "confidence", "exit_chains", "head_confidences",
            "static_path_results", "uniform_expected_cost"]
 
 MEASURES = ("maxprob", "entropy", "margin")
@@ -127,23 +127,6 @@ def head_confidences(executor: Executor, x: Tensor, heads, measures=MEASURES) ->
         conf[index.cpu()] = torch.stack([confidence(scores, m) for m in measures], dim=1).cpu()
         found[head] = conf
     return result, found
-
-
-# `decay=auto` of the trainers that learn a head term (`qlearning`, `costsensitive`): the L2
-# weight on the own weights of a control node that has a term and does not read its head
-# itself. It leaves them only what the head's confidence does not already say: without it
-# the D²NN cascade's linear nodes, reading a stage's hundreds of features, fitted the examples
-# they learnt from and ranked unseen ones no better than chance (docs/trainers.md).
-HEAD_DECAY = 10.0
-
-
-def head_decay(graph: Graph, heads: Mapping[str, str], decay: float | str) -> dict[str, float]:
-    """Each control node's L2 weight: `decay` as given, or for `auto` HEAD_DECAY on the nodes
-    with a head term (`heads`) that do not read that head themselves and 0 on the others."""
-    if decay != "auto":
-        return {q.name: float(decay) for q in graph.control_nodes}
-    return {q.name: HEAD_DECAY if q.name in heads and heads[q.name] not in {e.source for e in q.inputs} else 0.0
-            for q in graph.control_nodes}
 
 
 @register_policy

@@ -97,24 +97,43 @@ Guarantees:
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..evaluate import evaluate
+from ..ir import Graph
 from ..paths import current_head, static_paths
 from ..policies import LearnedPolicy, evaluating
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
-from .baselines import HEAD_DECAY, MEASURES, HeadTermPolicy, head_confidences, head_decay
+from .baselines import MEASURES, HeadTermPolicy, head_confidences
 from .supervised import function_parameters
 from .toolkit import every_control, held_out, held_out_batch
 
-__all__ = ["FULL_BACKUP_PATHS", "QLearningTrainer", "bag_reward", "control_parameters", "epsilon_at",
-           "full_targets", "minibag_size"]
+__all__ = ["FULL_BACKUP_PATHS", "HEAD_DECAY", "QLearningTrainer", "bag_reward", "control_parameters", "epsilon_at",
+           "full_targets", "head_decay", "minibag_size"]
 
 FULL_BACKUP_PATHS = 16  # `backup=auto` computes every action's value when the graph has at most this many paths
+
+
+# `decay=auto`: the L2 weight on the own weights of a control node that has a head term and
+# does not read its head itself. It leaves them only what the head's confidence does not
+# already say: without it the D²NN cascade's linear nodes, reading a stage's hundreds of
+# features, fitted the examples they learnt from and ranked unseen ones no better than
+# chance (docs/trainers.md).
+HEAD_DECAY = 10.0
+
+
+def head_decay(graph: Graph, heads: Mapping[str, str], decay: float | str) -> dict[str, float]:
+    """Each control node's L2 weight: `decay` as given, or for `auto` HEAD_DECAY on the nodes
+    with a head term (`heads`) that do not read that head themselves and 0 on the others."""
+    if decay != "auto":
+        return {q.name: float(decay) for q in graph.control_nodes}
+    return {q.name: HEAD_DECAY if q.name in heads and heads[q.name] not in {e.source for e in q.inputs} else 0.0
+            for q in graph.control_nodes}
 
 
 def control_parameters(executor) -> list[torch.nn.Parameter]:
