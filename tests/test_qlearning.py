@@ -21,8 +21,8 @@ from d2graph.paths import current_head
 from d2graph.runs import Interrupted, Run, Trained, derive_seed, resolve, train
 from d2graph.runs import load_data as runs_load_data_root
 from d2graph.trainers import LearnedPolicy
-from d2graph.trainers.baselines import HeadTermPolicy
-from d2graph.trainers.qlearning import QLearningTrainer, bag_reward, epsilon_at, full_targets, head_decay, minibag_size
+from d2graph.trainers.baselines import HeadTermPolicy, head_decay
+from d2graph.trainers.qlearning import QLearningTrainer, bag_reward, epsilon_at, full_targets, minibag_size
 
 from .conftest import ROOT, ctrl_c_after
 

@@ -55,9 +55,9 @@ from .toolkit import (
     PathTable, batches, budget_param, calibrate, check_budget, drop_param, evaluating, every_control, path_table,
 )
 
-__all__ = ["HeadTermPolicy", "MEASURES", "OraclePolicy", "OracleTrainer", "PatiencePolicy",
+__all__ = ["HEAD_DECAY", "HeadTermPolicy", "MEASURES", "OraclePolicy", "OracleTrainer", "PatiencePolicy",
            "PatienceTrainer", "StaticTrainer", "ThresholdPolicy", "ThresholdTrainer", "UniformPolicy",
-           "UniformTrainer", "agreeing_streaks", "confidence", "exit_chains", "head_confidences",
+           "UniformTrainer", "WIDE", "agreeing_streaks", "confidence", "exit_chains", "head_confidences", "head_decay",
            "static_path_results", "uniform_expected_cost"]
 
 MEASURES = ("maxprob", "entropy", "margin")
@@ -127,6 +127,28 @@ def head_confidences(executor: Executor, x: Tensor, heads, measures=MEASURES) ->
         conf[index.cpu()] = torch.stack([confidence(scores, m) for m in measures], dim=1).cpu()
         found[head] = conf
     return result, found
+
+
+# `decay=auto` of the trainers that learn a head term (`qlearning`, `costsensitive`): the L2
+# weight on the own weights of a control node that has a term, does not read its head itself
+# and reads at least WIDE numbers. It leaves many weak features only what the head's
+# confidence does not already say: without it the D²NN cascade's linear nodes (98 to 512
+# features of a stage) fitted the examples they learnt from and ranked unseen ones no better
+# than chance (docs/trainers.md). A node reading a few numbers is left alone: on
+# costsensitive's two-exit task one of its two inputs tells the answer, and the penalty hid it.
+HEAD_DECAY = 10.0
+WIDE = 32
+
+
+def head_decay(graph: Graph, heads: Mapping[str, str], decay: float | str) -> dict[str, float]:
+    """Each control node's L2 weight: `decay` as given, or for `auto` HEAD_DECAY on the nodes
+    with a head term (`heads`) that do not read that head themselves and read at least WIDE
+    numbers, 0 on the others."""
+    if decay != "auto":
+        return {q.name: float(decay) for q in graph.control_nodes}
+    return {q.name: HEAD_DECAY if (q.name in heads and heads[q.name] not in {e.source for e in q.inputs}
+                                   and math.prod(q.in_shape) >= WIDE) else 0.0
+            for q in graph.control_nodes}
 
 
 @register_policy

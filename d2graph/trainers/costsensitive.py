@@ -78,7 +78,7 @@ from ..paths import action_order, current_head, parameter_count, static_paths
 from ..policies import LearnedPolicy, Policy, evaluating, run_policy
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
-from .baselines import MEASURES, HeadTermPolicy, head_confidences
+from .baselines import HEAD_DECAY, MEASURES, WIDE, HeadTermPolicy, head_confidences, head_decay
 from .toolkit import PathTable, budget_param, calibrate, check_budget, search_under_budget
 
 __all__ = ["CostSensitiveTrainer", "LOSSES", "MULTICLASS", "lambda_at"]
@@ -282,19 +282,22 @@ class CostSensitiveTrainer(Trainer):
         Param("heads", "bool", True,
               doc="add to each control node's scores a learned linear term on its current head's confidence "
                   "(max probability, entropy, margin), so that it can express a confidence threshold"),
-        Param("decay", "number", 0,
-              doc="L2 penalty on the control nodes' own weights (not biases, not the head term) in their objective"),
+        Param("decay", "number", "auto", also=("auto",),
+              doc="L2 penalty on the control nodes' own weights (not biases, not the head term) in their objective; "
+                  f"`auto`: {HEAD_DECAY:g} on nodes with a head term that read at least {WIDE} features (not "
+                  "their head), 0 on the others"),
     ), doc="learned policies, deepest first, by cost-sensitive classification (Bolukbasi et al., ANN)")
 
     def __init__(self, **params: Any):
         super().__init__(**params)
+        self.decay: dict[str, float] = {}  # control node → its L2 weight, set by `fit`
         bound = self.params
         check_budget(self, "lambda")
         if bound["lr"] != "auto" and not bound["lr"] > 0:
             raise trainer_error(self.name, f"lr={bound['lr']} cannot learn", help="give a learning rate above 0, e.g. lr=0.01")
-        if bound["decay"] < 0:
+        if bound["decay"] != "auto" and bound["decay"] < 0:
             raise trainer_error(self.name, f"`decay` must not be negative, not {bound['decay']}",
-                                help="e.g. `decay=0` (none) or `decay=10`")
+                                help="e.g. `decay=auto` or `decay=0` (none)")
 
     def check_graph(self, graph) -> None:
         if not graph.control_nodes:
@@ -342,6 +345,7 @@ class CostSensitiveTrainer(Trainer):
             heads = {q: h for q in self.controls if (h := current_head(graph, q, data.classes)) is not None}
         for cache in (train, val):
             cache.heads = _head_table(executor, cache, heads)
+        self.decay = head_decay(graph, heads, self.params["decay"])
         modules = {q: _Scorer(executor.nodes[q], k, q in heads).to(stage.device)
                    for q, k in zip(self.controls, self.widths)}
         initial = {q: copy.deepcopy(m.state_dict()) for q, m in modules.items()}
@@ -448,7 +452,7 @@ class CostSensitiveTrainer(Trainer):
         best: tuple[float, dict[str, Tensor]] | None = None
         for lr in rates:
             module.load_state_dict(start)
-            self._descend(module, x, head, c, order, method, lr, index, float(self.params["decay"]))
+            self._descend(module, x, head, c, order, method, lr, index, self.decay.get(q, 0.0))
             with torch.no_grad():
                 module.eval()
                 value = float(_objective(method, _scores(module, cache, q).to(device), c, order))

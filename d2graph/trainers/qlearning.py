@@ -62,7 +62,8 @@ Guarantees:
     the heads before the node decides: one pass of every node (eval mode, no gradient)
     gives scores and heads, the ε-greedy actions on scores + term are forced in the
     training pass. `decay` adds decay · ‖weights‖² of the node's own weight matrices to the
-    loss; `auto` puts HEAD_DECAY on the nodes with a head term and nothing on the others.
+    loss; `auto` puts HEAD_DECAY on the nodes with a head term that read at least WIDE
+    numbers (`baselines.head_decay`) and nothing on the others.
     Why: a linear Q-value on a stage's hundreds of features fitted the ~1,100 held-out
     examples it learns from and ranked unseen ones no better than chance
     (docs/trainers.md); the penalty leaves the features only what the head's confidence
@@ -97,43 +98,24 @@ Guarantees:
 from __future__ import annotations
 
 import math
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..evaluate import evaluate
-from ..ir import Graph
 from ..paths import current_head, static_paths
 from ..policies import LearnedPolicy, evaluating
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
-from .baselines import MEASURES, HeadTermPolicy, head_confidences
+from .baselines import HEAD_DECAY, MEASURES, WIDE, HeadTermPolicy, head_confidences, head_decay
 from .supervised import function_parameters
 from .toolkit import every_control, held_out, held_out_batch
 
-__all__ = ["FULL_BACKUP_PATHS", "HEAD_DECAY", "QLearningTrainer", "bag_reward", "control_parameters", "epsilon_at",
-           "full_targets", "head_decay", "minibag_size"]
+__all__ = ["FULL_BACKUP_PATHS", "QLearningTrainer", "bag_reward", "control_parameters", "epsilon_at",
+           "full_targets", "minibag_size"]
 
 FULL_BACKUP_PATHS = 16  # `backup=auto` computes every action's value when the graph has at most this many paths
-
-
-# `decay=auto`: the L2 weight on the own weights of a control node that has a head term and
-# does not read its head itself. It leaves them only what the head's confidence does not
-# already say: without it the D²NN cascade's linear nodes, reading a stage's hundreds of
-# features, fitted the examples they learnt from and ranked unseen ones no better than
-# chance (docs/trainers.md).
-HEAD_DECAY = 10.0
-
-
-def head_decay(graph: Graph, heads: Mapping[str, str], decay: float | str) -> dict[str, float]:
-    """Each control node's L2 weight: `decay` as given, or for `auto` HEAD_DECAY on the nodes
-    with a head term (`heads`) that do not read that head themselves and 0 on the others."""
-    if decay != "auto":
-        return {q.name: float(decay) for q in graph.control_nodes}
-    return {q.name: HEAD_DECAY if q.name in heads and heads[q.name] not in {e.source for e in q.inputs} else 0.0
-            for q in graph.control_nodes}
 
 
 def control_parameters(executor) -> list[torch.nn.Parameter]:
@@ -277,7 +259,8 @@ class QLearningTrainer(Trainer):
                   "linear term on that head's confidence (max probability, entropy, margin), as `costsensitive` does"),
         Param("decay", "number", "auto", also=("auto",),
               doc="L2 penalty on the control nodes' own weights (not biases, not the head term), added to the "
-                  f"loss; `auto`: {HEAD_DECAY:g} on nodes with a head term, 0 on the others"),
+                  f"loss; `auto`: {HEAD_DECAY:g} on nodes with a head term that read at least {WIDE} features "
+                  "(not their head), 0 on the others"),
     ), doc="D²NN: control nodes learn Q-values of their actions from a mini-bag reward λ·A + (1 − λ)·E")
 
     def check_graph(self, graph) -> None:
