@@ -28,6 +28,9 @@ Guarantees:
     the policy express a per-node confidence threshold even where j reads only features (the
     D²NN cascade). Deciding then needs the heads, so the policy runs the graph once in mode
     "all" and routes with a forced pass; the cost reported is the forced pass's.
+  - `decay`: an L2 penalty on a control node's own weight matrices in its objective; `auto`
+    (`baselines.head_decay`) puts it on nodes with a head term that read many features and
+    not their head (the cascade's), where the features alone overfit.
   - Two actions: importance-weighted binary classification (Eqs. 4, 5, 7): label the
     cheaper action, weight |c[i,0] − c[i,1]|, a weighted cross-entropy on the node's two
     scores. k actions (Eq. 9, cost-sensitive multiclass), `multiclass=`:
@@ -393,12 +396,13 @@ class CostSensitiveTrainer(Trainer):
             # executor feeds them others, and spent more than the budget. Budgets are caps:
             # one more offset, toward the cheaper actions on every node, bisected on the
             # real validation cost.
+            moved = [0.0]  # the shift the biases carry now
+
             def real_cost(t: float) -> float:
                 self._shift(modules, t - moved[0])
                 moved[0] = t
                 return _policy_outcome(executor, policy_now(), data.val, batch, stage.device)[0]
 
-            moved = [0.0]
             low = -1.0
             while real_cost(low) > self.params["budget"] and low > -1e6:
                 low *= 4
