@@ -57,8 +57,8 @@ from .toolkit import (
 
 __all__ = ["HEAD_DECAY", "HeadTermPolicy", "MEASURES", "OraclePolicy", "OracleTrainer", "PatiencePolicy",
            "PatienceTrainer", "StaticTrainer", "ThresholdPolicy", "ThresholdTrainer", "UniformPolicy",
-           "UniformTrainer", "WIDE", "agreeing_streaks", "confidence", "exit_chains", "head_confidences", "head_decay",
-           "static_path_results", "uniform_expected_cost"]
+           "UniformTrainer", "WIDE", "agreeing_streaks", "confidence", "decay_param", "exit_chains", "head_confidences", "head_decay",
+           "static_path_results", "uniform_expected_cost", "weight_penalty"]
 
 MEASURES = ("maxprob", "entropy", "margin")
 
@@ -138,6 +138,21 @@ def head_confidences(executor: Executor, x: Tensor, heads, measures=MEASURES) ->
 # costsensitive's two-exit task one of its two inputs tells the answer, and the penalty hid it.
 HEAD_DECAY = 10.0
 WIDE = 32
+
+
+def decay_param() -> Param:
+    """The `decay` parameter of a trainer that learns a head term: one meaning for both."""
+    return Param("decay", "number", "auto", also=("auto",),
+                 doc="L2 penalty on the control nodes' own weights (not biases, not the head term) in their training "
+                     f"objective; `auto`: {HEAD_DECAY:g} on nodes with a head term that read at least {WIDE} features "
+                     "(not their head), 0 on the others")
+
+
+def weight_penalty(module: torch.nn.Module, decay: float) -> Tensor | float:
+    """decay · Σ ‖W‖² over a control node's weight matrices (biases are not penalised); 0 when decay is 0."""
+    if decay <= 0:
+        return 0.0
+    return decay * sum((w ** 2).sum() for w in module.parameters() if w.dim() > 1)
 
 
 def head_decay(graph: Graph, heads: Mapping[str, str], decay: float | str) -> dict[str, float]:

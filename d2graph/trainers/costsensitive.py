@@ -81,7 +81,7 @@ from ..paths import action_order, current_head, parameter_count, static_paths
 from ..policies import LearnedPolicy, Policy, evaluating, run_policy
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
-from .baselines import HEAD_DECAY, MEASURES, WIDE, HeadTermPolicy, head_confidences, head_decay
+from .baselines import MEASURES, HeadTermPolicy, decay_param, head_confidences, head_decay, weight_penalty
 from .toolkit import PathTable, budget_param, calibrate, check_budget, search_under_budget
 
 __all__ = ["CostSensitiveTrainer", "LOSSES", "MULTICLASS", "lambda_at"]
@@ -285,10 +285,7 @@ class CostSensitiveTrainer(Trainer):
         Param("heads", "bool", True,
               doc="add to each control node's scores a learned linear term on its current head's confidence "
                   "(max probability, entropy, margin), so that it can express a confidence threshold"),
-        Param("decay", "number", "auto", also=("auto",),
-              doc="L2 penalty on the control nodes' own weights (not biases, not the head term) in their objective; "
-                  f"`auto`: {HEAD_DECAY:g} on nodes with a head term that read at least {WIDE} features (not "
-                  "their head), 0 on the others"),
+        decay_param(),
     ), doc="learned policies, deepest first, by cost-sensitive classification (Bolukbasi et al., ANN)")
 
     def __init__(self, **params: Any):
@@ -468,7 +465,6 @@ class CostSensitiveTrainer(Trainer):
                  lr: float, index: int, decay: float = 0.0) -> None:
         """`epochs` passes of Adam at `lr` on the cached inputs, in steps of an eighth of them, on
         the objective plus decay · ‖weights‖² of the node's own weight matrices."""
-        weights = [w for w in module.node.parameters() if w.dim() > 1] if decay > 0 else []
         n = len(c)
         step = min(max(math.ceil(n / 8), _BATCH[0]), _BATCH[1])
         optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
@@ -483,8 +479,7 @@ class CostSensitiveTrainer(Trainer):
                     idx = perm[start:start + step]
                     scores = module(x[idx], None if head is None else head[idx])
                     objective = _objective(method, scores, c[idx], order)
-                    if weights:
-                        objective = objective + decay * sum((w ** 2).sum() for w in weights)
+                    objective = objective + weight_penalty(module.node, decay)
                     optimizer.zero_grad(set_to_none=True)
                     objective.backward()
                     optimizer.step()

@@ -62,8 +62,8 @@ Guarantees:
     the heads before the node decides: one pass of every node (eval mode, no gradient)
     gives scores and heads, the ε-greedy actions on scores + term are forced in the
     training pass. `decay` adds decay · ‖weights‖² of the node's own weight matrices to the
-    loss; `auto` puts HEAD_DECAY on the nodes with a head term that read at least WIDE
-    numbers (`baselines.head_decay`) and nothing on the others.
+    loss (`baselines.weight_penalty`); `auto` puts HEAD_DECAY on the nodes with a head term
+    that read at least WIDE numbers (`baselines.head_decay`) and nothing on the others.
     Why: a linear Q-value on a stage's hundreds of features fitted the ~1,100 held-out
     examples it learns from and ranked unseen ones no better than chance
     (docs/trainers.md); the penalty leaves the features only what the head's confidence
@@ -108,7 +108,7 @@ from ..paths import current_head, static_paths
 from ..policies import LearnedPolicy, evaluating
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
-from .baselines import HEAD_DECAY, MEASURES, WIDE, HeadTermPolicy, head_confidences, head_decay
+from .baselines import MEASURES, HeadTermPolicy, decay_param, head_confidences, head_decay, weight_penalty
 from .supervised import function_parameters
 from .toolkit import every_control, held_out, held_out_batch
 
@@ -257,10 +257,7 @@ class QLearningTrainer(Trainer):
         Param("heads", "bool", True,
               doc="add to the Q-values of each control node that does not read its current head itself a learned "
                   "linear term on that head's confidence (max probability, entropy, margin), as `costsensitive` does"),
-        Param("decay", "number", "auto", also=("auto",),
-              doc="L2 penalty on the control nodes' own weights (not biases, not the head term), added to the "
-                  f"loss; `auto`: {HEAD_DECAY:g} on nodes with a head term that read at least {WIDE} features "
-                  "(not their head), 0 on the others"),
+        decay_param(),
     ), doc="D²NN: control nodes learn Q-values of their actions from a mini-bag reward λ·A + (1 − λ)·E")
 
     def check_graph(self, graph) -> None:
@@ -381,14 +378,6 @@ class QLearningTrainer(Trainer):
             values[q] = scores
         return values
 
-    def _penalty(self, executor) -> Tensor | float:
-        """decay · Σ ‖W‖² over the control nodes' weight matrices (biases are not penalised)."""
-        total = 0.0
-        for q, decay in self.decay.items():
-            if decay > 0 and q in executor.nodes:
-                total = total + decay * sum((w ** 2).sum() for w in executor.nodes[q].parameters() if w.dim() > 1)
-        return total
-
     def _train(self, executor, data, stage, optimizer, metric: str, m: int) -> None:
         p = self.params
         lam, mix = float(p["lambda"]), float(p["mix"])
@@ -420,7 +409,8 @@ class QLearningTrainer(Trainer):
                     loss = self._full_loss(executor, xq, yq, r, values, found, controls, lam)
                 else:
                     loss = self._q_loss(r, values, controls, reward, m, self.params["bag"] == "mean")
-                loss = loss + self._penalty(executor)
+                loss = loss + sum(weight_penalty(executor.nodes[name], decay)
+                                  for name, decay in self.decay.items() if name in executor.nodes)
                 if mix > 0:
                     learn = r if xq is x else self._explore(executor, x, epsilon, stage.generator("explore", "learn"))[0]
                     loss = loss + mix * F.cross_entropy(learn.outputs[output], y)
