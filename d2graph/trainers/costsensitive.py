@@ -404,7 +404,7 @@ class CostSensitiveTrainer(Trainer):
             while real_cost(low) > self.params["budget"] and low > -1e6:
                 low *= 4
             shift, _ = calibrate(real_cost, self.params["budget"], low, 0.0, steps=REAL_STEPS)
-            real_cost(shift)
+            self._shift(modules, shift - moved[0])  # the biases at the chosen shift (priced below)
             offset = [o + shift for o in offset]
             policy = policy_now()
             cost_fraction, accuracy = _policy_outcome(executor, policy, data.val, batch, stage.device)
