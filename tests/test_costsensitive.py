@@ -7,8 +7,8 @@
   network: the learned policy (each multiclass reduction) beats `uniform` at the same budget;
 - the ANN network-selection example (a DAG: Q1 with 3 actions, Q2 below it) trains end to end;
 - the same inputs give the same weights, and the caller's random state is left alone;
-- a control node whose input depends on the route above it is flagged as approximate, and
-  the budget holds for the real routing even where the simulation read such a node wrong;
+- a control node whose input depends on the route above it is flagged, learns from every
+  input a route feeds it, and the simulation prices the routing the executor takes;
 - where what predicts the cheap exit's errors is its own confidence, which the control node's
   linear scores cannot express, the head term (`heads=true`) learns it: at least as good as
   the max-probability threshold, far better than the node alone (`heads=false`)."""
@@ -176,7 +176,7 @@ def test_the_same_inputs_give_the_same_policy(two_exit):
     assert all(torch.equal(a[k], b[k]) for k in a)
     # The cached tables predict what the executor does (no control input depends on the route).
     assert row_a["simulated_val_cost_fraction"] == pytest.approx(row_a["val_cost_fraction"], abs=1e-12)
-    assert row_a["approximate"] == ""
+    assert row_a["route_dependent"] == ""
 
 
 @pytest.fixture(scope="module")
@@ -314,15 +314,16 @@ def test_a_route_dependent_control_input_is_flagged(tmp_path):
     _, trained = _route_dependent(tmp_path)
     logs: list = []
     CostSensitiveTrainer(**{"lambda": 1.0}).fit(trained.executor, trained.data, stage(logs))
-    assert logs[0]["approximate"] == "Q2"
+    assert logs[0]["route_dependent"] == "Q2"
 
 
 @pytest.mark.parametrize("budget", [0.1, 0.3])
-def test_budgets_hold_for_the_real_routing_where_a_control_input_is_approximate(tmp_path, budget):
-    # Q2 reads M: A's output on the cheapest route (zeros, so the simulation sees Q2 skip H on
-    # every example), B's on the other (its outputs sum to 10, which Q2's weights, never
-    # trained on zeros, turn into "run H"). B is right and A is not, so the simulation sends
-    # everyone through B for 2/23 of the cost; the real executor sends them on to H (22/23).
+def test_the_simulation_routes_a_route_dependent_input_as_the_executor_does(tmp_path, budget):
+    # Q2 reads M: A's output on the cheapest route (zeros), B's on the other (its outputs sum
+    # to 10, which Q2's weights turn into "run H"). B is right and A is not. Reading Q2's
+    # input on the cheapest route only, the simulation would see Q2 skip H on every example
+    # and send everyone through B for 2/23 of the cost, where the executor then runs H
+    # (22/23). Read on the route taken, the budget holds with no correction afterwards.
     _, trained = _route_dependent(tmp_path)
     executor = trained.executor
     with torch.no_grad():
@@ -336,11 +337,11 @@ def test_budgets_hold_for_the_real_routing_where_a_control_input_is_approximate(
         q2.weight[1] = 10.0
     logs: list = []
     # heads=false: M feeds the output, so it is Q2's head, and a head term decides on the
-    # inputs of a pass of every node, which are the cheapest route's too.
+    # inputs of a pass of every node (`HeadTermPolicy`), which the simulation does not read.
     policy = CostSensitiveTrainer(budget=budget, heads=False).fit(executor, trained.data, stage(logs))
     (log,) = logs
-    assert log["approximate"] == "Q2" and log["simulated_val_cost_fraction"] < budget / 1.1
-    assert log["real_shift"] < 0  # the real cost was over the budget, and a shift brought it under
+    assert log["route_dependent"] == "Q2" and log["real_shift"] == 0
+    assert log["simulated_val_cost_fraction"] == pytest.approx(log["val_cost_fraction"], abs=1e-9)
     real = per_example(executor, trained.data.val, policy)
     assert real["cost"].mean() / 23 == pytest.approx(log["val_cost_fraction"])
     assert budget - 0.05 <= log["val_cost_fraction"] <= budget
@@ -385,7 +386,6 @@ def test_lr_auto_keeps_the_rate_with_the_lowest_training_objective():
     torch.manual_seed(0)
     x = torch.randn(512, 4)
     costs = np.stack([np.where(x[:, 0].numpy() > 0, 0.0, 1.0), np.full(512, 0.5)], axis=1)
-    cache = types.SimpleNamespace(inputs={"Q": x}, heads={})
     node = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     start = copy.deepcopy(node.state_dict())
     c = torch.from_numpy(costs / (costs.max(1) - costs.min(1)).mean()).float()
@@ -395,9 +395,9 @@ def test_lr_auto_keeps_the_rate_with_the_lowest_training_objective():
         trainer = CostSensitiveTrainer(**{"lambda": 1.0, "lr": lr})
         trainer.seed = 0
         module = _Scorer(node, 2, with_term=False)
-        trainer._train(module, cache, "Q", costs, [0, 1], 0)
+        trainer._train(module, "Q", x, None, costs, [0, 1], 0)
         with torch.no_grad():
-            return float(_objective("binary", _scores(module, cache, "Q"), c, [0, 1]))
+            return float(_objective("binary", _scores(module, x, None), c, [0, 1]))
 
     fixed = [trained(lr) for lr in LEARNING_RATES]
     assert trained("auto") == pytest.approx(min(fixed), abs=1e-6)

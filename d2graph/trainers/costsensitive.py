@@ -58,10 +58,13 @@ Guarantees:
   - Deterministic: every candidate λ restarts from the control nodes' initial weights; the
     order of examples and any dropout draw from generators seeded by the stage; the caller's
     global torch random state is left as it was.
-  - A control node's input is read on the cheapest route to it. When it differs on another
-    route (a `select` or a default between branches above it) the policy is trained on that
-    one route's inputs; such nodes are logged (`approximate`), and the reported validation
-    cost is always the real executor's.
+  - A control node whose input depends on the route above it (a merge or a `select` of
+    branches that other control nodes choose; logged as `route_dependent`) is trained on
+    every input a route can feed it, and the simulation routes top down, each node reading
+    what the actions above it feed it, as the executor does. The reported validation cost is
+    always the real executor's; where it is over the budget (a head term decides from a
+    pass of every node, where a merge sees every branch) one more shift toward the cheaper
+    actions, bisected on the real cost, brings it under (`real_shift`).
 """
 
 from __future__ import annotations
@@ -121,9 +124,13 @@ class _SplitCache(PathTable):
     priced with `route` and, if it runs a set of nodes no known path runs, that path is
     run and added) with two more records per path.
 
-    `loss[p]`: float64 [N], path p's loss per example; `inputs[q]`: control node q's input
-    for every example, captured (a forward pre-hook on its pipeline) in the forced pass of
-    the cheapest path through q — the paths are added cheapest first."""
+    `loss[p]`: float64 [N], path p's loss per example. `variants[q]`: the distinct inputs
+    control node q is fed, each for every example, captured (a forward pre-hook on its
+    pipeline) in the forced passes of the paths through q; `variant_of[q][p]` is the one path
+    p feeds it (−1: p does not run q) and `variant_route[q][v]` the actions of the first,
+    cheapest, path that feeds it variant v (the paths are added cheapest first). A node
+    reads one variant unless a branch above it changes what it reads (a merge of the
+    branches, a `select`): D²NN's chain feeds its Q3 four. `inputs[q]` is the first."""
 
     def __init__(self, executor: Executor, dataset, batch: int, device: torch.device, loss: str,
                  paths: list[tuple[dict[str, int], tuple[str, ...]]]):
@@ -131,8 +138,9 @@ class _SplitCache(PathTable):
         self.x, self.n = dataset.tensors[0], len(dataset.tensors[1])
         self.output = executor.graph.outputs[0].name
         self.loss: list[np.ndarray] = []
-        self.inputs: dict[str, Tensor] = {}
-        self.approximate: set[str] = set()
+        self.variants: dict[str, list[Tensor]] = {}
+        self.variant_of: dict[str, list[int]] = {q.name: [] for q in executor.graph.control_nodes}
+        self.variant_route: dict[str, list[dict[str, int]]] = {}
         self.heads: dict[str, Tensor] = {}  # control node → its head's features [N, 3] (`_head_table`)
         self._tables: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         cost = {n.name: n.cost for n in executor.graph.nodes}
@@ -165,16 +173,36 @@ class _SplitCache(PathTable):
         finally:
             for h in hooks:
                 h.remove()
-        for q in watched:
+        for q in self.controls:
+            if q not in watched:
+                self.variant_of[q].append(-1)
+                continue
             seen = torch.cat(parts[q])
             if len(seen) != self.n:  # a forced static path runs q on every example or none
                 raise AssertionError(f"control node {q!r} ran on {len(seen)} of {self.n} examples of a static path")
-            if q not in self.inputs:
-                self.inputs[q] = seen
-            elif seen.shape != self.inputs[q].shape or not torch.allclose(seen, self.inputs[q], rtol=1e-5, atol=1e-6):
-                self.approximate.add(q)
+            known = self.variants.setdefault(q, [])
+            v = next((i for i, old in enumerate(known) if seen.shape == old.shape
+                      and torch.allclose(seen, old, rtol=1e-5, atol=1e-6)), len(known))
+            if v == len(known):
+                known.append(seen)
+                self.variant_route.setdefault(q, []).append(forced)
+            self.variant_of[q].append(v)
         self.loss.append(np.concatenate(losses))
         self.correct = np.vstack([self.correct, np.concatenate(rights)[None]])
+
+    @property
+    def inputs(self) -> dict[str, Tensor]:
+        return {q: v[0] for q, v in self.variants.items()}
+
+    @property
+    def route_dependent(self) -> set[str]:
+        """The control nodes fed more than one input, depending on the route above them."""
+        return {q for q, v in self.variants.items() if len(v) > 1}
+
+    def variant(self, q: str, matrix: np.ndarray) -> np.ndarray:
+        """Which of q's inputs each example reads under a routing [N, controls] (−1: q does
+        not run). Only the actions of the control nodes above q matter."""
+        return np.asarray(self.variant_of[q], dtype=np.int64)[self.paths(matrix)]
 
     def routing_outcome(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(cost fraction float64 [N], loss float64 [N], correct bool [N]) of a routing, one row
@@ -386,11 +414,12 @@ class CostSensitiveTrainer(Trainer):
 
         policy = policy_now()
         cost_fraction, accuracy = _policy_outcome(executor, policy, data.val, batch, stage.device)
-        approximate = train.approximate | val.approximate
+        dependent = train.route_dependent | val.route_dependent
         shift = 0.0
-        if self.params["lambda"] < 0 and approximate and cost_fraction > self.params["budget"]:
-            # The simulation read the approximate nodes' inputs on one route; the real
-            # executor feeds them others, and spent more than the budget. Budgets are caps:
+        if self.params["lambda"] < 0 and cost_fraction > self.params["budget"]:
+            # The simulation is exact but for a head term's inputs (a pass of every node,
+            # where a merge sees every branch) and rounding; the real executor spent more
+            # than the budget. Budgets are caps:
             # one more offset, toward the cheaper actions on every node, bisected on the
             # real validation cost.
             moved = [0.0]  # the shift the biases carry now
@@ -411,7 +440,7 @@ class CostSensitiveTrainer(Trainer):
         stage.log(**{"lambda": lam, "offset": " ".join(f"{o:.6g}" for o in offset), "real_shift": shift,
                      "val_cost_fraction": cost_fraction, "val_accuracy": accuracy,
                      "simulated_val_cost_fraction": float(simulated[0].mean()),
-                     "lambdas_tried": len(fits), "approximate": " ".join(sorted(approximate)),
+                     "lambdas_tried": len(fits), "route_dependent": " ".join(sorted(dependent)),
                      "heads": " ".join(f"{q}:{h}" for q, h in heads.items()),
                      "seconds": round(time.perf_counter() - started, 3)})
         return policy
@@ -419,34 +448,39 @@ class CostSensitiveTrainer(Trainer):
     # --- the pieces ---
 
     def _decisions(self, modules: Mapping[str, _Scorer], cache: _SplitCache) -> np.ndarray:
-        """Every control node's argmax on its cached input: actions [N, controls]."""
-        return np.stack([_scores(modules[q], cache, q).argmax(1).numpy() for q in self.controls], axis=1)
+        """Every control node's argmax, top down, on the input its route feeds it: actions [N, controls]."""
+        return _ScoreBook(modules, cache).route()
 
     def _fit_all(self, modules: Mapping[str, nn.Module], cache: _SplitCache, lam: float) -> None:
-        """Algorithm 1: each control node in reverse topological order, on its action costs."""
-        decided: dict[str, np.ndarray] = {}
+        """Algorithm 1: each control node in reverse topological order, on its action costs.
+        A node fed several inputs (by the routes above it) learns from each, with the
+        costs of the cheapest route that feeds it that one."""
         n = cache.n
         for i in reversed(range(len(self.controls))):
             j = self.controls[i]
             k = self.widths[i]
-            fraction, loss = np.empty((n, k)), np.empty((n, k))
-            for a in range(k):
-                matrix = np.empty((n, len(self.controls)), dtype=np.int64)
-                for c, q in enumerate(self.controls):
-                    matrix[:, c] = a if q == j else decided[q] if q in decided else self.prefix[j][q]
-                fraction[:, a], loss[:, a], _ = cache.routing_outcome(matrix)
-            extra = np.maximum(loss - loss.min(1, keepdims=True), 0.0)  # (·)₊ over the best reachable
-            self._train(modules[j], cache, j, lam * extra + fraction, self.order[j], i)
-            decided[j] = _scores(modules[j], cache, j).argmax(1).numpy()
+            book = _ScoreBook(modules, cache)  # every node below j has its policy now
+            costs = []
+            for v in range(len(cache.variants[j])):
+                above = self.prefix[j] if v == 0 else {q: cache.variant_route[j][v][q] for q in self.controls[:i]}
+                fraction, loss = np.empty((n, k)), np.empty((n, k))
+                for a in range(k):
+                    fixed = {q: np.full(n, b) for q, b in {**above, j: a}.items()}
+                    fraction[:, a], loss[:, a], _ = cache.routing_outcome(book.route(fixed))
+                extra = np.maximum(loss - loss.min(1, keepdims=True), 0.0)  # (·)₊ over the best reachable
+                costs.append(lam * extra + fraction)
+            variants, head = cache.variants[j], cache.heads.get(j)
+            self._train(modules[j], j, torch.cat(variants), None if head is None else head.repeat(len(variants), 1),
+                        np.concatenate(costs), self.order[j], i)
 
-    def _train(self, module: _Scorer, cache: _SplitCache, q: str, costs: np.ndarray, order: list[int],
+    def _train(self, module: _Scorer, q: str, x: Tensor, head: Tensor | None, costs: np.ndarray, order: list[int],
                index: int) -> None:
+        """Train control node q (the index-th) on inputs x and its head's features to the action costs [N, k]."""
         gap = costs.max(1) - costs.min(1)
         if not gap.max() > 0:
             return  # every action costs the same for every example: nothing to prefer
         device = next(module.parameters()).device
         c = torch.from_numpy(costs / gap.mean()).float().to(device)  # unit mean gap: one lr for every λ
-        x, head = cache.inputs[q], cache.heads.get(q)
         method = "binary" if c.shape[1] == 2 else str(self.params["multiclass"])
         rates = LEARNING_RATES if self.params["lr"] == "auto" else (float(self.params["lr"]),)
         start = copy.deepcopy(module.state_dict())
@@ -455,8 +489,7 @@ class CostSensitiveTrainer(Trainer):
             module.load_state_dict(start)
             self._descend(module, x, head, c, order, method, lr, index, self.decay.get(q, 0.0))
             with torch.no_grad():
-                module.eval()
-                value = float(_objective(method, _scores(module, cache, q).to(device), c, order))
+                value = float(_objective(method, _scores(module, x, head).to(device), c, order))
             if best is None or value < best[0]:
                 best = (value, copy.deepcopy(module.state_dict()))
         module.load_state_dict(best[1])
@@ -489,15 +522,16 @@ class CostSensitiveTrainer(Trainer):
         """One offset t for all control nodes, bias += t · rank / (k − 1), bisected on validation
         so that the mean cost meets the budget; then one offset per node searched from it
         (`_search_offsets`); folded into each scorer's `offset_bias`. Returns the offsets."""
-        scores = {q: _scores(modules[q], cache, q) for q in self.controls}
+        book = _ScoreBook(modules, cache)
         ranks = self._ranks(modules)
         if not any(bool(r.any()) for r in ranks.values()):
             return [0.0] * len(self.controls)
-        spread = max(float(s.max() - s.min()) * max(k - 1, 1) for s, k in zip(scores.values(), self.widths))
+        spread = max(float(max(s.max() for s in book.all(q)) - min(s.min() for s in book.all(q))) * max(k - 1, 1)
+                     for q, k in zip(self.controls, self.widths))
         reach = spread + 1.0
 
         def actions(t: float) -> np.ndarray:
-            return np.stack([(scores[q] + t * ranks[q]).argmax(1).numpy() for q in self.controls], axis=1)
+            return book.route(shift={q: t * ranks[q] for q in self.controls})
 
         # A higher t moves every node's argmax toward dearer actions (never cheaper ones).
         t, _ = calibrate(lambda t: float(cache.routing_outcome(actions(t))[0].mean()), budget, -reach, reach,
@@ -508,7 +542,7 @@ class CostSensitiveTrainer(Trainer):
         low, high = -reach, reach
         chosen = actions(t)
         for c, q in enumerate(self.controls):
-            s, r = scores[q].double(), ranks[q].double()
+            s, r = book.on_route(q, chosen).double(), ranks[q].double()
             a = torch.from_numpy(chosen[:, c])
             dr = r[None, :] - r[a][:, None]  # r_b − r_a
             bound = (s.gather(1, a[:, None]) - s) / torch.where(dr == 0, torch.ones_like(dr), dr)
@@ -518,7 +552,7 @@ class CostSensitiveTrainer(Trainer):
                 low = max(low, float(bound[dr < 0].max()))
         if low < high and np.array_equal(actions((low + high) / 2), chosen):
             t = (low + high) / 2
-        offsets = self._search_offsets(scores, ranks, cache, budget, t, reach)
+        offsets = self._search_offsets(book, ranks, cache, budget, t, reach)
         with torch.no_grad():
             for q, k, o in zip(self.controls, self.widths, offsets):
                 bias = modules[q].offset_bias(k)
@@ -545,23 +579,20 @@ class CostSensitiveTrainer(Trainer):
                 if bias is not None:
                     bias.add_((t * r).to(bias.device, bias.dtype))
 
-    def _search_offsets(self, scores: Mapping[str, Tensor], ranks: Mapping[str, Tensor], cache: _SplitCache,
+    def _search_offsets(self, book: _ScoreBook, ranks: Mapping[str, Tensor], cache: _SplitCache,
                         budget: float, shared: float, reach: float) -> list[float]:
         """One offset per control node, searched from the shared one (`search_under_budget`)
         for the most right answers on validation within the budget: one offset on every node
         can only trade the cheapest routes against the dearest. A node's grid is 64 quantiles
         of the offsets at which some example's argmax changes."""
-        def actions(offsets: list[float]) -> np.ndarray:
-            return np.stack([(scores[q] + o * ranks[q]).argmax(1).numpy() for q, o in zip(self.controls, offsets)],
-                            axis=1)
-
         def outcome(offsets: list[float]) -> tuple[float, float]:
-            fraction, _, correct = cache.routing_outcome(actions(offsets))
+            matrix = book.route(shift={q: o * ranks[q] for q, o in zip(self.controls, offsets)})
+            fraction, _, correct = cache.routing_outcome(matrix)
             return float(correct.sum()), float(fraction.mean())
 
         grids = []
         for q in self.controls:
-            s, r = scores[q].double(), ranks[q].double()
+            s, r = torch.cat(book.all(q)).double(), ranks[q].double()
             dr = r[None, :] - r[:, None]  # [a, b]: r_b − r_a
             if not bool((dr > 0).any()):
                 grids.append(np.array([shared]))  # no bias to move: the knob does nothing
@@ -573,13 +604,55 @@ class CostSensitiveTrainer(Trainer):
         return search_under_budget(outcome, grids, bounds, budget, [[shared] * len(self.controls)])
 
 
-def _scores(module: _Scorer, cache: _SplitCache, q: str) -> Tensor:
-    """Control node q's scores on every example of a split, float32 CPU [N, k]."""
-    x, head = cache.inputs[q], cache.heads.get(q)
+def _scores(module: _Scorer, x: Tensor, head: Tensor | None) -> Tensor:
+    """A control node's scores on cached inputs, float32 CPU [N, k]."""
     module.eval()
     with torch.no_grad():
         return torch.cat([module(x[i:i + 4096], None if head is None else head[i:i + 4096]).cpu()
                           for i in range(0, len(x), 4096)])
+
+
+class _ScoreBook:
+    """Every control node's scores on each of its inputs in a split's cache, computed once
+    (the policies are not trained while one is in use), and the routing they make."""
+
+    def __init__(self, modules: Mapping[str, _Scorer], cache: _SplitCache):
+        self.modules, self.cache = modules, cache
+        self.controls = cache.controls
+        self._scores: dict[tuple[str, int], Tensor] = {}
+
+    def get(self, q: str, v: int = 0) -> Tensor:
+        """q's scores [N, k] on its input variant v."""
+        if (q, v) not in self._scores:
+            self._scores[q, v] = _scores(self.modules[q], self.cache.variants[q][v], self.cache.heads.get(q))
+        return self._scores[q, v]
+
+    def all(self, q: str) -> list[Tensor]:
+        """q's scores on every input variant."""
+        return [self.get(q, v) for v in range(len(self.cache.variants[q]))]
+
+    def on_route(self, q: str, matrix: np.ndarray) -> Tensor:
+        """q's scores on the input each example reads under a routing [N, controls]."""
+        if len(self.cache.variants[q]) == 1:
+            return self.get(q)
+        v = np.maximum(self.cache.variant(q, matrix), 0)  # where q does not run its action does not matter
+        table = torch.stack(self.all(q))
+        return table[torch.from_numpy(v), torch.arange(self.cache.n)]
+
+    def route(self, fixed: Mapping[str, np.ndarray] | None = None,
+              shift: Mapping[str, Tensor] | None = None) -> np.ndarray:
+        """The actions [N, controls] the policies take, top down: a node in `fixed` takes the
+        actions given there, every other one the argmax of its scores (plus `shift[q]`, a
+        bias [k]) on the input the actions above it feed it."""
+        fixed, shift = fixed or {}, shift or {}
+        matrix = np.zeros((self.cache.n, len(self.controls)), dtype=np.int64)
+        for c, q in enumerate(self.controls):
+            if q in fixed:
+                matrix[:, c] = fixed[q]
+            else:
+                s = self.on_route(q, matrix)
+                matrix[:, c] = (s + shift[q] if q in shift else s).argmax(1).numpy()
+        return matrix
 
 
 def _head_table(executor: Executor, cache: _SplitCache, heads: Mapping[str, str]) -> dict[str, Tensor]:
