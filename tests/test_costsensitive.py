@@ -377,27 +377,55 @@ def test_the_head_term_learns_what_only_the_heads_confidence_shows(tmp_path):
     assert accuracy["heads"] >= accuracy["alone"] + 0.05, accuracy
 
 
-def test_lr_auto_keeps_the_rate_with_the_lowest_training_objective():
+def test_lr_auto_keeps_the_rate_whose_scores_rank_validation_best():
     # One control node (fc, relu, fc) on 512 examples whose cheaper action depends on x[0]:
-    # `lr=auto` trains it at each rate from the same start and must end where the best of
-    # the fixed rates ends.
-    from d2graph.trainers.costsensitive import LEARNING_RATES, _objective, _scores, _Scorer
+    # `lr=auto` trains it at each rate from the same start and must end where the fixed
+    # rate whose scores rank 512 other examples best ends.
+    from d2graph.trainers.costsensitive import LEARNING_RATES, _ranking_area, _scores, _Scorer
 
     torch.manual_seed(0)
-    x = torch.randn(512, 4)
-    costs = np.stack([np.where(x[:, 0].numpy() > 0, 0.0, 1.0), np.full(512, 0.5)], axis=1)
+
+    def examples(n):
+        x = torch.randn(n, 4)
+        fraction = np.tile([0.0, 0.5], (n, 1))  # action 1 costs half the graph more
+        extra = np.stack([np.where(x[:, 0].numpy() > 0, 0.0, 1.0), np.zeros(n)], axis=1)  # action 0 errs on x0 ≤ 0
+        return x, None, fraction, extra
+
+    train, val = examples(512), examples(512)
     node = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     start = copy.deepcopy(node.state_dict())
-    c = torch.from_numpy(costs / (costs.max(1) - costs.min(1)).mean()).float()
 
     def trained(lr) -> float:
         node.load_state_dict(start)
-        trainer = CostSensitiveTrainer(**{"lambda": 1.0, "lr": lr})
+        trainer = CostSensitiveTrainer(budget=0.5, lr=lr)  # a budget: ranked, the offset set later
         trainer.seed = 0
         module = _Scorer(node, 2, with_term=False)
-        trainer._train(module, "Q", x, None, costs, [0, 1], 0)
-        with torch.no_grad():
-            return float(_objective("binary", _scores(module, x, None), c, [0, 1]))
+        trainer._train(module, "Q", train, val, 1.0, [0, 1], 0)
+        return _ranking_area(_scores(module, val[0], None), torch.from_numpy(val[2]), torch.from_numpy(val[3]), [0, 1])
 
     fixed = [trained(lr) for lr in LEARNING_RATES]
-    assert trained("auto") == pytest.approx(min(fixed), abs=1e-6)
+    assert trained("auto") == pytest.approx(min(fixed), abs=1e-12)
+    # x[0] decides: ranked perfectly, the loss (0.5 at no cost) falls to 0 by cost 0.25 of
+    # the span 0.5, an area of 0.125 (`test_the_ranking_area_...`).
+    assert min(fixed) < 0.15
+
+
+def test_the_ranking_area_orders_perfect_random_and_tied_scores():
+    # Action 1 costs 1 more and saves a loss of 1 on the half of the examples that need it.
+    # Ranked perfectly, the loss falls from 0.5 to 0 while the cost rises to 0.5: area
+    # 0.125. Ranked at random it falls along the straight line to cost 1: 0.25. Tied scores
+    # switch every example at once: the loss stays 0.5 until the dearest end, 0.5.
+    from d2graph.trainers.costsensitive import _ranking_area
+
+    n = 2000
+    g = torch.Generator().manual_seed(0)
+    needs = (torch.rand(n, generator=g) < 0.5).float()
+    fraction = torch.tensor([0.0, 1.0], dtype=torch.float64).repeat(n, 1)
+    extra = torch.stack([needs.double(), torch.zeros(n, dtype=torch.float64)], 1)
+
+    def area(margin):
+        return _ranking_area(torch.stack([torch.zeros(n), margin], 1), fraction, extra, [0, 1])
+
+    assert area(needs + 0.5 * torch.rand(n, generator=g)) == pytest.approx(0.125, abs=0.02)
+    assert area(torch.rand(n, generator=g)) == pytest.approx(0.25, abs=0.02)
+    assert area(torch.zeros(n)) == pytest.approx(float(needs.double().mean()), abs=1e-9)  # the share that needs it
