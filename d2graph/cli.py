@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--predictions", required=True, metavar="DIR",
                     help="a folder with logits_single.pth and flops.pth / costs.json / seconds.csv")
     pf.add_argument("--trainer", type=_names, default=["eenet", "threshold"],
-                    help="comma-separated: eenet, threshold, entropy, margin (default eenet,threshold)")
+                    help="comma-separated: eenet, threshold, entropy, margin, patience (default eenet,threshold)")
     pf.add_argument("--budget", type=_budgets, required=True, metavar="B[,B...]",
                     help="comma-separated fractions of the full (last exit's) cost")
     pf.add_argument("--seed", type=int, default=0, help="seed of the learned rules (default 0)")
@@ -537,9 +537,10 @@ def cmd_policy(args) -> int:
             pred = predictions.from_executor(trained["executor"], trained["splits"])
         print(f"wrote {predictions.save(pred, args.out)} ({pred.exits} exits: {', '.join(pred.exit_names)})")
         return EXIT_OK
-    from .trainers.eenet import fit_on_predictions, threshold_on_predictions
+    from .trainers.eenet import fit_on_predictions, patience_on_predictions, threshold_on_predictions
 
-    rules = {"eenet": None, "threshold": "maxprob", "maxprob": "maxprob", "entropy": "entropy", "margin": "margin"}
+    rules = {"eenet": None, "patience": None, "threshold": "maxprob", "maxprob": "maxprob", "entropy": "entropy",
+             "margin": "margin"}
     unknown = [t for t in args.trainer if t not in rules]
     if unknown:
         raise _usage(f"--trainer: no policy `{unknown[0]}` works on predictions",
@@ -552,6 +553,9 @@ def cmd_policy(args) -> int:
         for trainer in args.trainer:
             if trainer == "eenet":
                 _, report = fit_on_predictions(pred, budget, args.seed)
+            elif trainer == "patience":
+                _, report = patience_on_predictions(pred, budget)
+                report["method"] = f"patience ({report['patience']} agree)"
             else:
                 _, report = threshold_on_predictions(pred, budget, rules[trainer])
                 report["method"] = f"threshold ({rules[trainer]})"

@@ -22,8 +22,8 @@ from d2graph.paths import path_costs
 from d2graph.policies import load_policy, save_policy
 from d2graph.runs import make_trainers, resolve, train
 from d2graph.trainers.eenet import (
-    EENetPolicy, EENetRule, EENetTrainer, confidence_features, eenet_losses, exit_of, fit_on_predictions,
-    search_thresholds, threshold_on_predictions, thresholds_for,
+    EENetPolicy, EENetRule, EENetTrainer, PatienceRule, confidence_features, eenet_losses, exit_of,
+    fit_on_predictions, patience_on_predictions, search_thresholds, threshold_on_predictions, thresholds_for,
 )
 
 from .conftest import ROOT
@@ -401,3 +401,22 @@ def test_the_threshold_search_keeps_a_start_it_cannot_beat_and_refuses_none():
     assert search_thresholds(scores, correct, [0.2, 1.0], 0.6, [best]) == best
     # no start within the budget: the first is returned as it is
     assert search_thresholds(scores, correct, [0.2, 1.0], 0.1, [[0.85]]) == [0.85]
+
+
+def test_patience_on_predictions_leaves_where_the_last_exits_agree():
+    # Four exits (costs 1, 2, 3, 4 of 4) on six examples, one-hot predictions per exit:
+    # examples 0–1 agree from exit 1 on, 2–3 from exit 2 on, 4–5 never before the last.
+    classes = [[0, 1, 2, 3, 4, 5], [0, 1, 3, 4, 5, 0], [0, 1, 3, 4, 2, 1], [0, 1, 3, 4, 3, 2]]
+    probs = np.eye(6, dtype=np.float32)[np.array(classes)]  # [K=4, N=6, C=6]
+    y = np.array([0, 1, 3, 4, 3, 2])
+    pred = Predictions(probs, probs, y, y, np.array([1.0, 2.0, 3.0, 4.0]))
+    # patience 2: 0–1 leave at exit 2 (index 1), 2–3 at exit 3, 4–5 at the last.
+    assert PatienceRule(2).exit_index(probs).tolist() == [1, 1, 2, 2, 3, 3]
+    assert PatienceRule(1).exit_index(probs).tolist() == [0] * 6
+    assert PatienceRule(4).exit_index(probs).tolist() == [3] * 6  # never before the last
+    # The largest patience within the budget: patience 2 costs (2+2+3+3+4+4)/6/4 = 0.75 of the full cost.
+    rule, report = patience_on_predictions(pred, 0.75)
+    assert rule.patience == 2 and report["val"]["cost_fraction"] == pytest.approx(0.75)
+    assert report["test"]["accuracy"] == 1.0
+    rule, _ = patience_on_predictions(pred, 0.5)
+    assert rule.patience == 1  # patience 1 (everyone at exit 1) is the only one within 0.5

@@ -175,10 +175,11 @@ def test_policy_export_and_fit_on_predictions(run, tmp_path, capsys):
     assert (preds / "logits_single.pth").is_file()
     assert "3 exits" in capsys.readouterr().out
     assert main(["policy", "fit", "--predictions", str(preds), "--budget", "0.3,0.6", "--trainer",
-                 "eenet,threshold,entropy", "--format", "json"]) == 0
+                 "eenet,threshold,entropy,patience", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["budget"], r["method"]) for r in rows][:3] == [(0.3, "eenet"), (0.3, "threshold (maxprob)"),
                                                               (0.3, "threshold (entropy)")]
+    assert rows[3]["method"].startswith("patience (")
     assert all(r["val_cost_fraction"] <= r["budget"] + 1e-9 for r in rows)
     assert main(["policy", "fit", "--predictions", str(tmp_path / "none"), "--budget", "0.5"]) == 2
     assert "[E924]" in capsys.readouterr().err

@@ -77,7 +77,7 @@ from ..predictions import Exit, Predictions, actions_for_exits, exits_of, from_e
 from ..schema import Param, Schema
 from ..threads import using_threads
 from .base import Trainer, register, trainer_error
-from .baselines import MEASURES, NEVER_STOP
+from .baselines import MEASURES, NEVER_STOP, agreeing_streaks
 from .toolkit import budget_param, calibrate, check_budget, search_under_budget, validate_budget
 
 __all__ = ["EENetPolicy", "EENetRule", "EENetTrainer", "ThresholdRule", "compare_on_predictions",
@@ -363,6 +363,40 @@ class ThresholdRule:
 
     def state(self) -> dict[str, Any]:
         return {"measure": self.measure, "tau": self.tau}
+
+
+@dataclass
+class PatienceRule:
+    """PABEE's rule on a chain of exits: leave at the first exit (but the last) where the
+    last `patience` exits passed, that one included, predict the same class."""
+
+    patience: int
+
+    def exit_index(self, probs) -> np.ndarray:
+        predictions = _tensor(probs).argmax(2)  # [K, N]
+        k = predictions.shape[0]
+        chains = {e: list(range(e + 1)) for e in range(k - 1)}
+        streaks = agreeing_streaks(dict(enumerate(predictions)), chains)
+        return exit_of(torch.stack([streaks[e] for e in range(k - 1)]).double(), [self.patience] * (k - 1))
+
+    def state(self) -> dict[str, Any]:
+        return {"patience": self.patience}
+
+
+def patience_on_predictions(pred: Predictions, budget: float) -> tuple[PatienceRule, dict[str, Any]]:
+    """The patience rule on `pred` (PABEE): the largest patience whose validation cost is at
+    most `budget` (1, everyone at the first exit, when none is). Same report as
+    `fit_on_predictions` (with "patience").
+
+    Example:
+        >>> rule, report = patience_on_predictions(pred, 0.4)                   # doctest: +SKIP
+    """
+    _check_budget(pred, budget)
+    # A longer patience never stops an example earlier; K never stops one before the last exit.
+    within = [k for k in range(1, pred.exits + 1)
+              if pred.outcome("val", PatienceRule(k).exit_index(pred.val_probs))[1] <= budget + 1e-12]
+    rule = PatienceRule(max(within) if within else 1)
+    return rule, _report("patience", pred, budget, rule, patience=rule.patience)
 
 
 def _report(method: str, pred: Predictions, budget: float, rule, **extra) -> dict[str, Any]:
