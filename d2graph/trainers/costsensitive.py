@@ -128,7 +128,7 @@ class _SplitCache(PathTable):
 
     `loss[p]`: float64 [N], path p's loss per example. `variants[q]`: the distinct inputs
     control node q is fed, each for every example, captured (a forward pre-hook on its
-    pipeline) in the forced passes of the paths through q; `variant_of[q][p]` is the one path
+    pipeline) in the forced passes of the paths through q; `variant_of[q][p]` is the variant path
     p feeds it (−1: p does not run q) and `variant_route[q][v]` the actions of the first,
     cheapest, path that feeds it variant v (the paths are added cheapest first). A node
     reads one variant unless a branch above it changes what it reads (a merge of the
