@@ -373,10 +373,13 @@ def cmd_train(args) -> int:
     from .distributed import start
 
     group = start()  # one process, unless torchrun started this one among several
+    finished = False
     try:
-        return _train_command(args, group)
+        code = _train_command(args, group)
+        finished = True
+        return code
     finally:
-        group.close()
+        group.close(finished)
 
 
 def _train_command(args, group) -> int:

@@ -148,8 +148,18 @@ class Group:
             raise D2GraphError(value)
         return value
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Leave the process group. A process that `finished` its work first waits for the
+        others to finish theirs (process 0 still evaluates and writes when the others are
+        done): gloo tearing a group down under a process still in it aborted that one now and
+        then ("terminate called without an active exception"). One that failed leaves at once,
+        so that the others' next collective fails with a message rather than waiting."""
         if self.world > 1 and torch.distributed.is_initialized():
+            if finished:
+                try:
+                    torch.distributed.barrier()
+                except (RuntimeError, ValueError):
+                    pass  # another process failed, and says so; leaving is all that is left
             torch.distributed.destroy_process_group()
 
     def _collective(self, doing: str, op, *args, **kwargs) -> None:
