@@ -263,6 +263,14 @@ def _objective(method: str, scores: Tensor, costs: Tensor, order: list[int]) -> 
     return _weighted_ce(scores, costs)  # binary, argmin
 
 
+def _rank(order: list[int]) -> Tensor:
+    """Each action's place in `order` (cheapest first) over k − 1: 0 for the cheapest, 1 for the dearest."""
+    k = len(order)
+    rank = torch.zeros(k)
+    rank[torch.tensor(order)] = torch.arange(k, dtype=torch.float32) / max(k - 1, 1)
+    return rank
+
+
 def _ranking_area(scores: Tensor, fraction: Tensor, extra: Tensor, order: list[int]) -> float:
     """How well a control node's scores rank the examples, whatever the budget: the area
     under the curve of (mean cost fraction, mean extra loss) that its routing traces as an
@@ -272,8 +280,7 @@ def _ranking_area(scores: Tensor, fraction: Tensor, extra: Tensor, order: list[i
     the curve is a step between them: scores tied on many examples, which switch together,
     leave a long step (a constant policy is one step from the cheapest end to the dearest)."""
     k = scores.shape[1]
-    rank = torch.empty(k, dtype=scores.dtype, device=scores.device)
-    rank[torch.tensor(order, device=scores.device)] = torch.arange(k, dtype=scores.dtype, device=scores.device) / max(k - 1, 1)
+    rank = _rank(order).to(scores.device, scores.dtype)
     reach = float(scores.max() - scores.min()) * max(k - 1, 1) + 1.0
     points = []
     with torch.no_grad():
@@ -611,13 +618,8 @@ class CostSensitiveTrainer(Trainer):
     def _ranks(self, modules: Mapping[str, _Scorer]) -> dict[str, Tensor]:
         """Each control node's actions' ranks in its action order, over (k − 1): what one unit
         of offset adds to their scores (zeros where the node has no bias to move)."""
-        ranks = {}
-        for q, k in zip(self.controls, self.widths):
-            r = torch.zeros(k)
-            for position, a in enumerate(self.order[q]):
-                r[a] = position / max(k - 1, 1)
-            ranks[q] = r if modules[q].offset_bias(k) is not None else torch.zeros(k)
-        return ranks
+        return {q: _rank(self.order[q]) if modules[q].offset_bias(k) is not None else torch.zeros(k)
+                for q, k in zip(self.controls, self.widths)}
 
     def _shift(self, modules: Mapping[str, _Scorer], t: float) -> None:
         """Add t · rank to every control node's offset bias (t < 0: toward cheaper actions)."""
