@@ -43,11 +43,13 @@ Guarantees:
                      difference. The tree's winner is the argmax of the scores.
   - Learned from caches, computed once per split (train, val) with one forced pass per static
     path: every path's loss and correctness for every example, its cost fraction, and each
-    control node's input (taken on the cheapest path through it). Routing a combination of
+    control node's inputs (every distinct one its routes feed it). Routing a combination of
     actions is then a table lookup (`route` prices an unseen combination without calling a
     layer), and training a policy is Adam (`lr`) on its node's pipeline over the cached
     inputs, `epochs` passes in steps of an eighth of the split (256 to 4096 examples):
-    thousands of examples take well under a second per control node on a CPU.
+    thousands of examples take well under a second per control node on a CPU. `lr=auto`
+    trains with each of LEARNING_RATES and keeps the weights whose scores rank the
+    validation examples best (`_ranking_area`; at a fixed λ, whose argmax costs least there).
   - Budgets: `lambda=λ` (≥ 0) trains once at that trade-off. Otherwise (`lambda` < 0, the
     default) λ is bisected on a log scale in [0, 1000] (10^(6t−3) − 10^−3, t ∈ [0, 1]), each
     candidate retraining every policy, so that the mean validation cost is the dearest
