@@ -266,14 +266,16 @@ class ClassToken(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention on [T, D] (no residual, no norm). Padded tokens are
-    never attended to. Its cost is 4·T·D² (the q, k, v and output projections) plus
-    2·T²·D (scores and the weighted sum) multiply-accumulates."""
+    never attended to; with `causal`, a token attends only to itself and the tokens before
+    it (a decoder's, as in CALM and LayerSkip). Its cost is 4·T·D² (the q, k, v and output
+    projections) plus 2·T²·D (scores and the weighted sum) multiply-accumulates, causal or
+    not: the masked scores are computed and then ignored."""
 
     uses_padding = True
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, causal: bool = False):
         super().__init__()
-        self.heads, self.dropout = heads, dropout
+        self.heads, self.dropout, self.causal = heads, dropout, causal
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
@@ -285,8 +287,15 @@ class Attention(nn.Module):
         # must equal FlopCounterMode's for the same run (2·T²·D MACs here).
         scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # [B, heads, T, T]
         padding = align_padding(padding, t)
+        # Masked scores are the lowest finite number rather than −inf: a query with every key
+        # masked (a padded token before any real one, once `causal`) then gets finite weights
+        # instead of NaNs, which the next layer would spread (0 · NaN is NaN).
+        lowest = torch.finfo(scores.dtype).min
         if padding is not None:
-            scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))  # no key that is padding
+            scores = scores.masked_fill(padding[:, None, None, :], lowest)  # no key that is padding
+        if self.causal:
+            later = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)  # key after the query
+            scores = scores.masked_fill(later, lowest)
         weights = nn.functional.dropout(scores.softmax(dim=-1), self.dropout, self.training)
         return self.out((weights @ v).transpose(1, 2).reshape(b, t, d))
 
@@ -298,10 +307,10 @@ class TransformerBlock(nn.Module):
 
     uses_padding = True
 
-    def __init__(self, dim: int, heads: int, ffn: int, dropout: float):
+    def __init__(self, dim: int, heads: int, ffn: int, dropout: float, causal: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attention = Attention(dim, heads, dropout)
+        self.attention = Attention(dim, heads, dropout, causal)
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
         self.drop = nn.Dropout(dropout)
@@ -549,22 +558,26 @@ def _layernorm(shape, a):
     return nn.LayerNorm(shape[-1], a["eps"])
 
 
+CAUSAL_DOC = "each token attends only to itself and the tokens before it (a decoder's attention)"
+
+
 @layer("attention", Param("heads", "posint"), Param("dropout", "fraction", 0.0),
+       Param("causal", "bool", False, doc=CAUSAL_DOC),
        doc="multi-head self-attention (no residual or norm); ignores padded tokens", takes="[T, D]")
 def _attention(shape, a):
     _need_tokens("attention", shape)
     _need_heads("attention", shape[1], a["heads"])
-    return Attention(shape[1], a["heads"], a["dropout"])
+    return Attention(shape[1], a["heads"], a["dropout"], a["causal"])
 
 
 @layer("transformer", Param("heads", "posint"), Param("ffn", "posint", doc="feed-forward width"),
-       Param("dropout", "fraction", 0.0),
+       Param("dropout", "fraction", 0.0), Param("causal", "bool", False, doc=CAUSAL_DOC),
        doc="pre-norm encoder block: x + attention(layernorm(x)), x + ffn(layernorm(x)) with GELU",
        takes="[T, D]", size=lambda a: 4)  # four linear layers and two norms
 def _transformer(shape, a):
     _need_tokens("transformer", shape)
     _need_heads("transformer", shape[1], a["heads"])
-    return TransformerBlock(shape[1], a["heads"], a["ffn"], a["dropout"])
+    return TransformerBlock(shape[1], a["heads"], a["ffn"], a["dropout"], a["causal"])
 
 
 @layer("pool_tokens", Param("how", "choice", "mean", choices=("cls", "mean")),

@@ -125,6 +125,36 @@ def test_padded_tokens_change_nothing_at_the_real_ones(layer, args):
                               module(x[1:2, :3]), atol=1e-3)
 
 
+@pytest.mark.parametrize("layer,args", [("attention", dict(heads=2)), ("transformer", dict(heads=2, ffn=16))])
+def test_causal_attention_reads_no_later_token(layer, args):
+    torch.manual_seed(0)
+    tokens, dim = 6, 8
+    causal = Pipeline(build_layer(layer, _args(layer, causal=True, **args), (tokens, dim))).eval()
+    both = Pipeline(build_layer(layer, _args(layer, **args), (tokens, dim))).eval()
+    both.load_state_dict(causal.state_dict())
+    x = torch.randn(3, tokens, dim)
+    changed = x.clone()
+    changed[:, 4:] = torch.randn(3, tokens - 4, dim)  # tokens 4 and 5 only
+    torch.testing.assert_close(causal(changed)[:, :4], causal(x)[:, :4])  # the first four never read them
+    assert not torch.allclose(causal(changed)[:, 4:], causal(x)[:, 4:], atol=1e-3)
+    assert not torch.allclose(both(changed)[:, :4], both(x)[:, :4], atol=1e-3)  # not causal: every token does
+    # The cost is the same: the masked scores are computed.
+    assert measure(layer, _args(layer, causal=True, **args), (tokens, dim)).macs == \
+        measure(layer, _args(layer, **args), (tokens, dim)).macs
+    # Padded tokens in front (every key of the first query masked) give finite outputs.
+    padding = torch.tensor([[True, True, False, False, False, False]] * 3)
+    assert torch.isfinite(causal(x, padding)).all()
+
+
+def test_a_causal_transformer_is_written_in_the_file():
+    source = BERT.read_text().replace("transformer(heads, ffn)", "transformer(heads, ffn, causal=true)")
+    graph, diagnostics = d2graph.check(source)
+    assert not diagnostics
+    assert any(getattr(m, "causal", False) for m in compile(graph).modules())
+    _, diagnostics = d2graph.check(source.replace("causal=true", "causal=3"))
+    assert diagnostics  # not a bool
+
+
 def test_a_class_token_in_front_is_never_padding():
     padding = torch.tensor([[False, True, True], [True, True, True]])
     assert align_padding(padding, 4).tolist() == [[False, False, True, True], [False, True, True, True]]
