@@ -490,10 +490,11 @@ class CostSensitiveTrainer(Trainer):
     def _fit_all(self, modules: Mapping[str, nn.Module], train: _SplitCache, val: _SplitCache, lam: float) -> None:
         """Algorithm 1: each control node in reverse topological order, on its action costs on
         `train` (with `lr=auto`, the rate whose scores rank the `val` examples best)."""
+        choosing = self.params["lr"] == "auto"  # the validation examples only judge the rates
         for i in reversed(range(len(self.controls))):
             j = self.controls[i]
-            self._train(modules[j], j, self._examples(modules, train, i), self._examples(modules, val, i), lam,
-                        self.order[j], i)
+            self._train(modules[j], j, self._examples(modules, train, i),
+                        self._examples(modules, val, i) if choosing else None, lam, self.order[j], i)
 
     def _examples(self, modules: Mapping[str, nn.Module], cache: _SplitCache,
                   i: int) -> tuple[Tensor, Tensor | None, np.ndarray, np.ndarray]:
@@ -518,13 +519,13 @@ class CostSensitiveTrainer(Trainer):
                 np.concatenate(fractions), np.concatenate(extras))
 
     def _train(self, module: _Scorer, q: str, train: tuple[Tensor, Tensor | None, np.ndarray, np.ndarray],
-               val: tuple[Tensor, Tensor | None, np.ndarray, np.ndarray], lam: float, order: list[int],
+               val: tuple[Tensor, Tensor | None, np.ndarray, np.ndarray] | None, lam: float, order: list[int],
                index: int) -> None:
         """Train control node q (the index-th) on `train` (`_examples`) to the action costs
         c = λ · extra loss + cost fraction. With several rates (`lr=auto`) keep the weights
         whose scores rank the `val` examples best (`_ranking_area`) when a budget sets the
         offset later (what a rate must show then is the ranking, not where its bias ends),
-        else those whose argmax costs least on `val`."""
+        else those whose argmax costs least on `val` (None with one rate: nothing to choose)."""
         x, head, fraction, extra = train
         costs = lam * extra + fraction
         gap = costs.max(1) - costs.min(1)
