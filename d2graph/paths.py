@@ -9,6 +9,7 @@ Out: the analyses that trainers, evaluation, predictions and benchmarks share:
        path_costs(graph)         the static paths with their cost per example
        action_order(graph)       each control node's actions, cheapest first
        current_head(graph, q)    the classifier a control node can read when it decides
+       route_dependent(graph)    the nodes whose value depends on the route an example takes
        parameter_count(graph, n) how many weights node n's layers have (built on the meta device)
 Guarantees:
   - `nodes_run` applies the executor's routing rule (LANGUAGE.md §3.1: a node runs where it
@@ -26,6 +27,8 @@ Vocabulary (docs/trainers.md):
                 branch classifier (`heads(graph)`).
   current head  of a control node: the classifier whose scores it can see when it decides
                 (`current_head(graph, q)`), which threshold rules read.
+  route-dependent  a node whose value on an example is not the one a pass of every node
+                (mode="all") gives it: it runs on some route without one of its inputs.
   action order  of a control node: its actions from cheapest to dearest, priced by the
                 cheapest path that takes each (`action_order(graph)`); the first is "stop".
 
@@ -49,7 +52,7 @@ from .ir import Graph, Node
 from .layers import build_layer
 
 __all__ = ["MAX_COMBINATIONS", "MAX_PATHS", "action_order", "current_head", "heads", "nodes_run",
-           "parameter_count", "path_costs", "static_paths"]
+           "parameter_count", "path_costs", "route_dependent", "static_paths"]
 
 MAX_PATHS = 32  # distinct static paths `static_paths` keeps by default
 MAX_COMBINATIONS = 4096  # action combinations tried to find them
@@ -165,11 +168,17 @@ def current_head(graph: Graph, control: str, classes: int | None = None) -> str 
        that happens to be as wide (`early_exit.d2`'s Q2 reads H1 and H2: H2 is current).
     2. Otherwise the head that runs on exactly the examples the control node runs on and
        does not depend on its decision, latest in the graph's order (`cascade.d2`: Q1
-       reads features of N1; N2, the stage's classifier, is current)."""
+       reads features of N1; N2, the stage's classifier, is current).
+    Route-dependent nodes (`route_dependent`) are never current heads."""
     q = graph[control]
-    head_names = heads(graph)
+    # A head whose value depends on the route (it reads a merge of branches) is not one a rule
+    # can read: its confidence in a pass of every node is not the one the example meets.
+    dependent = route_dependent(graph)
+    head_names = [h for h in heads(graph) if h not in dependent]
     for edge in reversed(q.inputs):
         src = graph[edge.source]
+        if edge.source in dependent:
+            continue
         if edge.source in head_names or (classes is not None and src.kind == "node" and src.out_shape == (classes,)):
             return edge.source
     after_q = nx.descendants(graph.to_networkx(), control)
@@ -180,6 +189,33 @@ def current_head(graph: Graph, control: str, classes: int | None = None) -> str 
     candidates = [h for h in head_names if h not in after_q
                   and all(h in p for p in with_q) and not any(h in p for p in without_q)]
     return max(candidates, key=order.index) if candidates else None
+
+
+def route_dependent(graph: Graph) -> frozenset[str]:
+    """The nodes whose value on an example can differ from the one a pass of every node
+    (executor mode="all") computes: a node that runs on some route without one of its inputs
+    (an input with a default, or one input of a `select` merge), and every node computed
+    from one. Elsewhere a node's inputs, hence its value, are the same on every route it runs
+    on, so a pass of every node reads it right for every example.
+
+    Example:
+        >>> sorted(route_dependent(d2graph.load("examples/chain.d2")))   # doctest: +SKIP
+        ['M1', 'M2', 'N4', 'N5', 'N6', 'N7', 'Q2', 'Q3', ...]
+    """
+    return _route_dependent(graph)
+
+
+@functools.lru_cache(maxsize=16)
+def _route_dependent(graph: Graph) -> frozenset[str]:
+    inputs = {n.name for n in graph.nodes if n.kind == "input"}
+    # Every distinct route within MAX_COMBINATIONS, not only the MAX_PATHS kept for pricing.
+    routes = [set(ran) | inputs for _, ran in static_paths(graph, max_paths=MAX_COMBINATIONS)]
+    dependent: set[str] = set()
+    for node in graph.nodes:  # graph order is topological: a node's inputs come first
+        if any(e.source in dependent for e in node.inputs) or any(
+                node.name in ran and any(e.source not in ran for e in node.inputs) for ran in routes):
+            dependent.add(node.name)
+    return frozenset(dependent)
 
 
 def parameter_count(graph: Graph, name: str) -> int:

@@ -356,3 +356,82 @@ def test_tiny_uniform_and_oracle_and_static(tiny):
 def test_threshold_never_stop_is_above_every_confidence():
     assert NEVER_STOP > 1.0
     assert np.all(confidence(torch.tensor([[1e6, 0.0]]), "maxprob").numpy() < NEVER_STOP)
+
+
+# --- heads and decisions on each example's own route -------------------------------------------
+
+# Q1 picks branch B or C; M reads whichever ran (default 0 for the other), so H2, Q2 and D
+# depend on the route: a pass of every node feeds them B + C, which no example meets.
+ROUTED = """
+graph routed {
+  input x [6]
+  output y [merge=select]
+  node A = fc(8), relu
+  node H1 = fc(3)
+  control Q1 = confidence, fc(2)
+  node B = fc(8), relu
+  node C = fc(8), relu
+  node M = relu
+  node H2 = fc(3)
+  control Q2 = fc(2)
+  node D = fc(32), relu, fc(3)
+  x -> A -> H1 -> Q1
+  Q1 => B | C
+  A -> B, C
+  B, C -> M [default=0]
+  M -> H2
+  M -> Q2
+  Q2 => skip | D
+  M -> D
+  D, H2 -> y
+}
+"""
+
+
+def test_route_dependent_nodes_and_heads():
+    from d2graph.paths import current_head, route_dependent
+    graph, diagnostics = d2graph.check(ROUTED)
+    assert graph is not None, diagnostics
+    assert route_dependent(graph) >= {"M", "H2", "Q2", "D"} and not route_dependent(graph) & {"A", "H1", "Q1", "B", "C"}
+    assert current_head(graph, "Q1", 3) == "H1" and current_head(graph, "Q2", 3) is None  # H2 reads the merge
+    chain = d2graph.load(ROOT / "examples" / "chain.d2")
+    assert {"Q2", "Q3", "N4", "N7"} <= route_dependent(chain) and "Q1" not in route_dependent(chain)
+    for name in ("early_exit", "cascade", "hierarchy", "eenet_resnet"):
+        assert not route_dependent(d2graph.load(ROOT / "examples" / f"{name}.d2")) & {
+            n.name for n in d2graph.load(ROOT / "examples" / f"{name}.d2").nodes if n.kind != "output"}
+
+
+def test_threshold_refuses_a_head_that_depends_on_the_route():
+    graph, _ = d2graph.check(ROUTED.replace("M -> Q2", "H2 -> Q2"))
+    with pytest.raises(d2graph.D2GraphError) as caught:
+        ThresholdTrainer().check_graph(graph)
+    (diagnostic,) = caught.value.diagnostics
+    assert diagnostic.code == "E921" and "`Q2`" in diagnostic.message
+    assert "`H2` cannot be read" in diagnostic.message and "route" in diagnostic.message
+
+
+def test_head_term_policy_decides_on_each_examples_route():
+    from d2graph.trainers.baselines import HeadTermPolicy, head_confidences
+    graph, _ = d2graph.check(ROUTED)
+    torch.manual_seed(0)
+    executor = d2graph.compile(graph).eval()
+    x = torch.randn(400, 6)
+    with torch.no_grad():
+        # A steep term on H1's max probability, centred on its median: half the examples each way.
+        middle = float(head_confidences(executor, x, ["H1"])[1]["H1"][:, 0].median())
+        policy = HeadTermPolicy({"Q1": "H1"}, {"Q1": [[1e3, 0, 0], [-1e3, 0, 0]]}, {"Q1": [-1e3 * middle, 1e3 * middle]})
+        actions = policy.decide(executor, x)
+        # Each decision is the node's choice on what its own route computes ...
+        result, found = head_confidences(executor, x, ["H1"], actions=actions)
+        again = policy.choose(result, found)
+        for q in ("Q1", "Q2"):
+            ran = result.actions[q] >= 0
+            assert torch.equal(again[q][ran], actions[q][ran])
+        # ... which one pass of every node gets wrong for some examples (Q2 reads B + C there).
+        everything, found = head_confidences(executor, x, ["H1"])
+        assert not torch.equal(policy.choose(everything, found)["Q2"], actions["Q2"])
+        assert 0 < int((actions["Q1"] == 0).sum()) < len(x)  # both branches in use
+        # ... and the same as deciding one example at a time.
+        for i in range(0, len(x), 37):
+            single = policy.decide(executor, x[i:i + 1])
+            assert all(int(single[q][0]) == int(actions[q][i]) for q in ("Q1", "Q2"))

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ..executor import Executor, Result
 from ..ir import Graph
-from ..paths import MAX_COMBINATIONS, action_order, current_head, nodes_run, path_costs
+from ..paths import MAX_COMBINATIONS, action_order, current_head, heads, nodes_run, path_costs, route_dependent
 from ..policies import POLICIES, Policy, StaticPolicy, register_policy
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
@@ -58,7 +58,7 @@ from .toolkit import (
 __all__ = ["HEAD_DECAY", "HeadTermPolicy", "MEASURES", "OraclePolicy", "OracleTrainer", "PatiencePolicy",
            "PatienceTrainer", "StaticTrainer", "ThresholdPolicy", "ThresholdTrainer", "UniformPolicy",
            "UniformTrainer", "WIDE", "agreeing_streaks", "confidence", "decay_param", "exit_chains",
-           "head_confidences", "head_decay", "static_path_results", "uniform_expected_cost", "weight_penalty"]
+           "decide_on_route", "head_confidences", "head_decay", "static_path_results", "uniform_expected_cost", "weight_penalty"]
 
 MEASURES = ("maxprob", "entropy", "margin")
 
@@ -114,12 +114,14 @@ def confidence(scores: Tensor, measure: str) -> Tensor:
     raise ValueError(f"unknown confidence measure {measure!r}; the measures are {', '.join(MEASURES)}")
 
 
-def head_confidences(executor: Executor, x: Tensor, heads, measures=MEASURES) -> tuple[Result, dict[str, Tensor]]:
-    """One pass of the whole graph (mode="all": every node on every example) and each named
-    head's `confidence` by each of `measures`, float64 CPU [B, len(measures)] by head name
-    (zero rows where a head did not run)."""
+def head_confidences(executor: Executor, x: Tensor, heads, measures=MEASURES,
+                     actions: Mapping[str, Tensor] | None = None) -> tuple[Result, dict[str, Tensor]]:
+    """One pass of the whole graph (mode="all": every node on every example; or the forced
+    `actions`, when given) and each named head's `confidence` by each of `measures`, float64
+    CPU [B, len(measures)] by head name (zero rows where a head did not run)."""
     wanted = sorted(set(heads))
-    result = executor(x, mode="all", keep=wanted)
+    result = (executor(x, mode="all", keep=wanted) if actions is None
+              else executor(x, mode="force", actions=actions, keep=wanted))
     found = {}
     for head in wanted:
         index, scores = result.values[head]
@@ -127,6 +129,35 @@ def head_confidences(executor: Executor, x: Tensor, heads, measures=MEASURES) ->
         conf[index.cpu()] = torch.stack([confidence(scores, m) for m in measures], dim=1).cpu()
         found[head] = conf
     return result, found
+
+
+def decide_on_route(executor: Executor, x: Tensor, heads, choose) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The actions a rule picks from what each example meets on its own route, and the heads'
+    confidences (`head_confidences`, from the pass of every node: they never depend on it).
+
+    `choose(result, found)` maps a pass (`Result`: each control node's scores) and the heads'
+    confidences (`head_confidences`) to every control node's actions, int64 CPU [B]. A pass of
+    every node gives each node the inputs of the example's route unless the node's input
+    depends on the route (`paths.route_dependent`: the chain's Q2 reads the merge of the
+    branch Q1 chose; current heads never do). Then the chosen actions are forced and chosen
+    again from what that pass computed, keeping the old action where a node did not run,
+    until they stop changing: each round makes one more level of control nodes decide on
+    its true input, so there are at most as many rounds as control nodes."""
+    graph = executor.graph
+    result, found = head_confidences(executor, x, heads)
+    actions = choose(result, found)
+    dependent = route_dependent(graph)
+    if not any(q.name in dependent for q in graph.control_nodes):
+        return actions, found
+    for _ in graph.control_nodes:
+        result, routed = head_confidences(executor, x, heads, actions=actions)
+        ran, again = result.actions, choose(result, routed)
+        settled = {q: torch.where(ran[q].cpu() >= 0, again[q], a) if q in again and q in ran else a
+                   for q, a in actions.items()}
+        if all(torch.equal(settled[q], a) for q, a in actions.items()):
+            break
+        actions = settled
+    return actions, found
 
 
 # `decay=auto` of the trainers that learn a head term (`qlearning`, `costsensitive`): the L2
@@ -173,9 +204,10 @@ class HeadTermPolicy(Policy):
     both; the term lets a node express a confidence threshold when it reads only features.
 
     The heads' and control nodes' scores come from one mode="all" pass (every node on every
-    example), so deciding costs a full forward pass; the cost reported for the routing is that
-    of the forced pass that follows, as for `threshold` and `eenet`. Runs saved before the
-    class had this name load through its old kind, `costsensitive`."""
+    example), so deciding costs a full forward pass (more where a control node's input depends
+    on the route: `decide_on_route`); the cost reported for the routing is that of the forced
+    pass that follows, as for `threshold` and `eenet`. Runs saved before the class had this
+    name load through its old kind, `costsensitive`."""
 
     kind = "head_term"
 
@@ -186,13 +218,16 @@ class HeadTermPolicy(Policy):
 
     def decide(self, executor, x, y=None, generator=None):
         with torch.no_grad():
-            result, found = head_confidences(executor, x, self.heads.values())
-            actions = {}
-            for q in executor.graph.control_nodes:
-                s = result.scores[q.name].double().cpu()
-                if q.name in self.heads:
-                    s = s + found[self.heads[q.name]] @ self.weight[q.name].T + self.bias[q.name]
-                actions[q.name] = s.argmax(1)
+            return decide_on_route(executor, x, self.heads.values(), self.choose)[0]
+
+    def choose(self, result: Result, found: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Argmax of each control node's scores in `result` plus its head term on `found`."""
+        actions = {}
+        for q, scores in result.scores.items():
+            s = scores.double().cpu()
+            if q in self.heads:
+                s = s + found[self.heads[q]] @ self.weight[q].T + self.bias[q]
+            actions[q] = s.argmax(1)
         return actions
 
     def state(self) -> dict[str, Any]:
@@ -209,16 +244,21 @@ POLICIES["costsensitive"] = HeadTermPolicy  # its kind before it was shared with
 
 def _require_heads(trainer: str, rule: str, graph: Graph, classes: int | None) -> None:
     """E921 unless every control node has a current head (for `classes` class scores)."""
-    heads = _current_heads(graph, classes)
-    missing = [q for q, h in heads.items() if h is None]
+    current = _current_heads(graph, classes)
+    missing = [q for q, h in current.items() if h is None]
     if missing:
         q = missing[0]
+        after = nx.descendants(graph.to_networkx(), q)
+        routed = [h for h in heads(graph) if h in route_dependent(graph) and h not in after]
+        why = (f"; {', '.join(f'`{h}`' for h in routed)} cannot be read, as {'its' if len(routed) == 1 else 'their'} "
+               "value depends on the route (computed from a merge of branches)" if routed else "")
         raise trainer_error(
             trainer, f"control node `{q}` has no classifier to read: no head's class scores are "
-                     f"known when `{q}` decides",
+                     f"known when `{q}` decides{why}",
             help=f"{rule} needs, for each control node, a head (a node that feeds an output) "
-                 f"that runs before it on the same examples: feed one into `{q}` (e.g. `H1 -> {q}`) or "
-                 f"run a classifier before it; otherwise use `uniform`, `static` or a learned policy")
+                 f"that runs before it on the same examples and reads the same inputs on every route: "
+                 f"feed one into `{q}` (e.g. `H1 -> {q}`) or run a classifier before it; otherwise use "
+                 f"`uniform`, `static` or a learned policy (`costsensitive` learns on every route)")
     if not graph.control_nodes:
         raise trainer_error(trainer, f"the graph has no control node for {rule} to decide",
                             help="use `static` (or no policy stage) for a graph without control nodes")

@@ -108,7 +108,8 @@ from ..paths import current_head, static_paths
 from ..policies import LearnedPolicy, evaluating
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
-from .baselines import MEASURES, HeadTermPolicy, decay_param, head_confidences, head_decay, weight_penalty
+from .baselines import (MEASURES, HeadTermPolicy, decay_param, decide_on_route, head_confidences, head_decay,
+                        weight_penalty)
 from .supervised import function_parameters
 from .toolkit import every_control, held_out, held_out_batch
 
@@ -352,19 +353,29 @@ class QLearningTrainer(Trainer):
         chosen actions are then forced in a training-mode pass whose scores carry the gradient."""
         if not self.term:
             return executor(x, mode="explore", epsilon=epsilon, generator=generator), None
-        with evaluating(executor, inference=False):
-            everything, found = head_confidences(executor, x, self.heads.values())
-        device = generator.device
-        chosen = {}
-        for q in executor.graph.control_nodes:
-            scores = everything.scores[q.name].float()
-            if q.name in self.term:
-                w, b = self.term[q.name]
-                scores = scores + found[self.heads[q.name]].to(scores) @ w.detach().T + b.detach()
-            n, k = scores.shape
-            explore = torch.rand(n, generator=generator, device=device) < epsilon
-            anything = torch.randint(k, (n,), generator=generator, device=device)
-            chosen[q.name] = torch.where(explore, anything, scores.argmax(1).to(device)).cpu()
+        # The exploring draws are made once, at the first choice: the greedy choice may take
+        # several passes (`decide_on_route`) and must not draw again in each.
+        draws: dict[str, tuple[Tensor, Tensor]] = {}
+
+        def choose(result, found):
+            if not draws:
+                n, device = result.batch_size, generator.device
+                for q in executor.graph.control_nodes:
+                    explore = torch.rand(n, generator=generator, device=device) < epsilon
+                    anything = torch.randint(len(q.actions), (n,), generator=generator, device=device)
+                    draws[q.name] = (explore.cpu(), anything.cpu())
+            chosen = {}
+            for q, scores in result.scores.items():
+                scores = scores.float()
+                if q in self.term:
+                    w, b = self.term[q]
+                    scores = scores + found[self.heads[q]].to(scores) @ w.detach().T + b.detach()
+                explore, anything = draws[q]
+                chosen[q] = torch.where(explore, anything, scores.argmax(1).cpu())
+            return chosen
+
+        with evaluating(executor, inference=False), torch.no_grad():
+            chosen, found = decide_on_route(executor, x, self.heads.values(), choose)
         return executor(x, mode="force", actions=chosen), found
 
     def _values(self, r, found) -> dict[str, Tensor]:
