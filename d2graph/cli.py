@@ -282,6 +282,14 @@ def cmd_check(args) -> int:
             if args.format == "text":
                 _print_diagnostics(e.diagnostics)
             continue
+        try:
+            _check_train_block(graph)
+        except D2GraphError as e:
+            everything += graph.warnings + e.diagnostics
+            failed = True
+            if args.format == "text":
+                _print_diagnostics(graph.warnings + e.diagnostics)
+            continue
         everything += graph.warnings
         if args.format == "text":
             _print_diagnostics(graph.warnings)
@@ -303,6 +311,17 @@ def cmd_check(args) -> int:
     if unreadable:  # a path that is not a readable file is a usage error, not a finding
         return EXIT_USAGE
     return EXIT_FOUND if failed else EXIT_OK
+
+
+def _check_train_block(graph) -> None:
+    """Raise D2GraphError when the graph's train block names a trainer that cannot train this
+    graph (e.g. `threshold` where a control node has no classifier to read): found by `check`,
+    and by `train` before it makes a run folder, not by a stage hours into a run."""
+    if graph.train is None or graph.train.data is None:
+        return
+    from .runs import make_trainers, resolve
+
+    make_trainers(resolve(graph), graph)
 
 
 def cmd_fmt(args) -> int:
@@ -385,7 +404,7 @@ def cmd_train(args) -> int:
 def _train_command(args, group) -> int:
     from .check import check_text, load
     from .executor import require_buildable
-    from .runs import Interrupted, Run, refuse_sweep, resolve, train
+    from .runs import Interrupted, Run, make_trainers, refuse_sweep, resolve, train
     from .syntax import read_source
 
     def prepare():
@@ -415,6 +434,7 @@ def _train_command(args, group) -> int:
         require_buildable(graph)  # before a run folder is made for it
         source = Path(args.file)
         config = resolve(graph, _with_threads(args))
+        make_trainers(config, graph)  # a trainer that refuses the graph, before the run folder too
         if args.print_config:
             return graph, source, config, None
         config.data_root = str(source.resolve().parent)

@@ -34,6 +34,18 @@ def test_check_reports_all_files_and_exits_1(capsys):
     assert "[E802]" in captured.err and "[E002]" in captured.err and ": ok" in captured.out
 
 
+def test_check_and_train_refuse_a_trainer_that_cannot_train_the_graph(tmp_path, capsys):
+    # high_low's Q1 decides before any classifier runs: a threshold has nothing to read.
+    text = (ROOT / "examples" / "high_low.d2").read_text()
+    bad = tmp_path / "hl.d2"
+    bad.write_text(text.replace("stage policy = qlearning(lambda=0.75)", "stage policy = threshold(budget=0.5)"))
+    assert "threshold(budget=0.5)" in bad.read_text()
+    assert main(["check", str(bad)]) == 1
+    assert "[E921]" in capsys.readouterr().err
+    assert main(["train", str(bad), "--out", str(tmp_path / "run")]) != 0
+    assert "[E921]" in capsys.readouterr().err and not (tmp_path / "run").exists()  # no run folder made
+
+
 @pytest.mark.parametrize("argv", [[], ["bogus"], ["check"], ["render", "x.d2"], ["check", "--format", "xml", "a.d2"]])
 def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
