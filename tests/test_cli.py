@@ -19,6 +19,14 @@ def test_check_clean_files_exit_0(capsys):
     assert out.count(": ok") == len(EXAMPLES)
 
 
+def test_benchmark_graphs_check(capsys):
+    # The graphs the benchmarks train (benchmarks/*.d2, benchmarks/synthetic/*.d2), trainers included.
+    graphs = sorted((ROOT / "benchmarks").glob("**/*.d2"))
+    assert len(graphs) >= 7
+    assert main(["check", *map(str, graphs)]) == 0
+    assert capsys.readouterr().out.count(": ok") == len(graphs)
+
+
 def test_check_ir_prints_one_line_per_node(capsys):
     path = ROOT / "examples" / "high_low.d2"
     assert main(["check", "--ir", str(path)]) == 0

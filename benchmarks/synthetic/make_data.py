@@ -1,0 +1,40 @@
+"""A synthetic 10-class task with vector inputs: policies measured on data the examples never saw.
+
+    python benchmarks/synthetic/make_data.py [--n 20000] [--seed 0] [--out benchmarks/synthetic/clusters.npz]
+
+scikit-learn's `make_classification`: 32 features (12 informative), 10 classes of 4 Gaussian
+clusters each, 5% of the labels flipped. The clusters make capacity matter (measured, 10
+epochs of Adam on 16,000 examples: a linear model 31%, a 16-unit MLP 51%, 64 units 69%,
+256 units 75%), so cheap and dear networks disagree on which examples they get right —
+what routing needs. Deterministic in --seed. Writes `x` float32 [N, 32] and `y` int64 [N]
+to an .npz that the `.d2` files beside this script read with `npz(path=...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from sklearn.datasets import make_classification
+
+
+def clusters_task(n: int = 20000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    x, y = make_classification(n_samples=n, n_features=32, n_informative=12, n_classes=10,
+                               n_clusters_per_class=4, class_sep=1.5, flip_y=0.05, random_state=seed)
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(Path(__file__).with_name("clusters.npz")))
+    args = ap.parse_args()
+    x, y = clusters_task(args.n, args.seed)
+    np.savez(args.out, x=x, y=y)
+    print(f"{args.out}: x {list(x.shape)}, y {list(y.shape)}, {len(np.unique(y))} classes")
+
+
+if __name__ == "__main__":
+    main()
