@@ -36,6 +36,7 @@ One torch thread unless --threads is given.
 from __future__ import annotations
 
 import argparse
+import csv
 import platform
 import shlex
 import shutil
@@ -118,11 +119,65 @@ def _name(r) -> str:
     return name + (f" (at {r['calibrated_to']})" if r.get("calibrated_to") else "")
 
 
+def _number(value) -> float | None:
+    return None if value in (None, "") else float(value)
+
+
+def glance(summary: list[dict], auc: list[dict]) -> str:
+    """The comparison at a glance: one row per method, test accuracy (mean ± std, %) and test
+    cost at each budget, and its AUC; then, when the file's own joint trainer was swept, one
+    column per value of its parameter, the budgeted methods calibrated to the cost it reached
+    there; then the other joint trainers' points and the static paths. Reads the rows of
+    `curve_summary.csv` and `auc.csv` (or the sweep's result), numbers or strings."""
+    def acc(r) -> str:
+        return _pm(_number(r["accuracy_mean"]), _number(r["accuracy_std"]) or 0.0, 100, 1)
+
+    def point(r) -> str:
+        return f"{acc(r)} ({_number(r['cost_fraction_mean']):.3f})"
+
+    areas = {a["method"]: _pm(_number(a["auc_mean"]), _number(a["auc_std"]) or 0.0, 100, 1) for a in auc}
+    own = list(dict.fromkeys(r["calibrated_to"] for r in summary if r.get("calibrated_to")))
+    budgets = sorted({_number(r["budget"]) for r in summary if _number(r["budget"]) is not None and not r.get("calibrated_to")})
+    budgeted = list(dict.fromkeys(r["method"] for r in summary if _number(r["budget"]) is not None
+                                  and not r.get("calibrated_to") and r["method"] != "static"))
+    lines = []
+    if budgeted:
+        lines += ["| method | " + " | ".join(f"budget {b:g}" for b in budgets) + " | AUC |",
+                  "|---|" + "---:|" * (len(budgets) + 1)]
+        for m in budgeted:
+            cells = [next((point(r) for r in summary if r["method"] == m and not r.get("calibrated_to")
+                           and _number(r["budget"]) is not None and abs(_number(r["budget"]) - b) < 1e-9), "—")
+                     for b in budgets]
+            lines.append(f"| `{m}` | " + " | ".join(cells) + f" | {areas.get(m, '—')} |")
+    if own:
+        mine = [r for r in summary if r.get("param") in own and _number(r["budget"]) is None]
+        trainer = mine[0]["method"] if mine else "?"
+        cost = {r["param"]: _number(r["cost_fraction_mean"]) for r in mine}
+        own.sort(key=lambda v: cost.get(v, 0.0))  # cheapest point first
+        lines += ["", "| method | " + " | ".join(v.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + v.split("=", 1)[1] for v in own) + " | AUC |",
+                  "|---|" + "---:|" * (len(own) + 1)]
+        lines.append(f"| `{trainer}` | " + " | ".join(next((point(r) for r in mine if r["param"] == v), "—") for v in own)
+                     + f" | {areas.get(trainer, '—')} |")
+        for m in dict.fromkeys(r["method"] for r in summary if r.get("calibrated_to")):
+            cells = [next((acc(r) for r in summary if r["method"] == m and r.get("calibrated_to") == v), "—") for v in own]
+            lines.append(f"| `{m}` at that cost | " + " | ".join(cells) + " |  |")
+    others = [r for r in summary if r.get("param") and r.get("param") not in own and _number(r["budget"]) is None]
+    for m in dict.fromkeys(r["method"] for r in others):
+        points = "; ".join(f"{r['param']}: {point(r)}" for r in others if r["method"] == m)
+        lines += ["", f"`{m}`: {points}; AUC {areas.get(m, '—')}."]
+    static = [r for r in summary if r["method"] == "static" and r.get("policy")]
+    if static:
+        lines += ["", "Static paths: " + "; ".join(f"{r['policy'].removeprefix('static path ')} {point(r)}" for r in static) + "."]
+    return "\n".join(lines)
+
+
 def section(name: str, path: Path, result, command: str, seconds: float, folder: Path, out: Path) -> str:
     lines = [f"## {name} (`{_relative(path)}`)", "", "```sh", command, "```", "",
              f"Seeds {', '.join(map(str, result.seeds))}; {seconds:.0f} s. Test accuracy, test cost and validation cost "
              "(fractions of the full graph's cost) as mean ± sample standard deviation over the seeds; "
              "n is the number of seeds with that row.", "",
+             "At a glance (test accuracy %, test cost in brackets):", "", glance(result.summary, result.auc), "",
+             "Every row:", "",
              "| method | budget | n | test accuracy | test cost | val cost |", "|---|---:|---:|---:|---:|---:|"]
     for r in result.summary:
         budget = "—" if r["budget"] is None else f"{r['budget']:.2f}"
@@ -156,7 +211,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny data, one backbone epoch")
     ap.add_argument("--overwrite", action="store_true", help="replace an example's folder left by an earlier run")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--glance", nargs="+", metavar="FOLDER",
+                    help="print the at-a-glance tables of finished sweep folders (curve_summary.csv, auc.csv) and stop")
     args = ap.parse_args(argv)
+    if args.glance:
+        for folder in map(Path, args.glance):
+            try:
+                with open(folder / "curve_summary.csv", newline="") as f:
+                    summary = list(csv.DictReader(f))
+                auc_file = folder / "auc.csv"
+                auc = list(csv.DictReader(auc_file.open(newline=""))) if auc_file.is_file() else []
+            except OSError as e:
+                ap.error(f"--glance {folder}: not a finished sweep folder ({e.strerror}: {e.filename})")
+            print(f"## {folder}\n\n{glance(summary, auc)}\n")
+        return 0
     if args.seeds < 1:
         ap.error(f"--seeds must be a positive integer, not {args.seeds}")
     try:

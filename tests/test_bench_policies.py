@@ -53,3 +53,30 @@ def test_the_plan_sweeps_the_files_own_joint_trainer():
     assert param is None and "reinforce:budget=none:alpha=0.1/0.5/1/2" in methods
     _, param, _ = bench.plan(d2graph.load(ROOT / "examples" / "high_low.d2"), quick=False)
     assert param == "stage.policy.lambda=0.3,0.5,0.7,0.75,0.9"  # the file's own λ = 0.75 among the grid
+
+
+def test_glance_tables_from_hand_made_rows():
+    bench = _bench()
+
+    def row(method, budget="", param="", at="", policy="", acc=0.5, std=0.01, cost=0.2):
+        return {"method": method, "budget": budget, "param": param, "calibrated_to": at, "policy": policy,
+                "accuracy_mean": acc, "accuracy_std": std, "cost_fraction_mean": cost}
+
+    summary = [
+        row("qlearning", param="policy.lambda=0.9", acc=0.70, cost=0.6),
+        row("qlearning", param="policy.lambda=0.3", acc=0.55, cost=0.1),
+        row("threshold", budget="0.2", acc=0.60, cost=0.201),
+        row("threshold", budget="0.6", at="policy.lambda=0.9", acc=0.66),
+        row("threshold", budget="0.1", at="policy.lambda=0.3", acc=0.50),
+        row("reinforce:budget=none", param="alpha=0.5", acc=0.61, cost=0.3),
+        row("static", policy="static path exit at H1 (Q1=1)", acc=0.3, std=0.0, cost=0.05),
+    ]
+    auc = [{"method": "qlearning", "auc_mean": "0.65", "auc_std": "0.02"}]
+    text = bench.glance(summary, auc)
+    assert "| `threshold` | 60.0 ± 1.0 (0.201) | — |" in text
+    # The file's own points, cheapest first, and the threshold calibrated to each one's cost.
+    assert "| method | lambda=0.3 | lambda=0.9 | AUC |" in text
+    assert "| `qlearning` | 55.0 ± 1.0 (0.100) | 70.0 ± 1.0 (0.600) | 65.0 ± 2.0 |" in text
+    assert "| `threshold` at that cost | 50.0 ± 1.0 | 66.0 ± 1.0 |  |" in text
+    assert "`reinforce:budget=none`: alpha=0.5: 61.0 ± 1.0 (0.300); AUC —." in text
+    assert "Static paths: exit at H1 (Q1=1) 30.0 ± 0.0 (0.050)." in text
