@@ -420,3 +420,8 @@ def test_patience_on_predictions_leaves_where_the_last_exits_agree():
     assert report["test"]["accuracy"] == 1.0
     rule, _ = patience_on_predictions(pred, 0.5)
     assert rule.patience == 1  # patience 1 (everyone at exit 1) is the only one within 0.5
+    # A budget out of range is refused in the name of the rule that was asked for.
+    for fit, name in [(patience_on_predictions, "patience"), (threshold_on_predictions, "threshold"),
+                      (fit_on_predictions, "eenet")]:
+        with pytest.raises(D2GraphError, match=f"trainer `{name}`"):
+            fit(pred, 0.0)

@@ -391,7 +391,7 @@ def patience_on_predictions(pred: Predictions, budget: float) -> tuple[PatienceR
     Example:
         >>> rule, report = patience_on_predictions(pred, 0.4)                   # doctest: +SKIP
     """
-    _check_budget(pred, budget)
+    _check_budget(pred, budget, "patience")
     # A longer patience never stops an example earlier; K never stops one before the last exit.
     within = [k for k in range(1, pred.exits + 1)
               if pred.outcome("val", PatienceRule(k).exit_index(pred.val_probs))[1] <= budget + 1e-12]
@@ -413,11 +413,12 @@ def _report(method: str, pred: Predictions, budget: float, rule, **extra) -> dic
     return out | extra
 
 
-def _check_budget(pred: Predictions, budget: float) -> None:
+def _check_budget(pred: Predictions, budget: float, rule: str) -> None:
+    # `rule` names the trainer in the message: the user asked for it, not for `eenet`.
     if pred.exits < 2:
-        raise trainer_error("eenet", f"the predictions have {pred.exits} exit: there is no exit to choose",
+        raise trainer_error(rule, f"the predictions have {pred.exits} exit: there is no exit to choose",
                             help="give the predictions of a network with two exits or more")
-    validate_budget("eenet", budget)
+    validate_budget(rule, budget)
 
 
 def fit_on_predictions(pred: Predictions, budget: float, seed: int = 0, *, epochs: int = 200, lr: float = 0.01,
@@ -435,7 +436,7 @@ def fit_on_predictions(pred: Predictions, budget: float, seed: int = 0, *, epoch
         >>> report["val"]["cost_fraction"] <= 0.4                             # doctest: +SKIP
         True
     """
-    _check_budget(pred, budget)
+    _check_budget(pred, budget, "eenet")
     with _one_thread():
         return _fit(pred, budget, seed, epochs, lr, hidden, ce_weight, budget_weight)
 
@@ -503,7 +504,7 @@ def threshold_on_predictions(pred: Predictions, budget: float, measure: str = "m
     Example:
         >>> rule, report = threshold_on_predictions(pred, 0.4)                  # doctest: +SKIP
     """
-    _check_budget(pred, budget)
+    _check_budget(pred, budget, "threshold")
     rule = ThresholdRule(str(measure), NEVER_STOP)
     conf = rule.confidences(pred.val_probs)
 
