@@ -282,13 +282,14 @@ def cmd_check(args) -> int:
             if args.format == "text":
                 _print_diagnostics(e.diagnostics)
             continue
-        try:
-            _check_train_block(graph)
-        except D2GraphError as e:
-            everything += graph.warnings + e.diagnostics
+        from .runs import stage_problems
+
+        problems = stage_problems(graph)  # a trainer that cannot train this graph, found now
+        if problems:
+            everything += [*graph.warnings, *problems]
             failed = True
             if args.format == "text":
-                _print_diagnostics(graph.warnings + e.diagnostics)
+                _print_diagnostics([*graph.warnings, *problems])
             continue
         everything += graph.warnings
         if args.format == "text":
@@ -311,17 +312,6 @@ def cmd_check(args) -> int:
     if unreadable:  # a path that is not a readable file is a usage error, not a finding
         return EXIT_USAGE
     return EXIT_FOUND if failed else EXIT_OK
-
-
-def _check_train_block(graph) -> None:
-    """Raise D2GraphError when the graph's train block names a trainer that cannot train this
-    graph (e.g. `threshold` where a control node has no classifier to read): found by `check`,
-    and by `train` before it makes a run folder, not by a stage hours into a run."""
-    if graph.train is None or graph.train.data is None:
-        return
-    from .runs import make_trainers, resolve
-
-    make_trainers(resolve(graph), graph)
 
 
 def cmd_fmt(args) -> int:

@@ -48,6 +48,7 @@ from .diagnostics import D2GraphError, Diagnostic, Source, Span, suggestion
 from .fmt import format_source
 from .ir import Graph, Node, exact_cost
 from .layers import LAYERS
+from .runs import stage_problems
 from .schema import DATASETS, TRAIN_SETTINGS, TRAINERS, Param, Schema, Symbol, format_value
 from .syntax import normalise_newlines, parse, tokens
 
@@ -275,6 +276,8 @@ def analyse(text: str, filename: str, units: Callable[[str], int] = utf16_units)
         return Analysis(text, lines, None, None, list(e.diagnostics), [])
     try:
         graph, diags = check_file(file)
+        if graph is not None:
+            diags = [*diags, *stage_problems(graph)]  # a trainer that cannot train the graph, as `check` says
     except D2GraphError as e:  # a limit found while checking: reported, like any mistake
         graph, diags = None, list(e.diagnostics)
     return Analysis(text, lines, file, graph, diags, occurrences(file))

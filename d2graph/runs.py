@@ -60,7 +60,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -84,7 +84,8 @@ from .threads import thread_count, using_threads
 
 __all__ = ["LOCK_FILE", "SWEEP_FILE", "Config", "Interrupted", "Run", "RunLock", "Stage", "Trained",
            "check_fingerprint", "computing_in", "config_error", "derive_seed", "describe_best", "graph_fingerprint",
-           "holdout_fraction", "refuse_sweep", "resolve", "sweep_folder", "train", "validate_config"]
+           "holdout_fraction", "refuse_sweep", "resolve", "stage_problems", "sweep_folder", "train",
+           "validate_config"]
 
 CHECKPOINT_FORMAT = 1
 # Settings whose default changes what a run computes, with the value that reproduces a run
@@ -1035,17 +1036,37 @@ def holdout_fraction(config: Config) -> float:
 
 
 def make_trainers(config: Config, graph: Graph) -> list:
-    trainers = []
-    for s in config.stages:
-        cls = TRAINERS.get(s["trainer"])
-        if cls is None:
-            raise config_error("E921", f"unknown trainer `{s['trainer']}`"
-                                       f"{did_you_mean(s['trainer'], TRAINERS.names())}",
-                               help="trainers: " + ", ".join(TRAINERS.names()))
-        trainer = cls(**s["params"])
-        trainer.check_graph(graph)
-        trainers.append(trainer)
-    return trainers
+    """Each stage's trainer, built from its parameters and checked against `graph`; raises
+    the first problem (E921 and the trainers' own codes)."""
+    return [_make_trainer(s, graph) for s in config.stages]
+
+
+def _make_trainer(stage: Mapping[str, Any], graph: Graph):
+    cls = TRAINERS.get(stage["trainer"])
+    if cls is None:
+        raise config_error("E921", f"unknown trainer `{stage['trainer']}`"
+                                   f"{did_you_mean(stage['trainer'], TRAINERS.names())}",
+                           help="trainers: " + ", ".join(TRAINERS.names()))
+    trainer = cls(**stage["params"])
+    trainer.check_graph(graph)
+    return trainer
+
+
+def stage_problems(graph: Graph) -> list[Diagnostic]:
+    """What each stage's trainer finds wrong with `graph` (e.g. `threshold` where a control
+    node decides before any classifier runs), every stage checked, each problem pointing at
+    its `stage` line: `d2graph check` and the language server report them with the
+    checker's own. Empty without a train block or data (the checker reports those)."""
+    if graph.train is None or graph.train.data is None:
+        return []
+    problems: list[Diagnostic] = []
+    for stage, declared in zip(resolve(graph).stages, graph.train.stages):
+        try:
+            _make_trainer(stage, graph)
+        except D2GraphError as e:
+            problems += [d if d.span is not None else dataclasses.replace(d, span=declared.span)
+                         for d in e.diagnostics]
+    return problems
 
 
 def train(graph: Graph, config: Config, run: Run | None = None, *, resume: bool = False, root=None,

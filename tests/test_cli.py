@@ -49,7 +49,8 @@ def test_check_and_train_refuse_a_trainer_that_cannot_train_the_graph(tmp_path, 
     bad.write_text(text.replace("stage policy = qlearning(lambda=0.75)", "stage policy = threshold(budget=0.5)"))
     assert "threshold(budget=0.5)" in bad.read_text()
     assert main(["check", str(bad)]) == 1
-    assert "[E921]" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "[E921]" in err and "stage policy = threshold(budget=0.5)\n" in err  # the caret's line
     assert main(["train", str(bad), "--out", str(tmp_path / "run")]) != 0
     assert "[E921]" in capsys.readouterr().err and not (tmp_path / "run").exists()  # no run folder made
 

@@ -180,6 +180,16 @@ async def test_an_unknown_parameter_is_underlined_with_its_hint(client):
     close_document(client, uri_of("strides.d2"))
 
 
+async def test_a_trainer_that_cannot_train_the_graph_is_underlined_at_its_stage(client):
+    # high_low's Q1 decides before any classifier runs: `threshold` has nothing to read (as `check` says).
+    text = (ROOT / "examples" / "high_low.d2").read_text(encoding="utf-8").replace(
+        "stage policy = qlearning(lambda=0.75)", "stage policy = threshold(budget=0.5)")
+    (d,) = await open_document(client, uri_of("hl_threshold.d2"), text)
+    assert d.code == "E921" and "`Q1` has no classifier to read" in d.message and "help: " in d.message
+    assert d.range.start == position_of(text, "stage policy = threshold")
+    close_document(client, uri_of("hl_threshold.d2"))
+
+
 async def test_columns_are_utf16_units_and_crlf_lines_count_once(client):
     # The emoji is one character to Python and two UTF-16 units to the editor.
     text = ('graph g {\r\n  input x [4]\r\n  output y\r\n  node A = fc(4, bias="\U0001F600", strides=2)\r\n'
