@@ -269,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_check(args) -> int:
     from .check import load
+    from .runs import stage_problems
 
     everything: list[Diagnostic] = []
     failed = unreadable = False
@@ -282,8 +283,6 @@ def cmd_check(args) -> int:
             if args.format == "text":
                 _print_diagnostics(e.diagnostics)
             continue
-        from .runs import stage_problems
-
         problems = stage_problems(graph)  # a trainer that cannot train this graph, found now
         if problems:
             everything += [*graph.warnings, *problems]

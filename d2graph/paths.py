@@ -200,7 +200,7 @@ def route_dependent(graph: Graph) -> frozenset[str]:
 
     Example:
         >>> sorted(route_dependent(d2graph.load("examples/chain.d2")))   # doctest: +SKIP
-        ['M1', 'M2', 'N4', 'N5', 'N6', 'N7', 'Q2', 'Q3', ...]
+        ['N10', 'N4', 'N5', 'N6', 'N7', 'N8', 'N9', 'Q2', 'Q3', 'y']
     """
     return _route_dependent(graph)
 

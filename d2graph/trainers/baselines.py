@@ -57,8 +57,9 @@ from .toolkit import (
 
 __all__ = ["HEAD_DECAY", "HeadTermPolicy", "MEASURES", "OraclePolicy", "OracleTrainer", "PatiencePolicy",
            "PatienceTrainer", "StaticTrainer", "ThresholdPolicy", "ThresholdTrainer", "UniformPolicy",
-           "UniformTrainer", "WIDE", "agreeing_streaks", "confidence", "decay_param", "exit_chains",
-           "decide_on_route", "head_confidences", "head_decay", "static_path_results", "uniform_expected_cost", "weight_penalty"]
+           "UniformTrainer", "WIDE", "agreeing_streaks", "confidence", "decay_param", "decide_on_route",
+           "exit_chains", "head_confidences", "head_decay", "static_path_results", "uniform_expected_cost",
+           "weight_penalty"]
 
 MEASURES = ("maxprob", "entropy", "margin")
 
