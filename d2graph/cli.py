@@ -283,16 +283,15 @@ def cmd_check(args) -> int:
             if args.format == "text":
                 _print_diagnostics(e.diagnostics)
             continue
-        problems = stage_problems(graph)  # a trainer that cannot train this graph, found now
-        if problems:
-            everything += [*graph.warnings, *problems]
-            failed = True
-            if args.format == "text":
-                _print_diagnostics([*graph.warnings, *problems])
-            continue
-        everything += graph.warnings
+        # The checker's warnings, and a trainer that cannot train this graph, found now.
+        found = [*graph.warnings, *stage_problems(graph)]
+        everything += found
         if args.format == "text":
-            _print_diagnostics(graph.warnings)
+            _print_diagnostics(found)
+        if any(d.is_error for d in found):
+            failed = True
+            continue
+        if args.format == "text":
             if args.ir:
                 print(graph)
             else:

@@ -1059,13 +1059,19 @@ def stage_problems(graph: Graph) -> list[Diagnostic]:
     checker's own. Empty without a train block or data (the checker reports those)."""
     if graph.train is None or graph.train.data is None:
         return []
+    def located(e: D2GraphError, span) -> list[Diagnostic]:
+        return [d if d.span is not None else dataclasses.replace(d, span=span) for d in e.diagnostics]
+
+    try:
+        config = resolve(graph)
+    except D2GraphError as e:  # reported, not raised: the caller keeps the checker's findings
+        return located(e, graph.train.span)
     problems: list[Diagnostic] = []
-    for stage, declared in zip(resolve(graph).stages, graph.train.stages):
+    for stage, declared in zip(config.stages, graph.train.stages):
         try:
             _make_trainer(stage, graph)
         except D2GraphError as e:
-            problems += [d if d.span is not None else dataclasses.replace(d, span=declared.span)
-                         for d in e.diagnostics]
+            problems += located(e, declared.span)
     return problems
 
 

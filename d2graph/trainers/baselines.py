@@ -249,8 +249,8 @@ def _require_heads(trainer: str, rule: str, graph: Graph, classes: int | None) -
     missing = [q for q, h in current.items() if h is None]
     if missing:
         q = missing[0]
-        after = nx.descendants(graph.to_networkx(), q)
-        routed = [h for h in heads(graph) if h in route_dependent(graph) and h not in after]
+        after, dependent = nx.descendants(graph.to_networkx(), q), route_dependent(graph)
+        routed = [h for h in heads(graph) if h in dependent and h not in after]
         why = (f"; {', '.join(f'`{h}`' for h in routed)} cannot be read, as {'its' if len(routed) == 1 else 'their'} "
                "value depends on the route (computed from a merge of branches)" if routed else "")
         raise trainer_error(
