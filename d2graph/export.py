@@ -123,18 +123,19 @@ class Streak(nn.Module):
 class ExitScore(nn.Module):
     """EENet's utility score at exit k, float32 [n], from the class scores of exits 1..k
     concatenated [n, k·C]: each exit's softmax (float64, stored as float32, as the policy's
-    `head_probs`), the confidence features, and the scorers g_1..g_k in turn, each fed the
-    earlier ones' sigmoids (`eenet._Scorers.forward`, stopped at exit k)."""
+    `head_probs`), the scorers' inputs (`eenet.scorer_inputs`, with the rule's `sorted_probs`),
+    and the scorers g_1..g_k in turn, each fed the earlier ones' sigmoids
+    (`eenet._Scorers.forward`, stopped at exit k)."""
 
-    def __init__(self, scorers: nn.ModuleList, k: int, classes: int):
+    def __init__(self, scorers: nn.ModuleList, k: int, classes: int, sorted_probs: bool):
         super().__init__()
         self.g = nn.ModuleList(scorers[:k + 1])
-        self.k, self.classes = k, classes
+        self.k, self.classes, self.sorted_probs = k, classes, sorted_probs
 
     def forward(self, scores: Tensor) -> Tensor:
         c = self.classes
         probs = torch.stack([scores[:, j * c:(j + 1) * c].double().softmax(1).float() for j in range(self.k + 1)])
-        inputs = scorer_inputs(probs)
+        inputs = scorer_inputs(probs, self.sorted_probs)
         past: list[Tensor] = []
         s = scores
         for j in range(self.k + 1):
@@ -200,7 +201,7 @@ def decision_rules(graph: Graph, policy: Policy) -> tuple[dict[str, dict], dict[
                 continue
             rules[e.control] = {"kind": "cutoff", "reads": heads[:k + 1],
                                 "tau": _finite(policy.rule.thresholds[k]), "stop": e.stop, "go": e.go}
-            modules[e.control] = ExitScore(scorers.g, k, policy.rule.classes)
+            modules[e.control] = ExitScore(scorers.g, k, policy.rule.classes, policy.rule.sorted_probs)
     else:
         why = {"uniform": "it routes at random", "oracle": "it reads the labels, which a deployment does not have"}
         raise runtime_error("E941", f"the run's policy `{policy.kind}` cannot be deployed: "

@@ -23,7 +23,7 @@ from d2graph.policies import load_policy, save_policy
 from d2graph.runs import make_trainers, resolve, train
 from d2graph.trainers.eenet import (
     EENetPolicy, EENetRule, EENetTrainer, PatienceRule, confidence_features, eenet_losses, exit_of,
-    fit_on_predictions, patience_on_predictions, search_thresholds, threshold_on_predictions, thresholds_for,
+    fit_on_predictions, patience_on_predictions, scorer_inputs, search_thresholds, threshold_on_predictions, thresholds_for,
 )
 
 from .conftest import ROOT
@@ -179,6 +179,53 @@ def test_eenet_learns_what_max_probability_cannot_see():
     assert ((rule.exit_index(pred.test_probs) == 0) == test_subset).mean() >= 0.98
     assert report["test"]["accuracy"] >= 0.98 > baseline["test"]["accuracy"] + 0.15
     assert abs(report["val"]["cost_fraction"] - baseline["val"]["cost_fraction"]) < 0.02
+
+
+def fixable_or_hopeless(n: int, seed: int, classes: int = 10):
+    """Two exits. 40% of the examples: exit 1 right and sure. The rest, exit 1 wrong and as
+    unsure on each: half are fixed by exit 2 (exit 1 then names a lower-half class), half are
+    wrong everywhere (an upper-half class). Returns (probs [2, n, C], labels, fixable)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    group = rng.choice(3, n, p=[0.4, 0.3, 0.3])  # 0 easy, 1 fixable, 2 hopeless
+    half = classes // 2
+    wrong_low = (y + 1 + rng.integers(0, half, n)) % half
+    wrong_low = np.where(wrong_low == y, (wrong_low + 1) % half, wrong_low)
+    wrong_high = half + (y + 1 + rng.integers(0, half, n)) % half
+    wrong_high = np.where(wrong_high == y, half + (wrong_high + 1 - half) % half, wrong_high)
+    named = np.select([group == 0, group == 1], [y, wrong_low], wrong_high)
+    first = _peaked(rng, named, np.where(group == 0, rng.uniform(0.7, 0.95, n), rng.uniform(0.3, 0.6, n)), classes)
+    last = _peaked(rng, np.where(group == 2, _wrong(rng, y, classes), y), rng.uniform(0.6, 0.95, n), classes)
+    return np.stack([first, last]).astype(np.float32), y, group == 1
+
+
+def test_the_no_loss_utility_sends_on_the_examples_a_later_exit_fixes():
+    # With a budget that pays exit 2 for 30% of the examples, the best rule sends exactly the
+    # fixable ones. "Exit 1 is right" (the paper's utility, and max probability) cannot tell
+    # them from the hopeless ones; "leaving loses nothing" can.
+    (vp, vy, vf), (tp, ty, tf) = fixable_or_hopeless(1500, 1), fixable_or_hopeless(1500, 2)
+    pred = Predictions(vp, tp, vy, ty, np.array([1.0, 4.0]))
+    budget = (1 + 3 * vf.mean()) / 4 + 1e-6
+    rule, report = fit_on_predictions(pred, budget, seed=0, epochs=EPOCHS)
+    paper, paper_report = fit_on_predictions(pred, budget, seed=0, epochs=EPOCHS, utility="right")
+    _, threshold = threshold_on_predictions(pred, budget)
+    assert ((rule.exit_index(pred.test_probs) == 1) == tf).mean() >= 0.97
+    assert report["test"]["accuracy"] >= 0.4 + tf.mean() - 0.02
+    assert report["test"]["accuracy"] > paper_report["test"]["accuracy"] + 0.08
+    assert report["test"]["accuracy"] > threshold["test"]["accuracy"] + 0.08
+
+
+def test_scorer_inputs_add_the_sorted_probabilities_and_old_rules_load_without_them():
+    probs = torch.softmax(torch.randn(3, 5, 4), 2)
+    plain, ranked = scorer_inputs(probs, sorted_probs=False), scorer_inputs(probs)
+    assert [x.shape[1] for x in plain] == [7] * 3 and [x.shape[1] for x in ranked] == [11] * 3
+    assert torch.equal(ranked[1][:, 4:8], probs[1].sort(1, descending=True).values)
+    rule, _ = fit_on_predictions(three_exits(200), 0.5, seed=0, epochs=5, sorted_probs=False)
+    state = rule.state()
+    del state["sorted_probs"]  # a rule saved before the option existed
+    back = EENetRule.from_state(state)
+    assert not back.sorted_probs and np.array_equal(back.exit_index(three_exits(200).test_probs),
+                                                    rule.exit_index(three_exits(200).test_probs))
 
 
 @pytest.mark.parametrize("budget", [0.35, 0.55, 0.8])

@@ -22,8 +22,8 @@ Guarantees:
 
 Our reading of the paper (notes in /work/shared/papers/002_*, checked against the authors'
 public code, `utils/predict_helpers.py`, where the notes are silent):
-  * Inputs of exit k (1-based): its softmax ŷ_k (C values), the 3-factor confidence
-    a_k = (max_c ŷ_k,c;  1 + Σ_c ŷ_k,c log ŷ_k,c / log C;  (1/k) max_c Σ_{k'≤k} 1[argmax ŷ_k' = c]),
+  * Inputs of exit k (1-based): its softmax ŷ_k (C values; see `sorted_probs` below), the
+    3-factor confidence a_k = (max_c ŷ_k,c;  1 + Σ_c ŷ_k,c log ŷ_k,c / log C;  (1/k) max_c Σ_{k'≤k} 1[argmax ŷ_k' = c]),
     and the utility scores q̂_1 … q̂_{k−1} of the earlier exits (detached), as in the code.
   * Exit utility score q̂_k = σ(g_k(x_k)) and exit assignment score r̂_{n,·} =
     softmax_k(h_k(x_k)), g_k and h_k one-hidden-layer MLPs. (The code clamps a linear q̂
@@ -48,6 +48,15 @@ public code, `utils/predict_helpers.py`, where the notes are silent):
     the costs rescaled to [0, 1] (u = 0: the learned shares), and u is bisected until the
     validation cost is the largest at most B. With two exits that fixes the shares
     entirely; with more, their ratios keep what was learned.
+  * Ours, not the paper's (the paper's with `utility=right, sorted_probs=false`):
+    - the utility score learns `utility_targets(·, "no_loss")`: leaving at exit k loses no
+      right answer (k is right, or no later exit is). The paper's "k is right" ranks an
+      example that every exit gets wrong with those a later exit fixes, and the budget is
+      spent sending it on; on eenet_resnet.d2 at B = 0.2 (one cut on exit 1's scores) that
+      was 34.7% against the threshold's 36.1% (docs/trainers.md);
+    - each scorer also reads its exit's probabilities sorted in decreasing order: how sure
+      the exit is, whatever class it names (a small MLP does not learn a max over C inputs
+      from a thousand examples), next to the raw ones, which tell which classes it knows.
   * Ours, not the paper's: a tilt can only trade the cheapest exit against the dearest, so
     the thresholds are then searched per exit (`search_thresholds`, from the tilted ones and
     from one threshold shared by every exit) for the most right validation answers within
@@ -80,8 +89,8 @@ from .base import Trainer, register, trainer_error
 from .baselines import MEASURES, NEVER_STOP, agreeing_streaks
 from .toolkit import budget_param, calibrate, check_budget, search_under_budget, validate_budget
 
-__all__ = ["EENetPolicy", "EENetRule", "EENetTrainer", "ThresholdRule", "compare_on_predictions",
-           "confidence_features", "eenet_losses", "exit_of", "fit_on_predictions", "scorer_inputs",
+__all__ = ["EENetPolicy", "EENetRule", "EENetTrainer", "ThresholdRule", "UTILITIES", "compare_on_predictions",
+           "confidence_features", "eenet_losses", "utility_targets", "exit_of", "fit_on_predictions", "scorer_inputs",
            "search_thresholds", "threshold_on_predictions", "thresholds_for"]
 
 # Bounds of the tilt u: at |u| = 60 an exit 1 cost-unit dearer gets e^60 times less share,
@@ -89,6 +98,7 @@ __all__ = ["EENetPolicy", "EENetRule", "EENetTrainer", "ThresholdRule", "compare
 _TILT = 60.0
 _MIN_SHARE = 1e-6  # a learned share of 0 could never be tilted back up
 _BATCH = 512  # examples per Adam step (the authors' code uses 512 too)
+UTILITIES = ("no_loss", "right")  # what the utility scores learn (`utility_targets`)
 
 
 # --- features, scorers, losses ---------------------------------------------------------------
@@ -113,12 +123,26 @@ def confidence_features(probs: Tensor) -> Tensor:
     return torch.stack([top, certainty, vote], 2)
 
 
-def scorer_inputs(probs: Tensor) -> list[Tensor]:
-    """Each exit's input to its scorers before the earlier scores are appended: ŷ_k ‖ a_k,
-    [N, C + 3] per exit, from the exits' probabilities [K, N, C] (what `export` traces too)."""
+def scorer_inputs(probs: Tensor, sorted_probs: bool = True) -> list[Tensor]:
+    """Each exit's input to its scorers before the earlier scores are appended: ŷ_k ‖ a_k
+    ([N, C + 3] per exit, the paper's), or with `sorted_probs` ŷ_k ‖ sort(ŷ_k) ‖ a_k
+    ([N, 2C + 3]: the same probabilities in decreasing order, which show how sure the exit
+    is whatever class it names), from the exits' probabilities [K, N, C] (what `export`
+    traces too).
+
+    Example:
+        >>> [x.shape[1] for x in scorer_inputs(torch.full((2, 5, 4), 0.25))]
+        [11, 11]
+    """
     probs = probs.float()
     feats = confidence_features(probs)
-    return [torch.cat([probs[k], feats[k]], 1) for k in range(probs.shape[0])]
+    parts = [[probs[k], probs[k].sort(1, descending=True).values] if sorted_probs else [probs[k]]
+             for k in range(probs.shape[0])]
+    return [torch.cat([*part, feats[k]], 1) for k, part in enumerate(parts)]
+
+
+def _width(classes: int, sorted_probs: bool) -> int:
+    return (2 if sorted_probs else 1) * classes + 3
 
 
 def _mlp(width: int, hidden: int) -> nn.Sequential:
@@ -127,13 +151,14 @@ def _mlp(width: int, hidden: int) -> nn.Sequential:
 
 class _Scorers(nn.Module):
     """g_k (exit utility, exits 1..K−1) and h_k (exit assignment, exits 1..K). Exit k's
-    input is ŷ_k ‖ a_k ‖ σ(g_1..g_{k−1}) (the earlier utility scores, detached)."""
+    input is `scorer_inputs`' ‖ σ(g_1..g_{k−1}) (the earlier utility scores, detached)."""
 
-    def __init__(self, exits: int, classes: int, hidden: int):
+    def __init__(self, exits: int, classes: int, hidden: int, sorted_probs: bool = True):
         super().__init__()
-        self.exits, self.classes, self.hidden = exits, classes, hidden
-        self.g = nn.ModuleList(_mlp(classes + 3 + k, hidden) for k in range(exits - 1))
-        self.h = nn.ModuleList(_mlp(classes + 3 + k, hidden) for k in range(exits))
+        self.exits, self.classes, self.hidden, self.sorted_probs = exits, classes, hidden, sorted_probs
+        width = _width(classes, sorted_probs)
+        self.g = nn.ModuleList(_mlp(width + k, hidden) for k in range(exits - 1))
+        self.h = nn.ModuleList(_mlp(width + k, hidden) for k in range(exits))
 
     def forward(self, inputs: list[Tensor], assign: bool = True) -> tuple[Tensor, Tensor | None]:
         """(utility logits s [N, K−1], assignment logits [N, K] or None)."""
@@ -151,14 +176,35 @@ class _Scorers(nn.Module):
         return utility, torch.stack(a, 1) if assign else None
 
 
+def utility_targets(correct: Tensor, utility: str = "no_loss") -> Tensor:
+    """What the utility score q̂_k of each exit but the last learns to predict, float32 [N, K−1],
+    from `correct` [N, K] (1 where exit k is right): `right`, the paper's q_k = 1[exit k is
+    right]; `no_loss`, 1 where leaving at exit k loses no right answer: exit k is right, or
+    no later exit is (an example that every exit gets wrong costs nothing to stop early).
+
+    Example:
+        >>> utility_targets(torch.tensor([[0, 1, 1], [0, 0, 0], [1, 0, 1]])).tolist()
+        [[0.0, 1.0], [1.0, 1.0], [1.0, 0.0]]
+    """
+    correct = correct.float()
+    if utility == "right":
+        return correct[:, :-1]
+    if utility != "no_loss":
+        raise ValueError(f"unknown utility {utility!r}; the utilities are {', '.join(UTILITIES)}")
+    later = correct.flip(1).cummax(1).values.flip(1)[:, 1:]  # [N, K−1]: some exit after k is right
+    return torch.maximum(correct[:, :-1], 1.0 - later)
+
+
 def eenet_losses(utility: Tensor, assignment: Tensor, correct: Tensor, fractions: Tensor, budget: float,
-                 ce_weight: float = 0.1, budget_weight: float = 1.0) -> dict[str, Tensor]:
+                 ce_weight: float = 0.1, budget_weight: float = 1.0, targets: Tensor | None = None
+                 ) -> dict[str, Tensor]:
     """EENet's three losses on a batch (see the module docstring), and their weighted sum.
 
     utility     [N, K−1] logits of q̂ (q̂ = σ(utility))
     assignment  [N, K]   logits of r̂ (r̂ = softmax over exits)
     correct     [N, K]   q: 1 where exit k is right
     fractions   [K]      cost of exiting at exit k, as a fraction of the full cost
+    targets     [N, K−1] what q̂ learns (`utility_targets`); by default the paper's, correct[:, :K−1]
 
     Example:
         >>> out = eenet_losses(torch.zeros(4, 1), torch.zeros(4, 2), torch.ones(4, 2),
@@ -180,7 +226,8 @@ def eenet_losses(utility: Tensor, assignment: Tensor, correct: Tensor, fractions
     # exit that nobody reaches (all weights 0) gets no loss rather than 0/0.
     reach = (1.0 - torch.cumsum(r_hat.detach(), 1) + r_hat.detach()).clamp_min(0.0)[:, :k - 1]
     w = reach / reach.sum(0, keepdim=True).clamp_min(1e-12)
-    bce = F.binary_cross_entropy_with_logits(utility, correct[:, :k - 1], reduction="none")
+    targets = correct[:, :k - 1] if targets is None else targets.float()
+    bce = F.binary_cross_entropy_with_logits(utility, targets, reduction="none")
     g = (w * bce).sum() / max(k - 1, 1)
     total = g + ce_weight * ce + budget_weight * budget_loss
     return {"total": total, "g": g, "ce": ce, "budget": budget_loss, "expected_cost": expected}
@@ -299,6 +346,9 @@ class EENetRule:
     weights: list[dict[str, list]]  # per exit k < K: {"w1", "b1", "w2", "b2"} of g_k, lists of floats
     thresholds: list[float]
     shares: list[float]  # the shares the thresholds were set for, on validation
+    # The scorers also read each exit's probabilities sorted (`scorer_inputs`); rules saved
+    # before that option existed did not, and load as False.
+    sorted_probs: bool = False
     _model: _Scorers | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
@@ -306,10 +356,10 @@ class EENetRule:
         weights = [{"w1": g[0].weight.tolist(), "b1": g[0].bias.tolist(),
                     "w2": g[2].weight.tolist(), "b2": g[2].bias.tolist()} for g in model.g]
         return cls(model.exits, model.classes, model.hidden, weights, [float(t) for t in thresholds],
-                   [float(p) for p in shares])
+                   [float(p) for p in shares], model.sorted_probs)
 
     def scorers(self) -> _Scorers:
-        model = _Scorers(self.exits, self.classes, self.hidden)
+        model = _Scorers(self.exits, self.classes, self.hidden, self.sorted_probs)
         with torch.no_grad():
             for g, w in zip(model.g, self.weights):
                 g[0].weight.copy_(torch.tensor(w["w1"])), g[0].bias.copy_(torch.tensor(w["b1"]))
@@ -321,7 +371,7 @@ class EENetRule:
         if self._model is None:
             self._model = self.scorers()
         with torch.no_grad(), _one_thread():
-            return self._model(scorer_inputs(_tensor(probs)), assign=False)[0].T.contiguous()
+            return self._model(scorer_inputs(_tensor(probs), self.sorted_probs), assign=False)[0].T.contiguous()
 
     def exit_index(self, probs) -> np.ndarray:
         return exit_of(self.scores(probs), self.thresholds)
@@ -329,13 +379,13 @@ class EENetRule:
     def state(self) -> dict[str, Any]:
         return {"exits": self.exits, "classes": self.classes, "hidden": self.hidden,
                 "weights": [dict(w) for w in self.weights], "thresholds": list(self.thresholds),
-                "shares": list(self.shares)}
+                "shares": list(self.shares), "sorted_probs": self.sorted_probs}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> EENetRule:
         return cls(int(state["exits"]), int(state["classes"]), int(state["hidden"]),
                    [dict(w) for w in state["weights"]], [float(t) for t in state["thresholds"]],
-                   [float(p) for p in state["shares"]])
+                   [float(p) for p in state["shares"]], bool(state.get("sorted_probs", False)))
 
 
 @dataclass
@@ -422,8 +472,8 @@ def _check_budget(pred: Predictions, budget: float, rule: str) -> None:
 
 
 def fit_on_predictions(pred: Predictions, budget: float, seed: int = 0, *, epochs: int = 200, lr: float = 0.01,
-                       hidden: int = 16, ce_weight: float = 0.1, budget_weight: float = 1.0
-                       ) -> tuple[EENetRule, dict[str, Any]]:
+                       hidden: int = 16, ce_weight: float = 0.1, budget_weight: float = 1.0,
+                       utility: str = "no_loss", sorted_probs: bool = True) -> tuple[EENetRule, dict[str, Any]]:
     """Fit EENet on the validation predictions of `pred` at `budget` (a fraction of the
     full cost) and report it on validation and test. Deterministic in `seed`.
 
@@ -438,21 +488,22 @@ def fit_on_predictions(pred: Predictions, budget: float, seed: int = 0, *, epoch
     """
     _check_budget(pred, budget, "eenet")
     with _one_thread():
-        return _fit(pred, budget, seed, epochs, lr, hidden, ce_weight, budget_weight)
+        return _fit(pred, budget, seed, epochs, lr, hidden, ce_weight, budget_weight, utility, sorted_probs)
 
 
 def _fit(pred: Predictions, budget: float, seed: int, epochs: int, lr: float, hidden: int, ce_weight: float,
-         budget_weight: float) -> tuple[EENetRule, dict[str, Any]]:
+         budget_weight: float, utility: str, sorted_probs: bool) -> tuple[EENetRule, dict[str, Any]]:
     start = time.perf_counter()
     k, n = pred.exits, pred.val_probs.shape[1]
     probs = torch.from_numpy(pred.val_probs)
-    targets = torch.from_numpy(pred.val_targets)
-    correct = (probs.argmax(2) == targets[None]).T.float()  # [N, K]
+    labels = torch.from_numpy(pred.val_targets)
+    correct = (probs.argmax(2) == labels[None]).T.float()  # [N, K]
+    targets = utility_targets(correct, utility)
     fractions = torch.from_numpy(pred.fractions).float()
-    inputs = scorer_inputs(probs)
+    inputs = scorer_inputs(probs, sorted_probs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _Scorers(k, pred.classes, hidden)
+        model = _Scorers(k, pred.classes, hidden, sorted_probs)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(seed)
     model.train()
@@ -460,17 +511,18 @@ def _fit(pred: Predictions, budget: float, seed: int, epochs: int, lr: float, hi
         order = torch.randperm(n, generator=generator)
         for begin in range(0, n, _BATCH):
             idx = order[begin:begin + _BATCH]
-            utility, assignment = model([x[idx] for x in inputs])
-            losses = eenet_losses(utility, assignment, correct[idx], fractions, budget, ce_weight, budget_weight)
+            logits, assignment = model([x[idx] for x in inputs])
+            losses = eenet_losses(logits, assignment, correct[idx], fractions, budget, ce_weight, budget_weight,
+                                  targets[idx])
             optimizer.zero_grad()
             losses["total"].backward()
             optimizer.step()
     model.eval()
     with torch.no_grad():
-        utility, assignment = model(inputs)
-        losses = eenet_losses(utility, assignment, correct, fractions, budget, ce_weight, budget_weight)
+        logits, assignment = model(inputs)
+        losses = eenet_losses(logits, assignment, correct, fractions, budget, ce_weight, budget_weight, targets)
     learned = assignment.softmax(1).mean(0).double().numpy()
-    scores = utility.T.double().numpy()
+    scores = logits.T.double().numpy()
     scaled = _scaled(pred.fractions)
     cost_of = pred.fractions
 
@@ -578,6 +630,11 @@ class EENetTrainer(Trainer):
         Param("hidden", "posint", 16, doc="hidden units of each scoring MLP"),
         Param("ce_weight", "number", 0.1, doc="weight of the exit-assignment cross-entropy L_CE"),
         Param("budget_weight", "number", 1.0, doc="weight of the budget loss L_budget"),
+        Param("utility", "choice", "no_loss", choices=UTILITIES,
+              doc="what each exit's utility score learns: `no_loss`, that leaving there loses no right answer "
+                  "(the exit is right, or no later exit is); `right`, that the exit is right (the paper's)"),
+        Param("sorted_probs", "bool", True,
+              doc="also feed each scorer its exit's probabilities in decreasing order (false: the paper's inputs)"),
     ), doc="learned exit utility scores and exit shares at a budget, for multi-exit chains (EENet)")
 
     def __init__(self, **params: Any):
