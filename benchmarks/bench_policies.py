@@ -27,6 +27,7 @@ produced it. The Markdown is also printed.
 
     python benchmarks/bench_policies.py [--examples early_exit,cascade] [--seeds 3]
         [--budgets 0.2,0.3,0.5] [--out benchmarks/results/policies] [--quick] [--overwrite]
+        [--skip costsensitive]
 
 `--quick` is a smoke run (a minute or so per example): 400 canvases, one backbone epoch, one
 epoch of the joint trainers and few of the others. Its numbers mean nothing.
@@ -60,8 +61,10 @@ QUICK_DATA = ["data.n=400", "batch=32"]
 QUICK_EPOCHS = {"costsensitive": 3, "eenet": 20, "qlearning": 1, "reinforce": 1}
 
 
-def plan(graph, *, quick: bool) -> tuple[list[str], str | None, list[str]]:
-    """(methods, param, overrides) of one example's sweep: see the module doc."""
+def plan(graph, *, quick: bool, skip: tuple[str, ...] = ()) -> tuple[list[str], str | None, list[str]]:
+    """(methods, param, overrides) of one example's sweep: see the module doc. `skip` names
+    methods to leave out (`costsensitive`, `reinforce`, ...; never the file's own trainer,
+    whose swept parameter places the other methods)."""
     config = resolve(graph)
     overrides = list(QUICK_DATA) if quick else []
     own = None
@@ -71,7 +74,8 @@ def plan(graph, *, quick: bool) -> tuple[list[str], str | None, list[str]]:
             overrides.append(f"stage.{stage['name']}.epochs=1")
         elif role == "policy" and own is None:
             own = stage
-    methods = [m + (f":epochs={QUICK_EPOCHS[m]}" if quick and m in QUICK_EPOCHS else "") for m in BUDGETED]
+    methods = [m + (f":epochs={QUICK_EPOCHS[m]}" if quick and m in QUICK_EPOCHS else "") for m in BUDGETED
+               if m.split(":")[0] not in skip]
     param = None
     for trainer, (key, values) in GRIDS.items():
         if own is not None and own["trainer"] == trainer:
@@ -80,7 +84,7 @@ def plan(graph, *, quick: bool) -> tuple[list[str], str | None, list[str]]:
             param = f"stage.{own['name']}.{key}=" + ",".join(map(str, grid))
             if quick:
                 overrides.append(f"stage.{own['name']}.epochs={QUICK_EPOCHS[trainer]}")
-        else:
+        elif trainer not in skip:
             epochs = f":epochs={QUICK_EPOCHS[trainer]}" if quick else ""
             # No budget: a joint trainer is placed on the axes by its cost parameter alone.
             budget = ":budget=none" if any(p.name == "budget" for p in TRAINERS.get(trainer).schema.params) else ""
@@ -211,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny data, one backbone epoch")
     ap.add_argument("--overwrite", action="store_true", help="replace an example's folder left by an earlier run")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--skip", default="", metavar="METHODS",
+                    help="comma-separated methods to leave out, e.g. costsensitive where its convolutional policies "
+                         "make each fit take minutes (the file's own trainer is always run)")
     ap.add_argument("--glance", nargs="+", metavar="FOLDER",
                     help="print the at-a-glance tables of finished sweep folders (curve_summary.csv, auc.csv) and stop")
     args = ap.parse_args(argv)
@@ -233,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--budgets: expected comma-separated numbers like 0.2,0.5, not {args.budgets!r}")
     if not budgets or any(not 0 < b <= 1 for b in budgets):
         ap.error(f"--budgets are fractions of the full cost, in (0, 1]: {args.budgets!r}")
+    skip = tuple(m.strip() for m in args.skip.split(",") if m.strip())
+    known = sorted({m.split(":")[0] for m in BUDGETED} | set(GRIDS))
+    if any(m not in known for m in skip):
+        ap.error(f"--skip {args.skip!r}: the methods are {', '.join(known)}")
     names = [n.strip() for n in args.examples.split(",") if n.strip()] if args.examples else None
     paths = sorted(EXAMPLES.glob("*.d2")) if names is None else \
         [Path(n) if n.endswith(".d2") else EXAMPLES / f"{n}.d2" for n in names]
@@ -255,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     for path in paths:
         graph = d2graph.load(path)
-        methods, param, overrides = plan(graph, quick=args.quick)
+        methods, param, overrides = plan(graph, quick=args.quick, skip=skip)
         overrides = [*overrides, f"threads={args.threads}"]  # the sweep sets torch's threads from its config
         folder = out / path.stem
         print(f"== {path.stem}: {len(methods)} methods, seeds {args.seeds}", file=sys.stderr, flush=True)

@@ -53,6 +53,13 @@ def test_the_plan_sweeps_the_files_own_joint_trainer():
     assert param is None and "reinforce:budget=none:alpha=0.1/0.5/1/2" in methods
     _, param, _ = bench.plan(d2graph.load(ROOT / "examples" / "high_low.d2"), quick=False)
     assert param == "stage.policy.lambda=0.3,0.5,0.7,0.75,0.9"  # the file's own λ = 0.75 among the grid
+    # --skip leaves methods out, but never the file's own trainer
+    methods, param, _ = bench.plan(d2graph.load(ROOT / "examples" / "hierarchy.d2"), quick=False,
+                                   skip=("costsensitive", "reinforce", "qlearning"))
+    assert param.startswith("stage.policy.lambda=") and "uniform" in methods
+    assert not any(m.startswith(("costsensitive", "reinforce")) for m in methods)
+    with pytest.raises(SystemExit):
+        bench.main(["--examples", "hierarchy", "--skip", "costsensitve"])
 
 
 def test_glance_tables_from_hand_made_rows():
