@@ -23,7 +23,8 @@ Guarantees:
 Our reading of the paper (notes in /work/shared/papers/002_*, checked against the authors'
 public code, `utils/predict_helpers.py`, where the notes are silent):
   * Inputs of exit k (1-based): its softmax ŷ_k (C values; see `sorted_probs` below), the
-    3-factor confidence a_k = (max_c ŷ_k,c;  1 + Σ_c ŷ_k,c log ŷ_k,c / log C;  (1/k) max_c Σ_{k'≤k} 1[argmax ŷ_k' = c]),
+    3-factor confidence
+    a_k = (max_c ŷ_k,c;  1 + Σ_c ŷ_k,c log ŷ_k,c / log C;  (1/k) max_c Σ_{k'≤k} 1[argmax ŷ_k' = c]),
     and the utility scores q̂_1 … q̂_{k−1} of the earlier exits (detached), as in the code.
   * Exit utility score q̂_k = σ(g_k(x_k)) and exit assignment score r̂_{n,·} =
     softmax_k(h_k(x_k)), g_k and h_k one-hidden-layer MLPs. (The code clamps a linear q̂
@@ -90,8 +91,8 @@ from .baselines import MEASURES, NEVER_STOP, agreeing_streaks
 from .toolkit import budget_param, calibrate, check_budget, search_under_budget, validate_budget
 
 __all__ = ["EENetPolicy", "EENetRule", "EENetTrainer", "ThresholdRule", "UTILITIES", "compare_on_predictions",
-           "confidence_features", "eenet_losses", "utility_targets", "exit_of", "fit_on_predictions", "scorer_inputs",
-           "search_thresholds", "threshold_on_predictions", "thresholds_for"]
+           "confidence_features", "eenet_losses", "exit_of", "fit_on_predictions", "scorer_inputs",
+           "search_thresholds", "threshold_on_predictions", "thresholds_for", "utility_targets"]
 
 # Bounds of the tilt u: at |u| = 60 an exit 1 cost-unit dearer gets e^60 times less share,
 # i.e. none of any validation split (the bisection needs a cost reachable at both ends).
@@ -136,13 +137,11 @@ def scorer_inputs(probs: Tensor, sorted_probs: bool = True) -> list[Tensor]:
     """
     probs = probs.float()
     feats = confidence_features(probs)
-    parts = [[probs[k], probs[k].sort(1, descending=True).values] if sorted_probs else [probs[k]]
-             for k in range(probs.shape[0])]
-    return [torch.cat([*part, feats[k]], 1) for k, part in enumerate(parts)]
-
-
-def _width(classes: int, sorted_probs: bool) -> int:
-    return (2 if sorted_probs else 1) * classes + 3
+    out = []
+    for k in range(probs.shape[0]):
+        ranked = [probs[k].sort(1, descending=True).values] if sorted_probs else []
+        out.append(torch.cat([probs[k], *ranked, feats[k]], 1))
+    return out
 
 
 def _mlp(width: int, hidden: int) -> nn.Sequential:
@@ -153,10 +152,10 @@ class _Scorers(nn.Module):
     """g_k (exit utility, exits 1..K−1) and h_k (exit assignment, exits 1..K). Exit k's
     input is `scorer_inputs`' ‖ σ(g_1..g_{k−1}) (the earlier utility scores, detached)."""
 
-    def __init__(self, exits: int, classes: int, hidden: int, sorted_probs: bool = True):
+    def __init__(self, exits: int, classes: int, hidden: int, sorted_probs: bool):
         super().__init__()
         self.exits, self.classes, self.hidden, self.sorted_probs = exits, classes, hidden, sorted_probs
-        width = _width(classes, sorted_probs)
+        width = (2 if sorted_probs else 1) * classes + 3  # `scorer_inputs`' width
         self.g = nn.ModuleList(_mlp(width + k, hidden) for k in range(exits - 1))
         self.h = nn.ModuleList(_mlp(width + k, hidden) for k in range(exits))
 
