@@ -1144,8 +1144,9 @@ def _train(graph: Graph, config: Config, run: Run | None, *, resume: bool, root,
                 continue
             spec = config.stages[i]
             stage = Stage(session, i, spec["name"], spec["trainer"], resume_state if i == first else None)
+            # Booleans as the language writes them, so the line can be pasted into a file.
             session.echo(f"stage {spec['name']} = {spec['trainer']}(" + ", ".join(
-                f"{k}={v}" for k, v in spec["params"].items()) + ")")
+                f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in spec["params"].items()) + ")")
             try:
                 policy = trainers[i].fit(executor, splits, stage)
             except _Stop:
