@@ -16,13 +16,11 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import types
 
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
 import d2graph
 from d2graph import runs
@@ -155,26 +153,6 @@ def test_lambda_sets_the_trade_off_without_a_budget(two_exit):
     run = policy_run(graph, trained, budget="none", **{"lambda": 2})
     rows = per_example(run.executor, trained.data.test, run.policy)
     assert np.mean((rows["action.Q"] == 0) == subset(trained.data.test.tensors[0])) >= 0.9
-
-
-def test_with_held_out_examples_the_costs_come_from_them(two_exit):
-    # Held out: the training examples with the labels of those outside the subset shuffled,
-    # so that there the deep branch, which alone answers them, is right no more often than
-    # H1. Priced on them, running B pays far less often at λ = 2, and Q stops more examples
-    # than the 70% (the subset) it stops when priced on the training split.
-    graph, trained, _ = two_exit
-    x, y = trained.data.train.tensors
-    outside = torch.nonzero(torch.from_numpy(~subset(x))).squeeze(1)
-    shuffled = y.clone()
-    shuffled[outside] = y[outside[torch.randperm(len(outside), generator=torch.Generator().manual_seed(0))]]
-    stopped = {}
-    for name, labels in (("as trained", y), ("shuffled", shuffled)):
-        held = dataclasses.replace(trained.data, holdout=TensorDataset(x, labels))
-        run = policy_run(graph, dataclasses.replace(trained, data=held), budget="none", **{"lambda": 2})
-        stopped[name] = float((per_example(run.executor, trained.data.val, run.policy)["action.Q"] == 0).mean())
-    print(stopped)
-    assert stopped["as trained"] == pytest.approx(0.7, abs=0.03)
-    assert stopped["shuffled"] >= stopped["as trained"] + 0.07
 
 
 def test_the_same_inputs_give_the_same_policy(two_exit):

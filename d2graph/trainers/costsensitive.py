@@ -1,8 +1,7 @@
 """The `costsensitive` trainer: the ANN paper's learned policies (Bolukbasi et al., ICML 2017).
 
 In:  a compiled `Executor` whose function nodes are trained (a `supervised` stage came first),
-     the data (`d2graph.data.Splits`: `train` to learn the policies, or `holdout`, the training
-     examples the function nodes never saw, when the run holds some out; `val` to meet the budget)
+     the data (`d2graph.data.Splits`: `train` to learn the policies, `val` to meet the budget)
      and a stage context (`batch`, `device`, `generator(*key)`, `log(**metrics)`).
 Out: the control nodes' own weights, trained in place, and the policy: `HeadTermPolicy`
      (each control node's scores plus its learned head term, argmax) when some control node
@@ -88,7 +87,7 @@ from ..policies import LearnedPolicy, Policy, evaluating, run_policy
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
 from .baselines import MEASURES, HeadTermPolicy, decay_param, head_confidences, head_decay, weight_penalty
-from .toolkit import PathTable, budget_param, calibrate, check_budget, held_out, search_under_budget
+from .toolkit import PathTable, budget_param, calibrate, check_budget, search_under_budget
 
 __all__ = ["CostSensitiveTrainer", "LOSSES", "MULTICLASS", "lambda_at"]
 
@@ -389,10 +388,7 @@ class CostSensitiveTrainer(Trainer):
         paths = static_paths(graph, max_paths=1 << 30)
         self.order = order
         kind = str(self.params["loss"])
-        # The held-out examples, where the run has them: on the examples the function nodes
-        # trained on, every path looks more often right than it is on unseen ones.
-        held = held_out(data)
-        train = _SplitCache(executor, data.train if held is None else held, batch, stage.device, kind, paths)
+        train = _SplitCache(executor, data.train, batch, stage.device, kind, paths)
         val = _SplitCache(executor, data.val, batch, stage.device, kind, paths)
         missing = [q for q in self.controls if q not in train.inputs]
         if missing:
