@@ -217,15 +217,16 @@ def test_the_no_loss_utility_sends_on_the_examples_a_later_exit_fixes():
 
 def test_scorer_inputs_add_the_sorted_probabilities_and_old_rules_load_without_them():
     probs = torch.softmax(torch.randn(3, 5, 4), 2)
-    plain, ranked = scorer_inputs(probs, sorted_probs=False), scorer_inputs(probs)
+    plain, ranked = scorer_inputs(probs, sorted_probs=False), scorer_inputs(probs, sorted_probs=True)
     assert [x.shape[1] for x in plain] == [7] * 3 and [x.shape[1] for x in ranked] == [11] * 3
     assert torch.equal(ranked[1][:, 4:8], probs[1].sort(1, descending=True).values)
-    rule, _ = fit_on_predictions(three_exits(200), 0.5, seed=0, epochs=5, sorted_probs=False)
+    pred = three_exits(200)
+    rule, _ = fit_on_predictions(pred, 0.5, seed=0, epochs=5, sorted_probs=False)
     state = rule.state()
     del state["sorted_probs"]  # a rule saved before the option existed
     back = EENetRule.from_state(state)
-    assert not back.sorted_probs and np.array_equal(back.exit_index(three_exits(200).test_probs),
-                                                    rule.exit_index(three_exits(200).test_probs))
+    assert not back.sorted_probs
+    assert np.array_equal(back.exit_index(pred.test_probs), rule.exit_index(pred.test_probs))
 
 
 @pytest.mark.parametrize("budget", [0.35, 0.55, 0.8])

@@ -124,7 +124,7 @@ def confidence_features(probs: Tensor) -> Tensor:
     return torch.stack([top, certainty, vote], 2)
 
 
-def scorer_inputs(probs: Tensor, sorted_probs: bool = True) -> list[Tensor]:
+def scorer_inputs(probs: Tensor, sorted_probs: bool) -> list[Tensor]:
     """Each exit's input to its scorers before the earlier scores are appended: ŷ_k ‖ a_k
     ([N, C + 3] per exit, the paper's), or with `sorted_probs` ŷ_k ‖ sort(ŷ_k) ‖ a_k
     ([N, 2C + 3]: the same probabilities in decreasing order, which show how sure the exit
@@ -132,7 +132,7 @@ def scorer_inputs(probs: Tensor, sorted_probs: bool = True) -> list[Tensor]:
     traces too).
 
     Example:
-        >>> [x.shape[1] for x in scorer_inputs(torch.full((2, 5, 4), 0.25))]
+        >>> [x.shape[1] for x in scorer_inputs(torch.full((2, 5, 4), 0.25), sorted_probs=True)]
         [11, 11]
     """
     probs = probs.float()
