@@ -630,10 +630,11 @@ class EENetTrainer(Trainer):
         Param("ce_weight", "number", 0.1, doc="weight of the exit-assignment cross-entropy L_CE"),
         Param("budget_weight", "number", 1.0, doc="weight of the budget loss L_budget"),
         Param("utility", "choice", "no_loss", choices=UTILITIES,
-              doc="what each exit's utility score learns: `no_loss`, that leaving there loses no right answer "
+              doc="target of each exit's utility score: `no_loss`, that leaving there loses no right answer "
                   "(the exit is right, or no later exit is); `right`, that the exit is right (the paper's)"),
         Param("sorted_probs", "bool", True,
-              doc="also feed each scorer its exit's probabilities in decreasing order (false: the paper's inputs)"),
+              doc="switch that also feeds each scorer its exit's probabilities in decreasing order (false: the "
+                  "paper's inputs)"),
     ), doc="learned exit utility scores and exit shares at a budget, for multi-exit chains (EENet)")
 
     def __init__(self, **params: Any):
