@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 import d2graph
 from d2graph.data import Splits
 from d2graph.diagnostics import D2GraphError
-from d2graph.evaluate import per_example
+from d2graph.evaluate import evaluate, per_example
 from d2graph.executor import compile
 from d2graph.paths import current_head
 from d2graph.runs import Interrupted, Run, Trained, derive_seed, resolve, train
@@ -205,7 +205,8 @@ def test_rewards_on_held_out_examples_do_not_trust_what_a_branch_memorised():
         shares = {}
         for name, holdout in (("train", None), ("held out", held)):
             splits = Splits("synthetic", data.train, data.val, data.test, 4, (13,), holdout=holdout)
-            config = resolve(graph, ["policy.lambda=0.5"])
+            # keep=last: what the rewards taught, not the epoch validation would pick among them
+            config = resolve(graph, ["policy.lambda=0.5", "policy.keep=last"])
             trained = train(graph, config, None, quiet=True, echo=None,
                             start=Trained(_hand_set(graph, 0), LearnedPolicy(), splits, config, None))
             shares[name] = float(np.mean(per_example(trained.executor, data.val)["action.Q"] == 1))
@@ -375,7 +376,7 @@ def test_an_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     assert all(torch.equal(sw[k], sr[k]) for k in sw)
     rows = (tmp_path / "whole" / "metrics.jsonl").read_text()
     assert rows == (cut.folder / "metrics.jsonl").read_text()
-    logged = [r for r in Run.open(tmp_path / "whole").rows() if r.get("trainer") == "qlearning"]
+    logged = [r for r in Run.open(tmp_path / "whole").rows() if r.get("trainer") == "qlearning" and "epsilon" in r]
     assert [r["epsilon"] for r in logged] == pytest.approx([0.1 + 0.9 * 17 / 32, 0.1 + 0.9 / 32, 0.1])  # ε_end = 0.1 in SYNTHETIC
     assert all(r["train_reward"] is not None for r in logged)
 
@@ -462,7 +463,9 @@ def test_every_d2nn_example_trains_a_few_steps(example, data, tmp_path):
     before = {k: v.clone() for k, v in _fresh_weights(graph, config).items()}
     run = Run.create(graph, path.read_text(), config, out=tmp_path / "run")
     trained = train(graph, config, run, quiet=True, echo=None)
-    (row,) = [r for r in run.rows() if r.get("trainer") == "qlearning"]
+    (row,) = [r for r in run.rows() if r.get("trainer") == "qlearning" and "epoch" in r]
+    (kept,) = [r for r in run.rows() if "kept_epoch" in r]  # keep=best, the default: the only epoch
+    assert kept["kept_epoch"] == 1 and kept["kept_val_reward"] == pytest.approx(row["val_reward"])
     assert math.isfinite(row["train_loss"]) and row["train_loss"] >= 0
     assert 0 <= row["val_cost_fraction"] <= 1 and 0 <= row["val_accuracy"] <= 1
     steps = math.ceil(len(trained.data.train) / 32)  # the training examples not held out (a fifth is)
@@ -488,3 +491,28 @@ def _fresh_weights(graph, config):
 
 def _first_weight(state, node: str) -> torch.Tensor:
     return next(v for k, v in state.items() if k.startswith(f"nodes.{node}.") and k.endswith("weight"))
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_the_stage_ends_with_the_weights_of_the_epoch_it_keeps(keep, tmp_path):
+    # The branches learn jointly (mix) with a high learning rate and the exploration stays
+    # wide, so the validation reward moves from epoch to epoch and its best is not the last.
+    overrides = ["policy.epochs=5", "policy.epsilon_end=0.5", "policy.mix=1", "policy.lr_scale=30",
+                 f"policy.keep={keep}"]
+    graph = _synthetic()[0]
+    config = resolve(graph, ["policy.lambda=0.5", *overrides])
+    trained = _fit(overrides=overrides, run=Run.create(graph, SYNTHETIC, config, out=tmp_path / "run"))
+    rows = Run.open(tmp_path / "run").rows()
+    rewards = [r["val_reward"] for r in rows if "val_reward" in r]
+    assert len(rewards) == 5 and max(rewards) > rewards[-1]  # the test means something
+    report = evaluate(trained.executor, trained.data.val, trained.policy, classes=4, split="val")
+    reward = 0.5 * report.accuracy + 0.5 * (1 - report.cost_fraction)  # as the stage scores an epoch
+    if keep == "best":
+        kept = [r for r in rows if "kept_epoch" in r]
+        assert len(kept) == 1 and kept[0]["kept_epoch"] == 1 + rewards.index(max(rewards))
+        assert reward == pytest.approx(max(rewards), abs=1e-6)
+        best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["weights"]
+        assert all(torch.equal(v, best[k]) for k, v in trained.executor.state_dict().items())
+    else:
+        assert not any("kept_epoch" in r for r in rows)
+        assert reward == pytest.approx(rewards[-1], abs=1e-6)
