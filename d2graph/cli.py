@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--budget", type=_budgets, required=True, metavar="B[,B...]",
                     help="comma-separated fractions of the full (last exit's) cost")
     pf.add_argument("--seed", type=int, default=0, help="seed of the learned rules (default 0)")
+    pf.add_argument("--set", action="append", default=[], metavar="K=V", dest="eenet_params",
+                    help="a parameter of `eenet` other than its budget, e.g. --set utility=right (repeatable)")
     pf.add_argument("--format", choices=("text", "json"), default="text", help="a table or JSON")
 
     x = sub.add_parser("export", help="write a finished run as one program per node and a manifest (for "
@@ -556,6 +558,7 @@ def cmd_policy(args) -> int:
     if unknown:
         raise _usage(f"--trainer: no policy `{unknown[0]}` works on predictions",
                      "choose from " + ", ".join(f"`{r}`" for r in rules))
+    eenet_params = _eenet_params(args.eenet_params)
     pred = predictions.load(args.predictions)
     for note in pred.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -563,7 +566,7 @@ def cmd_policy(args) -> int:
     for budget in args.budget:
         for trainer in args.trainer:
             if trainer == "eenet":
-                _, report = fit_on_predictions(pred, budget, args.seed)
+                _, report = fit_on_predictions(pred, budget, args.seed, **eenet_params)
             elif trainer == "patience":
                 _, report = patience_on_predictions(pred, budget)
                 report["method"] = f"patience ({report['patience']} agree)"
@@ -584,6 +587,27 @@ def cmd_policy(args) -> int:
                  ("val_accuracy", "val_cost_fraction", "test_accuracy", "test_cost_fraction")]
         print(f"| {r['budget']:.2f} | {r['method']} | " + " | ".join(cells) + " |")
     return EXIT_OK
+
+
+def _eenet_params(settings: list[str]) -> dict:
+    """`policy fit --set K=V ...` as `eenet`'s parameters, checked as the trainer checks a
+    `.d2` stage's (its schema, then its own checks); the budget comes from `--budget`."""
+    from .runs import parse_value
+    from .schema import TRAINERS
+
+    trainer = TRAINERS.get("eenet")
+    names = [p.name for p in trainer.schema.params if p.name != "budget"]
+    given = {}
+    for text in settings:
+        key, sep, raw = text.partition("=")
+        key = key.strip()
+        if not sep or key not in names:
+            raise _usage(f"--set {text!r}: " + ("not `key=value`" if not sep else f"`eenet` has no parameter `{key}` "
+                                                 "that --set can give" + did_you_mean(key, names)),
+                         "settable: " + ", ".join(f"`{n}`" for n in names) + "; the budget is `--budget`")
+        given[key] = parse_value(raw)
+    params = trainer(**given).params  # the schema's and the trainer's checks (E921)
+    return {k: v for k, v in params.items() if k in given}
 
 
 def cmd_lsp(args) -> int:

@@ -184,6 +184,24 @@ def test_policy_export_and_fit_on_predictions(run, tmp_path, capsys):
     assert main(["policy", "fit", "--predictions", str(tmp_path / "none"), "--budget", "0.5"]) == 2
     assert "[E924]" in capsys.readouterr().err
     assert main(["policy", "fit", "--predictions", str(preds), "--budget", "0.5", "--trainer", "oracle"]) == 2
+    capsys.readouterr()
+
+
+def test_policy_fit_takes_eenet_parameters(run, tmp_path, capsys):
+    preds = tmp_path / "preds"
+    assert main(["policy", "export", str(run), "--out", str(preds)]) == 0
+    capsys.readouterr()
+    fit = ["policy", "fit", "--predictions", str(preds), "--budget", "0.4", "--trainer", "eenet", "--format", "json"]
+    rows = {}
+    for name, extra in (("default", []), ("paper", ["--set", "utility=right", "--set", "sorted_probs=false"]),
+                        ("paper again", ["--set", "utility=right", "--set", "sorted_probs=false"])):
+        assert main(fit + extra) == 0
+        rows[name] = json.loads(capsys.readouterr().out)[0]
+    assert rows["paper"] == rows["paper again"] and rows["paper"] != rows["default"]  # the parameters reached the fit
+    for bad, said in ((["--set", "budget=0.3"], "the budget is `--budget`"), (["--set", "utilty=right"], "did you mean"),
+                      (["--set", "utility=some"], "utility"), (["--set", "lr=0"], "lr=0"), (["--set", "lr"], "key=value")):
+        assert main(fit + bad) == 2
+        assert said in capsys.readouterr().err
 
 
 def test_policy_export_of_a_graph_without_exits_names_no_trainer(tmp_path, capsys):
