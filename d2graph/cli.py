@@ -597,14 +597,16 @@ def _eenet_params(settings: list[str]) -> dict:
 
     trainer = TRAINERS.get("eenet")
     names = [p.name for p in trainer.schema.params if p.name != "budget"]
+    settable = "settable: " + ", ".join(f"`{n}`" for n in names) + "; the budget is `--budget`"
     given = {}
     for text in settings:
         key, sep, raw = text.partition("=")
         key = key.strip()
-        if not sep or key not in names:
-            raise _usage(f"--set {text!r}: " + ("not `key=value`" if not sep else f"`eenet` has no parameter `{key}` "
-                                                 "that --set can give" + did_you_mean(key, names)),
-                         "settable: " + ", ".join(f"`{n}`" for n in names) + "; the budget is `--budget`")
+        if not sep:
+            raise _usage(f"--set {text!r}: not `key=value`", settable)
+        if key not in names:
+            raise _usage(f"--set {text!r}: `eenet` has no parameter `{key}` that --set can give"
+                         + did_you_mean(key, names), settable)
         given[key] = parse_value(raw)
     params = trainer(**given).params  # the schema's and the trainer's checks (E921)
     return {k: v for k, v in params.items() if k in given}
