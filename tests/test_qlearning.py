@@ -22,7 +22,8 @@ from d2graph.runs import Interrupted, Run, Trained, derive_seed, resolve, train
 from d2graph.runs import load_data as runs_load_data_root
 from d2graph.trainers import LearnedPolicy
 from d2graph.trainers.baselines import HeadTermPolicy, head_decay
-from d2graph.trainers.qlearning import QLearningTrainer, bag_reward, epsilon_at, full_targets, minibag_size
+from d2graph.trainers.qlearning import (QLearningTrainer, bag_reward, epsilon_at, f1_weights, full_targets,
+                                        minibag_size)
 
 from .conftest import ROOT, ctrl_c_after
 
@@ -341,11 +342,32 @@ def test_full_backup_refuses_a_bag_of_several():
         _fit(0.5, overrides=["policy.epochs=1", "policy.minibag=8", "policy.backup=full"])
 
 
-def test_minibag_auto_is_one_for_accuracy_and_a_bag_for_f1():
-    assert minibag_size("auto", "accuracy", 64) == 1
-    assert minibag_size("auto", "f1", 64) == 32
-    assert minibag_size("auto", "f1", 16) == 16  # a bag fits in a batch
-    assert minibag_size(8, "accuracy", 64) == 8
+def test_minibag_auto_is_one_whatever_the_metric():
+    assert minibag_size("auto") == 1
+    assert minibag_size(8) == 8
+
+
+@pytest.mark.parametrize("tp, fp, fn", [(30, 10, 20), (5, 1, 40), (80, 30, 2)])
+def test_f1_weights_are_f1s_change_when_one_answer_turns_right(tp, fp, fn):
+    """Turning one wrong answer right moves F1 by ΔF1; the weights are in the same ratio
+    (positive: a false negative becomes a true positive; negative: a false positive goes)."""
+    def f1(tp, fp, fn):
+        return 2 * tp / (2 * tp + fp + fn)
+    gain_positive = f1(tp + 1, fp, fn - 1) - f1(tp, fp, fn)
+    gain_negative = f1(tp, fp - 1, fn) - f1(tp, fp, fn)
+    w = f1_weights(torch.tensor([1, 0]), f1(tp, fp, fn), 0.3)
+    # First order: exact as the counts grow, within the second-order term here.
+    assert float(w[0] / w[1]) == pytest.approx(gain_positive / gain_negative, rel=0.1)
+    labels = torch.tensor([1] * 3 + [0] * 7)  # 30% positives: the mean weight is 1
+    assert float(f1_weights(labels, f1(tp, fp, fn), 0.3).mean()) == pytest.approx(1.0)
+
+
+def test_bag_reward_with_weights_scales_each_right_answer():
+    prediction, label = torch.tensor([1, 1, 0, 0]), torch.tensor([1, 0, 0, 1])
+    cost = torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=torch.float64)
+    weight = torch.tensor([2.0, 0.5, 0.5, 2.0])
+    r = bag_reward(prediction, label, cost, 1, 0.5, "f1", weight)
+    assert r.tolist() == pytest.approx([0.5 * 2.0 + 0.25, 0.25, 0.5 * 0.5 + 0.5, 0.5])
 
 
 def test_the_same_seed_gives_the_same_weights_and_another_seed_does_not():
@@ -459,7 +481,8 @@ def test_every_d2nn_example_trains_a_few_steps(example, data, tmp_path):
     path = ROOT / "examples" / f"{example}.d2"
     graph = d2graph.load(path)
     config = resolve(graph, ["data.n=300", "batch=32", *data])
-    config.stages = [{"name": "policy", "trainer": "qlearning", "params": {"epochs": 1, "minibag": 16}}]
+    # Two classes: bags of one with F1's per-example weights (`minibag=auto`), else bags of 16.
+    config.stages = [{"name": "policy", "trainer": "qlearning", "params": {"epochs": 1, "minibag": "auto" if data else 16}}]
     before = {k: v.clone() for k, v in _fresh_weights(graph, config).items()}
     run = Run.create(graph, path.read_text(), config, out=tmp_path / "run")
     trained = train(graph, config, run, quiet=True, echo=None)

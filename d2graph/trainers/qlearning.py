@@ -22,11 +22,17 @@ Guarantees:
     over (B mod m) still count for the cross-entropy but give no reward (a shorter bag
     would have to predict the same r with fewer summands). `minibag` above the train
     block's `batch` is refused (E921). A graph with several outputs is judged on its first.
-  - `minibag=auto` (the default) takes m = 1 for accuracy and 32 for F1. Mini-bags exist
-    for set metrics (F1); accuracy is a mean over examples, so a bag of one has the same
-    expected reward and gives every example its own outcome to fit. On the D²NN cascade
-    this is the difference between one path for everybody with cost not monotone in λ
-    (m = 32) and a per-example routing whose cost rises with λ (docs/results.md).
+  - `minibag=auto` (the default) takes m = 1. Accuracy is a mean over examples, so a bag
+    of one has the same expected reward and gives every example its own outcome to fit. On
+    the D²NN cascade this is the difference between one path for everybody with cost not
+    monotone in λ (m = 32) and a per-example routing whose cost rises with λ
+    (docs/results.md). F1 is a set metric, which is why the paper introduces mini-bags; with
+    a bag of one its reward is F1's first-order change per example (`f1_weights`): a right
+    answer counts 2/F − 1 times as much on a positive example as on a negative one, F the
+    graph's validation F1 so far (before the first epoch, then after each; in
+    `stage.extra`), the weights scaled so their mean over the training labels is 1. On an
+    unseen binary task the bags of 32 (the default until 2026-12-01) routed to F1 0.62 /
+    0.68 at λ = 0.5 / 0.8 where the best static path has 0.72 (docs/trainers.md).
   - Our reading of the paper (notes: "Mini-Bags for Set-Based Metrics", "Joint Training"):
       * the joint action value of a bag is the plain, **unnormalised** sum of the per-example
         values, Q(s, a) = Σᵢ Q(sᵢ, aᵢ), and the loss is L = (r − Σᵢ Q(sᵢ, aᵢ))², so
@@ -44,7 +50,7 @@ Guarantees:
     (`lr_scale`) and the number of steps matter more than the loss's size suggests.
     `bag=mean` divides the sum by m, so each value estimates r itself: on high_low with a
     weak backbone it found the best routing within 6 epochs where the sum had not.
-  - `backup=full` (`auto` for accuracy on graphs of at most FULL_BACKUP_PATHS static paths):
+  - `backup=full` (`auto` with bags of one on graphs of at most FULL_BACKUP_PATHS static paths):
     one forced pass per static path (no gradient) gives every path's reward for every
     example, and each control node regresses the value of every action towards the best
     reward of a path that takes it and agrees with the example's choices above the node
@@ -119,7 +125,7 @@ from .supervised import function_parameters
 from .toolkit import every_control, held_out, held_out_batch
 
 __all__ = ["FULL_BACKUP_PATHS", "QLearningTrainer", "bag_reward", "control_parameters", "epsilon_at",
-           "full_targets", "minibag_size"]
+           "f1_weights", "full_targets", "minibag_size"]
 
 FULL_BACKUP_PATHS = 16  # `backup=auto` computes every action's value when the graph has at most this many paths
 
@@ -144,10 +150,11 @@ def epsilon_at(step: int, steps_per_epoch: int, start: float, end: float, decay_
 
 
 def bag_reward(prediction: Tensor, label: Tensor, cost_fraction: Tensor, m: int, lam: float,
-               metric: str) -> Tensor:
+               metric: str, weight: Tensor | None = None) -> Tensor:
     """The reward r = λ·A + (1 − λ)·E of each complete mini-bag of m consecutive examples:
     float32 [⌊B/m⌋]. `metric` is "accuracy" or "f1" (of class 1; a bag without errors and
-    without positives scores 1).
+    without positives scores 1). With m = 1, `weight` [B] (`f1_weights`) scales each
+    example's A = [right]: F1's per-example stand-in.
 
     Example:
         >>> bag_reward(torch.tensor([1, 0, 1, 1]), torch.tensor([1, 0, 0, 1]),
@@ -157,7 +164,9 @@ def bag_reward(prediction: Tensor, label: Tensor, cost_fraction: Tensor, m: int,
     bags = len(label) // m
     n = bags * m
     correct = (prediction[:n] == label[:n]).view(bags, m)
-    if metric == "f1":
+    if weight is not None and m == 1:
+        a = correct.float().view(-1) * weight[:n].float()
+    elif metric == "f1":
         pred, true = (prediction[:n] == 1).view(bags, m), (label[:n] == 1).view(bags, m)
         tp = (pred & true).sum(1).float()
         wrong = (~correct).sum(1).float()  # false positives + false negatives
@@ -169,21 +178,36 @@ def bag_reward(prediction: Tensor, label: Tensor, cost_fraction: Tensor, m: int,
     return lam * a + (1.0 - lam) * e
 
 
-def minibag_size(minibag: int | str, metric: str, batch: int) -> int:
-    """The mini-bag size m: as given, or for `auto` 1 with accuracy and 32 (at most a batch) with F1.
+def minibag_size(minibag: int | str) -> int:
+    """The mini-bag size m: as given, or 1 for `auto`, whatever the metric.
 
     Accuracy is a mean of per-example terms, so a bag's reward is the mean of its examples'
     rewards and a bag of one has the same expectation with far less noise: each example's
-    Q-value is fitted to its own outcome instead of the outcome of 31 others. F1 is a set
-    metric and needs a set (the reason the paper introduces mini-bags).
+    Q-value is fitted to its own outcome instead of the outcome of 31 others. F1 is not a
+    mean, but its change when one answer flips is (`f1_weights`), and that noise-free
+    per-example reward routed better than F1 measured on bags of 32 (docs/trainers.md).
 
     Example:
-        >>> minibag_size("auto", "accuracy", 64), minibag_size("auto", "f1", 16), minibag_size(8, "f1", 64)
-        (1, 16, 8)
+        >>> minibag_size("auto"), minibag_size(8)
+        (1, 8)
     """
-    if minibag != "auto":
-        return int(minibag)
-    return 1 if metric == "accuracy" else min(32, batch)
+    return 1 if minibag == "auto" else int(minibag)
+
+
+def f1_weights(label: Tensor, f1: float, positives: float) -> Tensor:
+    """Each example's weight in the per-example reward that stands for F1 of class 1 (a bag
+    of one): F1 = 2TP / (2TP + FP + FN) rises by 2(TP + FP + FN)/D² when a positive example
+    turns right (FN → TP) and by 2TP/D² when a negative one does (FP → TN), D = 2TP + FP + FN;
+    their ratio is 2/F1 − 1. So a positive weighs 2/F1 − 1 (F1 floored at 0.05), a negative
+    1, scaled so that the mean weight over labels with this share of `positives` is 1 (λ
+    then weighs A and E on one scale, as with accuracy). float32 [B].
+
+    Example:
+        >>> f1_weights(torch.tensor([1, 0]), 0.5, 0.25).tolist()  # 3 : 1, mean 0.25·3 + 0.75·1 = 1.5
+        [2.0, 0.6666666865348816]
+    """
+    positive = 2.0 / max(float(f1), 0.05) - 1.0
+    return torch.where(label == 1, positive, 1.0).float() / (positives * positive + 1.0 - positives)
 
 
 def full_targets(rewards: Tensor, paths: list[dict[str, int]], taken: dict[str, Tensor], controls: list[str],
@@ -243,8 +267,8 @@ class QLearningTrainer(Trainer):
         Param("epochs", "posint", 10, doc="passes over the training split"),
         Param("lambda", "fraction", 0.5, doc="reward weight λ: r = λ·accuracy + (1 − λ)·efficiency"),
         Param("minibag", "posint", "auto", also=("auto",),
-              doc="examples per mini-bag, the set the reward is measured on; `auto`: 1 when the metric is "
-                  "accuracy (each example its own reward), 32 for F1"),
+              doc="examples per mini-bag, the set the reward is measured on; `auto`: 1 (each example its own "
+                  "reward; with F1, F1's change per example)"),
         Param("epsilon_start", "fraction", 1.0, doc="exploration rate ε at the first step"),
         Param("epsilon_end", "fraction", 0.05, doc="ε once the decay is over"),
         Param("epsilon_decay", "number", 5, doc="epochs over which ε falls linearly, step by step"),
@@ -259,7 +283,7 @@ class QLearningTrainer(Trainer):
               doc="`sampled`: each control node learns the value of the action it took (the paper); `full`: "
                   "of every action, from one forced pass per static path and each example's best "
                   "continuation; `greedy`: the same, continued by the choices of the nodes below; "
-                  f"`auto`: full for accuracy on graphs of at most {FULL_BACKUP_PATHS} paths"),
+                  f"`auto`: full with bags of one on graphs of at most {FULL_BACKUP_PATHS} paths"),
         Param("heads", "bool", True,
               doc="add to the Q-values of each control node that does not read its current head itself a learned "
                   "linear term on that head's confidence (max probability, entropy, margin), as `costsensitive` does"),
@@ -290,7 +314,7 @@ class QLearningTrainer(Trainer):
         if metric == "f1" and data.classes != 2:
             raise trainer_error(self.name, f"`metric=f1` needs a binary task, but the data has {data.classes} classes",
                                 help="use `metric=accuracy` (or `auto`)")
-        m = minibag_size(p["minibag"], metric, stage.batch)
+        m = minibag_size(p["minibag"])
         if m > stage.batch:
             raise trainer_error(self.name, f"a mini-bag of {m} examples does not fit in a batch of {stage.batch}",
                                 help=f"lower `minibag` to at most {stage.batch}, or raise the block's `batch`")
@@ -322,7 +346,7 @@ class QLearningTrainer(Trainer):
             backup = "full" if m == 1 and len(paths) <= FULL_BACKUP_PATHS else "sampled"
         if backup in ("full", "greedy") and m != 1:
             raise trainer_error(self.name, f"`backup={backup}` values each example on its own, but the mini-bag has {m}",
-                                help="use `minibag=1` (or `auto` with the accuracy metric), or `backup=sampled`")
+                                help="use `minibag=1` (or `auto`), or `backup=sampled`")
         self.paths = [actions for actions, _ in paths] if backup in ("full", "greedy") else None
         self.greedy = backup == "greedy"
         try:
@@ -411,6 +435,13 @@ class QLearningTrainer(Trainer):
         epoch_data = held if held is not None and mix == 0 else data.train
         steps_per_epoch = math.ceil(len(epoch_data) / stage.batch)
         epsilon = p["epsilon_start"]
+        weighted = metric == "f1" and m == 1  # F1's per-example stand-in (`f1_weights`)
+        if weighted:
+            labels = data.train.tensors[1]
+            positives = float((labels == 1).float().mean())
+            if "f1" not in stage.extra:  # the graph's F1 before any update; a resumed run has it
+                stage.extra["f1"] = evaluate(executor, data.val, self._policy(), classes=data.classes,
+                                             batch=max(stage.batch, 256), split="val").f1
         for epoch in stage.epochs(p["epochs"]):
             executor.train()
             for x, y in stage.batches(epoch_data, epoch):
@@ -424,10 +455,11 @@ class QLearningTrainer(Trainer):
                     xq, yq = x, y
                 r, found = self._explore(executor, xq, epsilon, stage.generator("explore"))
                 values = self._values(r, found)
+                weight = f1_weights(yq, stage.extra["f1"], positives).to(yq.device) if weighted else None
                 with torch.no_grad():
-                    reward = bag_reward(r.outputs[output].argmax(dim=1), yq, r.cost_fraction, m, lam, metric)
+                    reward = bag_reward(r.outputs[output].argmax(dim=1), yq, r.cost_fraction, m, lam, metric, weight)
                 if self.paths is not None:
-                    loss = self._full_loss(executor, xq, yq, r, values, found, controls, lam)
+                    loss = self._full_loss(executor, xq, yq, r, values, found, controls, lam, weight)
                 else:
                     loss = self._q_loss(r, values, controls, reward, m, self.params["bag"] == "mean")
                 loss = loss + sum(weight_penalty(executor.nodes[name], decay)
@@ -445,6 +477,8 @@ class QLearningTrainer(Trainer):
             report = evaluate(executor, data.val, self._policy(), classes=data.classes, batch=max(stage.batch, 256),
                               split="val")
             accuracy = report.f1 if metric == "f1" else report.accuracy
+            if weighted:
+                stage.extra["f1"] = report.f1
             val_reward = lam * accuracy + (1 - lam) * (1 - report.cost_fraction)
             total, bags = stage.extra.get("reward", [0.0, 0])
             if p["keep"] == "best":
@@ -480,9 +514,10 @@ class QLearningTrainer(Trainer):
         stage.log(kept_epoch=best["epoch"], kept_val_reward=round(best["reward"], 6))
 
     def _full_loss(self, executor, x, y, r, values: dict[str, Tensor], found, controls: list[str],
-                   lam: float) -> Tensor:
+                   lam: float, weight: Tensor | None = None) -> Tensor:
         """Σ over control nodes of the mean squared error between every action's Q-value and
-        its full-backup target (`full_targets`), on the examples where the node ran."""
+        its full-backup target (`full_targets`), on the examples where the node ran; `weight`
+        scales each example's right answer (`f1_weights`)."""
         graph = executor.graph
         output = graph.outputs[0].name
         rewards, greedy = [], []
@@ -492,6 +527,8 @@ class QLearningTrainer(Trainer):
             for actions in self.paths:
                 run = executor(x, mode="force", actions=every_control(graph, actions, len(y)))
                 right = (run.outputs[output].argmax(1) == y).float()
+                if weight is not None:
+                    right = right * weight.to(right.device)
                 rewards.append(lam * right + (1.0 - lam) * (1.0 - run.cost_fraction.float()))
                 if self.greedy:  # what each control node would choose on this path
                     chose = self._values(run, found)
