@@ -202,7 +202,8 @@ def search_under_budget(outcome: Callable[[list[float]], tuple[float, float]], g
             best_knobs, best = [float(v) for v in start], r
     if best_knobs is None:
         return [float(v) for v in starts[0]]
-    floor = best[1] - slack
+    import os
+    floor = best[1] - float(os.environ.get("D2_SLACK", slack))
     n = len(best_knobs)
     for _ in range(rounds):
         moved = False
