@@ -2,6 +2,7 @@
 
     python benchmarks/synthetic/make_data.py [--n 20000] [--seed 0] [--out benchmarks/synthetic/clusters.npz]
     python benchmarks/synthetic/make_data.py --binary    # binary.npz, for binary_cascade.d2
+    python benchmarks/synthetic/make_data.py --deep      # deep.npz, for four_exits.d2
 
 scikit-learn's `make_classification`: 32 features (12 informative), 10 classes of 4 Gaussian
 clusters each, 5% of the labels flipped. The clusters make capacity matter (measured, 10
@@ -34,15 +35,27 @@ def binary_task(n: int = 12000, seed: int = 11) -> tuple[np.ndarray, np.ndarray]
     return x.astype(np.float32), y.astype(np.int64)
 
 
+def deep_task(n: int = 16000, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """A 6-class task of 20 features (10 informative, 3 clusters per class, 3% of the labels
+    flipped) on which four_exits.d2's deepest network overfits: its third exit answers as
+    well as its fourth at a ninth of the cost."""
+    x, y = make_classification(n_samples=n, n_features=20, n_informative=10, n_classes=6, n_clusters_per_class=3,
+                               class_sep=1.2, flip_y=0.03, random_state=seed)
+    return x.astype(np.float32), y.astype(np.int64)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--binary", action="store_true",
                     help="the binary task instead (12,000 examples, seed 11, binary.npz by default)")
+    ap.add_argument("--deep", action="store_true",
+                    help="the task four_exits.d2 reads (16,000 examples, seed 7, deep.npz by default)")
     ap.add_argument("--n", type=int, default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    task, n, seed, name = (binary_task, 12000, 11, "binary.npz") if args.binary else (clusters_task, 20000, 0, "clusters.npz")
+    task, n, seed, name = ((binary_task, 12000, 11, "binary.npz") if args.binary else
+                           (deep_task, 16000, 7, "deep.npz") if args.deep else (clusters_task, 20000, 0, "clusters.npz"))
     args.out = args.out or str(Path(__file__).with_name(name))
     x, y = task(args.n or n, seed if args.seed is None else args.seed)
     np.savez(args.out, x=x, y=y)

@@ -166,7 +166,7 @@ def calibrate(cost_at: Callable[[float], float], target: float, lo: float, hi: f
 
 def search_under_budget(outcome: Callable[[list[float]], tuple[float, float]], grids: list[np.ndarray],
                         bounds: list[tuple[float, float]], budget: float, starts: list[list[float]],
-                        rounds: int = 4, slack: float = 0.02) -> list[float]:
+                        rounds: int = 4) -> list[float]:
     """Several knobs of a policy (one per exit or control node) set together: the values that
     score best with a mean cost at most `budget`, by coordinate search from the best of
     `starts`. `outcome(knobs)` → (score, mean cost), the score a count of examples answered
@@ -178,10 +178,11 @@ def search_under_budget(outcome: Callable[[list[float]], tuple[float, float]], g
     spent by sending more examples to a middle exit or path. Each knob in turn takes every
     value of its grid (`grids[i]`, e.g. quantiles of the scores it compares), alone or with
     one other knob re-bisected in `bounds[j]` to the dearest cost within the budget; a move
-    is kept when it scores more (ties: the dearer) at a cost within [c − slack, budget], c the
-    best start's cost, so the budget is spent as the starts spend it. The result is never
-    worse on these examples than the best start, and within the budget when a start is; when
-    none is, the first start comes back unchanged.
+    is kept when it scores more (ties: the dearer) at any cost within the budget. The budget
+    is a cap, not a target: where the dearest exit or path answers fewer examples right than
+    a cheaper one (an overfitted deep network), the policy stops spending. The result is
+    never worse on these examples than the best start, and within the budget when a start
+    is; when none is, the first start comes back unchanged.
 
     Example:
         >>> right = np.array([[1, 1], [1, 1], [0, 1], [0, 1]], bool)
@@ -192,7 +193,7 @@ def search_under_budget(outcome: Callable[[list[float]], tuple[float, float]], g
         [0.5]
     """
     def better(a: tuple[float, float], b: tuple[float, float]) -> bool:
-        # Ties spend more of the budget: on unseen examples the extra compute can only help.
+        # Ties spend more of the budget: on unseen examples a dearer route is rarely worse.
         return a[0] > b[0] or (a[0] == b[0] and a[1] > b[1] + 1e-12)
 
     best_knobs, best = None, (-math.inf, math.inf)
@@ -202,8 +203,6 @@ def search_under_budget(outcome: Callable[[list[float]], tuple[float, float]], g
             best_knobs, best = [float(v) for v in start], r
     if best_knobs is None:
         return [float(v) for v in starts[0]]
-    import os
-    floor = best[1] - float(os.environ.get("D2_SLACK", slack))
     n = len(best_knobs)
     for _ in range(rounds):
         moved = False
@@ -217,7 +216,7 @@ def search_under_budget(outcome: Callable[[list[float]], tuple[float, float]], g
                             return outcome(knobs[:j] + [u] + knobs[j + 1:])[1]
                         knobs[j], _ = calibrate(cost_at, budget, *bounds[j], steps=24)
                     r = outcome(knobs)
-                    if floor <= r[1] <= budget and better(r, best):
+                    if r[1] <= budget and better(r, best):
                         best_knobs, best, moved = knobs, r, True
         if not moved:
             break
