@@ -153,8 +153,8 @@ def bag_reward(prediction: Tensor, label: Tensor, cost_fraction: Tensor, m: int,
                metric: str, weight: Tensor | None = None) -> Tensor:
     """The reward r = λ·A + (1 − λ)·E of each complete mini-bag of m consecutive examples:
     float32 [⌊B/m⌋]. `metric` is "accuracy" or "f1" (of class 1; a bag without errors and
-    without positives scores 1). With m = 1, `weight` [B] (`f1_weights`) scales each
-    example's A = [right]: F1's per-example stand-in.
+    without positives scores 1). `weight` [B] (`f1_weights`, with m = 1: F1's per-example
+    stand-in) makes A the bag's weighted accuracy, the mean of weight · [right].
 
     Example:
         >>> bag_reward(torch.tensor([1, 0, 1, 1]), torch.tensor([1, 0, 0, 1]),
@@ -164,8 +164,8 @@ def bag_reward(prediction: Tensor, label: Tensor, cost_fraction: Tensor, m: int,
     bags = len(label) // m
     n = bags * m
     correct = (prediction[:n] == label[:n]).view(bags, m)
-    if weight is not None and m == 1:
-        a = correct.float().view(-1) * weight[:n].float()
+    if weight is not None:
+        a = (correct.float() * weight[:n].float().view(bags, m)).mean(1)
     elif metric == "f1":
         pred, true = (prediction[:n] == 1).view(bags, m), (label[:n] == 1).view(bags, m)
         tp = (pred & true).sum(1).float()
@@ -437,11 +437,9 @@ class QLearningTrainer(Trainer):
         epsilon = p["epsilon_start"]
         weighted = metric == "f1" and m == 1  # F1's per-example stand-in (`f1_weights`)
         if weighted:
-            labels = data.train.tensors[1]
-            positives = float((labels == 1).float().mean())
+            positives = float((data.train.tensors[1] == 1).float().mean())
             if "f1" not in stage.extra:  # the graph's F1 before any update; a resumed run has it
-                stage.extra["f1"] = evaluate(executor, data.val, self._policy(), classes=data.classes,
-                                             batch=max(stage.batch, 256), split="val").f1
+                stage.extra["f1"] = self._validate(executor, data, stage).f1
         for epoch in stage.epochs(p["epochs"]):
             executor.train()
             for x, y in stage.batches(epoch_data, epoch):
@@ -455,7 +453,7 @@ class QLearningTrainer(Trainer):
                     xq, yq = x, y
                 r, found = self._explore(executor, xq, epsilon, stage.generator("explore"))
                 values = self._values(r, found)
-                weight = f1_weights(yq, stage.extra["f1"], positives).to(yq.device) if weighted else None
+                weight = f1_weights(yq, stage.extra["f1"], positives) if weighted else None
                 with torch.no_grad():
                     reward = bag_reward(r.outputs[output].argmax(dim=1), yq, r.cost_fraction, m, lam, metric, weight)
                 if self.paths is not None:
@@ -474,8 +472,7 @@ class QLearningTrainer(Trainer):
                 stage.step(loss=float(loss.detach()), n=len(y))
                 total, bags = stage.sums([float(reward.sum()), len(reward)])
                 stage.extra["reward"] = [stage.extra["reward"][0] + total, stage.extra["reward"][1] + int(bags)]
-            report = evaluate(executor, data.val, self._policy(), classes=data.classes, batch=max(stage.batch, 256),
-                              split="val")
+            report = self._validate(executor, data, stage)
             accuracy = report.f1 if metric == "f1" else report.accuracy
             if weighted:
                 stage.extra["f1"] = report.f1
@@ -489,6 +486,11 @@ class QLearningTrainer(Trainer):
                             val_cost_fraction=round(report.cost_fraction, 6),
                             train_reward=round(total / bags, 6) if bags else None,
                             epsilon=round(epsilon, 6))
+
+    def _validate(self, executor, data, stage):
+        """The graph on the validation split, routed by the policy as it stands (argmax)."""
+        return evaluate(executor, data.val, self._policy(), classes=data.classes, batch=max(stage.batch, 256),
+                        split="val")
 
     def _remember_if_best(self, executor, stage, val_reward: float) -> None:
         """Keep a copy of the weights (and head terms) when this epoch's validation reward is the
