@@ -172,7 +172,7 @@ def test_more_weight_on_accuracy_never_makes_the_policy_cheaper():
 def test_bags_of_one_learn_the_routing_that_bags_of_eight_do_not_in_as_many_steps():
     # `minibag=auto` means 1 for accuracy: each example fits its own outcome, where in a
     # bag of 8 it fits the outcome of 7 others too (same expectation, 8× the noise).
-    short = ["policy.epochs=12", "policy.epsilon_decay=6"]
+    short = ["policy.epochs=12", "policy.epsilon_decay=6", "policy.offsets=none"]  # the values as learnt
     agreement = {minibag: _agreement(0.5, [*short, f"policy.minibag={minibag}"]) for minibag in ("auto", "8")}
     print("agreement with the known routing after 12 epochs:", agreement)
     assert agreement["auto"] >= 0.95
@@ -182,12 +182,37 @@ def test_bags_of_one_learn_the_routing_that_bags_of_eight_do_not_in_as_many_step
 def test_full_backups_learn_the_known_routing_sooner_than_sampled_ones():
     # `backup=full` fits every action's value on every example (one forced pass per path);
     # `sampled` only the action the exploring run took, so the other waits for exploration.
-    short = ["policy.epochs=4", "policy.epsilon_decay=2", "policy.minibag=1"]
+    short = ["policy.epochs=4", "policy.epsilon_decay=2", "policy.minibag=1", "policy.offsets=none"]
     agreement = {backup: _agreement(0.5, [*short, f"policy.backup={backup}"])
                  for backup in ("full", "greedy", "sampled")}
     print("agreement with the known routing after 4 epochs:", agreement)
     assert agreement["full"] >= 0.75 and agreement["sampled"] <= 0.70
     assert agreement["greedy"] == agreement["full"]  # one control node: nothing below it to follow
+
+
+def test_offsets_keep_every_example_on_the_cheap_branch_where_the_dear_one_answers_the_same():
+    # B is set to read what A reads: the two answer every example alike, B at three times the
+    # cost. At λ = 0.99 their values differ by 0.005, less than the noise of values fitted in
+    # a few epochs, so the argmax of the values as learnt sends examples to B for nothing;
+    # the searched offsets (`offsets=auto`, which searches when the branches are frozen, as
+    # `mix=0` keeps them here) move the node to A, where validation says it loses nothing.
+    graph, data, _ = _synthetic()
+    share, accuracy = {}, {}
+    for offsets in ("none", "auto"):
+        config = resolve(graph, ["policy.lambda=0.99", "policy.epochs=6", "policy.epsilon_decay=3",
+                                 "policy.minibag=1", f"policy.offsets={offsets}"])
+        executor = _hand_set(graph, 0)
+        with torch.no_grad():
+            executor.nodes["B"][0].weight.copy_(executor.nodes["A"][0].weight)
+        trained = train(graph, config, None, quiet=True, echo=None,
+                        start=Trained(executor, LearnedPolicy(), data, config, None))
+        share[offsets] = {split: float(np.mean(per_example(trained.executor, getattr(data, split))["action.Q"] == 1))
+                          for split in ("val", "test")}
+        accuracy[offsets] = trained.reports["val"].accuracy
+    print("share sent to B:", share)
+    assert share["none"]["val"] >= 0.05  # the values as learnt route on noise
+    assert share["auto"]["val"] == 0.0 and share["auto"]["test"] <= 0.01
+    assert accuracy["auto"] == accuracy["none"]
 
 
 def test_rewards_on_held_out_examples_do_not_trust_what_a_branch_memorised():
@@ -206,8 +231,8 @@ def test_rewards_on_held_out_examples_do_not_trust_what_a_branch_memorised():
         shares = {}
         for name, holdout in (("train", None), ("held out", held)):
             splits = Splits("synthetic", data.train, data.val, data.test, 4, (13,), holdout=holdout)
-            # keep=last: what the rewards taught, not the epoch validation would pick among them
-            config = resolve(graph, ["policy.lambda=0.5", "policy.keep=last"])
+            # keep=last, offsets=none: what the rewards taught, without validation's corrections
+            config = resolve(graph, ["policy.lambda=0.5", "policy.keep=last", "policy.offsets=none"])
             trained = train(graph, config, None, quiet=True, echo=None,
                             start=Trained(_hand_set(graph, 0), LearnedPolicy(), splits, config, None))
             shares[name] = float(np.mean(per_example(trained.executor, data.val)["action.Q"] == 1))
@@ -482,7 +507,8 @@ def test_every_d2nn_example_trains_a_few_steps(example, data, tmp_path):
     graph = d2graph.load(path)
     config = resolve(graph, ["data.n=300", "batch=32", *data])
     # Two classes: bags of one with F1's per-example weights (`minibag=auto`), else bags of 16.
-    config.stages = [{"name": "policy", "trainer": "qlearning", "params": {"epochs": 1, "minibag": "auto" if data else 16}}]
+    params = {"epochs": 1, "minibag": "auto" if data else 16, "offsets": "search"}
+    config.stages = [{"name": "policy", "trainer": "qlearning", "params": params}]
     before = {k: v.clone() for k, v in _fresh_weights(graph, config).items()}
     run = Run.create(graph, path.read_text(), config, out=tmp_path / "run")
     trained = train(graph, config, run, quiet=True, echo=None)
@@ -500,6 +526,12 @@ def test_every_d2nn_example_trains_a_few_steps(example, data, tmp_path):
     if example == "cascade":
         assert trained.policy.heads == {"Q1": "N2", "Q2": "N4", "Q3": "N6"}
     report = trained.reports["val"]
+    # offsets=search: the searched routing is what the policy does on validation, and never worse
+    (searched,) = [r for r in run.rows() if "val_reward_after_offsets" in r]
+    assert searched["val_reward_before_offsets"] == pytest.approx(kept["kept_val_reward"], abs=1e-6)
+    a = report.f1 if data else report.accuracy
+    assert searched["val_reward_after_offsets"] == pytest.approx(0.5 * a + 0.5 * (1 - report.cost_fraction), abs=1e-6)
+    assert searched["val_reward_after_offsets"] >= searched["val_reward_before_offsets"]
     for q in graph.control_nodes:  # the control nodes route every example they reach
         assert sum(report.action_rates[q.name]) == pytest.approx(1.0)
         assert not torch.equal(_first_weight(before, q.name), _first_weight(trained.executor.state_dict(), q.name))
@@ -521,7 +553,7 @@ def test_the_stage_ends_with_the_weights_of_the_epoch_it_keeps(keep, tmp_path):
     # The branches learn jointly (mix) with a high learning rate and the exploration stays
     # wide, so the validation reward moves from epoch to epoch and its best is not the last.
     overrides = ["policy.epochs=5", "policy.epsilon_end=0.5", "policy.mix=1", "policy.lr_scale=30",
-                 f"policy.keep={keep}"]
+                 f"policy.keep={keep}", "policy.offsets=none"]
     graph = _synthetic()[0]
     config = resolve(graph, ["policy.lambda=0.5", *overrides])
     trained = _fit(overrides=overrides, run=Run.create(graph, SYNTHETIC, config, out=tmp_path / "run"))

@@ -87,7 +87,7 @@ from ..policies import LearnedPolicy, Policy, evaluating, run_policy
 from ..schema import Param, Schema
 from .base import Trainer, register, trainer_error
 from .baselines import MEASURES, HeadTermPolicy, decay_param, head_confidences, head_decay, weight_penalty
-from .toolkit import PathTable, budget_param, calibrate, check_budget, search_under_budget
+from .toolkit import PathTable, budget_param, calibrate, check_budget, final_bias, search_under_budget
 
 __all__ = ["CostSensitiveTrainer", "LOSSES", "MULTICLASS", "lambda_at"]
 
@@ -296,14 +296,6 @@ def _ranking_area(scores: Tensor, fraction: Tensor, extra: Tensor, order: list[i
     return float((e[:-1] * np.diff(f)).sum() / span) if span > 0 else float(e.mean())
 
 
-def _last_bias(module: nn.Module, k: int) -> Tensor | None:
-    """The bias of the control node's final `fc`, where its scores come straight from one."""
-    last = module[-1] if isinstance(module, nn.Sequential) and len(module) else module
-    if isinstance(last, nn.Linear) and last.bias is not None and last.bias.shape == (k,):
-        return last.bias
-    return None
-
-
 class _Scorer(nn.Module):
     """What `costsensitive` trains for one control node: the node's own pipeline on its input,
     plus, where the node has a current head, `term` — a linear map of the head's features
@@ -325,7 +317,7 @@ class _Scorer(nn.Module):
 
     def offset_bias(self, k: int) -> Tensor | None:
         """The bias that the budget's offset moves: the term's, else the node's final `fc`'s."""
-        return self.term.bias if self.term is not None else _last_bias(self.node, k)
+        return self.term.bias if self.term is not None else final_bias(self.node, k)
 
 
 @register

@@ -14,6 +14,7 @@ Out:
   search_under_budget(outcome, grids, bounds, budget, starts)
                              several knobs (per-exit thresholds, per-node offsets) searched
                              together for the most right answers within a budget
+  final_bias(module, k)      the bias of a control node's final `fc`, which shifts its scores
   evaluating(executor)       eval mode, no autograd, the train/eval mode put back on leaving
   batches(dataset, batch)    (x, y) slices of a split, in order
   every_control(graph, actions, n)
@@ -54,7 +55,7 @@ from ..policies import evaluating
 from ..schema import Param, trainer_error
 
 __all__ = ["BUDGET_NONE", "PathTable", "batches", "budget_param", "calibrate", "check_budget", "drop_param",
-           "evaluating", "every_control", "held_out", "held_out_batch", "path_table", "search_under_budget", "validate_budget"]
+           "evaluating", "every_control", "final_bias", "held_out", "held_out_batch", "path_table", "search_under_budget", "validate_budget"]
 
 # The word that turns a trainer's budget off where the trainer can run without one (`reinforce`).
 BUDGET_NONE = "none"
@@ -221,6 +222,16 @@ def search_under_budget(outcome: Callable[[list[float]], tuple[float, float]], g
         if not moved:
             break
     return best_knobs
+
+
+def final_bias(module: torch.nn.Module, k: int) -> Tensor | None:
+    """The bias of a control node's final `fc`, where its k scores come straight from one:
+    what a trainer moves to shift the node's scores by a constant per action (None when the
+    pipeline ends otherwise, or its last `fc` has no bias)."""
+    last = module[-1] if isinstance(module, torch.nn.Sequential) and len(module) else module
+    if isinstance(last, torch.nn.Linear) and last.bias is not None and last.bias.shape == (k,):
+        return last.bias
+    return None
 
 
 # --- data and routing -----------------------------------------------------------------------
