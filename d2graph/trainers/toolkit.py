@@ -55,7 +55,8 @@ from ..policies import evaluating
 from ..schema import Param, trainer_error
 
 __all__ = ["BUDGET_NONE", "PathTable", "batches", "budget_param", "calibrate", "check_budget", "drop_param",
-           "evaluating", "every_control", "final_bias", "held_out", "held_out_batch", "path_table", "search_under_budget", "validate_budget"]
+           "evaluating", "every_control", "final_bias", "held_out", "held_out_batch", "path_table",
+           "search_under_budget", "validate_budget"]
 
 # The word that turns a trainer's budget off where the trainer can run without one (`reinforce`).
 BUDGET_NONE = "none"
