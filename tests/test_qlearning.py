@@ -215,6 +215,24 @@ def test_offsets_keep_every_example_on_the_cheap_branch_where_the_dear_one_answe
     assert accuracy["auto"] == accuracy["none"]
 
 
+@pytest.mark.parametrize("random_routes", [0.0, 0.5])
+def test_random_routes_train_a_branch_that_no_example_is_routed_to(random_routes):
+    # Q is set to send everyone to A and kept so (no exploration, a learning rate of ~0): the
+    # routed cross-entropy never reaches B; `random_routes` adds one on a route drawn at random.
+    graph, data, _ = _synthetic()
+    config = resolve(graph, ["policy.epochs=1", "policy.epsilon_start=0", "policy.epsilon_end=0", "policy.mix=1",
+                             "policy.lr_scale=1e-9", "policy.offsets=none", f"policy.random_routes={random_routes}"])
+    executor = _hand_set(graph, 0)
+    with torch.no_grad():
+        executor.nodes["Q"][0].weight.zero_()
+        executor.nodes["Q"][0].bias.copy_(torch.tensor([10.0, -10.0]))
+    before = {name: executor.nodes[name][0].weight.clone() for name in ("A", "B")}
+    trained = train(graph, config, None, quiet=True, echo=None, start=Trained(executor, LearnedPolicy(), data, config, None))
+    assert float(np.mean(per_example(trained.executor, data.val)["action.Q"] == 0)) == 1.0  # still everyone to A
+    assert not torch.equal(trained.executor.nodes["A"][0].weight, before["A"])
+    assert torch.equal(trained.executor.nodes["B"][0].weight, before["B"]) == (random_routes == 0)
+
+
 def test_rewards_on_held_out_examples_do_not_trust_what_a_branch_memorised():
     # B "memorised" the training examples: there its input shows the true class, on every
     # other example a random one (right a quarter of the time). Rewarded on the training
@@ -472,6 +490,7 @@ def _codes(excinfo) -> list[str]:
     ("policy.mix=-1", "`mix` must not be negative"),
     ("policy.lr_scale=0", "`lr_scale` must be positive"),
     ("policy.decay=-1", "`decay` must not be negative"),
+    ("policy.random_routes=-0.5", "`random_routes` must not be negative"),
 ])
 def test_mistakes_are_E921_before_any_step(override, fragment):
     with pytest.raises(D2GraphError) as e:

@@ -80,7 +80,11 @@ Guarantees:
     them during the stage). The Q-loss's gradient also
     reaches the function nodes that a control node reads (high_low's N1), as in the paper,
     when they are being trained. `lr_scale` multiplies the learning rate of the control
-    nodes only.
+    nodes only. `random_routes` > 0 adds random_routes · the cross-entropy of the graph's
+    output on a route every control node draws uniformly (a second pass of the batch), so
+    that a block the routing sends few examples to still learns from all of them: the
+    blocks otherwise learn only where they are routed, and the dearer routes a higher λ buys
+    are trained on fewer examples (docs/results.md, the synthetic D²NN chain).
   - **Held-out rewards.** When the run holds training examples out of the function nodes'
     training (`data.holdout`; the train block's `holdout`, 0.2 by default with this
     trainer), the rewards and Q-targets are measured on held-out examples and the
@@ -369,6 +373,9 @@ class QLearningTrainer(Trainer):
               doc="the set metric A of the reward; `auto`: F1 for two classes, else accuracy"),
         Param("mix", "number", 1.0, doc="weight of the function nodes' cross-entropy: "
                                         "loss = q_loss + mix·ce_loss; 0 freezes them"),
+        Param("random_routes", "number", 0.0,
+              doc="weight of a second cross-entropy of the function nodes, on a route every control node draws at "
+                  "random (uniformly): blocks that few examples are routed to keep learning from all of them"),
         Param("lr_scale", "number", 1.0, doc="the control nodes' learning rate, times the block's `lr`"),
         Param("bag", "choice", "sum", choices=("sum", "mean"),
               doc="the bag's action value: `sum` of the examples' Q (the paper) or their `mean`"),
@@ -394,10 +401,11 @@ class QLearningTrainer(Trainer):
         if not graph.control_nodes:
             raise trainer_error(self.name, f"graph `{graph.name}` has no control node, so there is no routing to learn",
                                 help="add a `control` node, or use `supervised` alone")
-        for key in ("epsilon_decay", "mix") + (("decay",) if self.params["decay"] != "auto" else ()):
+        for key in ("epsilon_decay", "mix", "random_routes") + (("decay",) if self.params["decay"] != "auto" else ()):
             if self.params[key] < 0:
+                example = dict(epsilon_decay="5", mix="1", decay="auto", random_routes="0.3")[key]
                 raise trainer_error(self.name, f"`{key}` must not be negative, not {self.params[key]}",
-                                    help=f"e.g. `{key}={dict(epsilon_decay='5', mix='1', decay='auto').get(key)}`")
+                                    help=f"e.g. `{key}={example}`")
         if self.params["lr_scale"] <= 0:
             raise trainer_error(self.name, f"`lr_scale` must be positive, not {self.params['lr_scale']}",
                                 help="e.g. `lr_scale=1` (the block's learning rate) or `lr_scale=10`")
@@ -525,6 +533,7 @@ class QLearningTrainer(Trainer):
     def _train(self, executor, data, stage, optimizer, metric: str, m: int) -> None:
         p = self.params
         lam, mix = float(p["lambda"]), float(p["mix"])
+        anywhere = float(p["random_routes"])
         output = executor.graph.outputs[0].name
         controls = [q.name for q in executor.graph.control_nodes]
         held = held_out(data)
@@ -564,6 +573,9 @@ class QLearningTrainer(Trainer):
                 if mix > 0:
                     learn = r if xq is x else self._explore(executor, x, epsilon, stage.generator("explore", "learn"))[0]
                     loss = loss + mix * F.cross_entropy(learn.outputs[output], y)
+                    if anywhere > 0:  # every block on a share of everyone, whatever the routing
+                        drawn = executor(x, mode="explore", epsilon=1.0, generator=stage.generator("explore", "random"))
+                        loss = loss + anywhere * F.cross_entropy(drawn.outputs[output], y)
                 optimizer.zero_grad(set_to_none=True)
                 if loss.requires_grad:  # not when a short last batch holds no bag and mix = 0
                     loss.backward()
