@@ -227,7 +227,8 @@ def test_random_routes_train_a_branch_that_no_example_is_routed_to(random_routes
         executor.nodes["Q"][0].weight.zero_()
         executor.nodes["Q"][0].bias.copy_(torch.tensor([10.0, -10.0]))
     before = {name: executor.nodes[name][0].weight.clone() for name in ("A", "B")}
-    trained = train(graph, config, None, quiet=True, echo=None, start=Trained(executor, LearnedPolicy(), data, config, None))
+    trained = train(graph, config, None, quiet=True, echo=None,
+                    start=Trained(executor, LearnedPolicy(), data, config, None))
     assert float(np.mean(per_example(trained.executor, data.val)["action.Q"] == 0)) == 1.0  # still everyone to A
     assert not torch.equal(trained.executor.nodes["A"][0].weight, before["A"])
     assert torch.equal(trained.executor.nodes["B"][0].weight, before["B"]) == (random_routes == 0)
