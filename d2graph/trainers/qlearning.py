@@ -140,8 +140,7 @@ from .supervised import function_parameters
 from .toolkit import batches, every_control, final_bias, held_out, held_out_batch
 
 __all__ = ["FULL_BACKUP_PATHS", "OFFSET_PATHS", "QLearningTrainer", "bag_reward", "control_parameters", "epsilon_at",
-           "f1_weights", "full_targets", "minibag_size",
-           "offset_route", "search_offsets"]
+           "f1_weights", "full_targets", "minibag_size", "offset_route", "search_offsets"]
 
 FULL_BACKUP_PATHS = 16  # `backup=auto` computes every action's value when the graph has at most this many paths
 OFFSET_PATHS = 64  # the offsets are searched only when the graph has at most this many paths (a validation pass each)
@@ -638,9 +637,11 @@ class QLearningTrainer(Trainer):
         if len(paths) > OFFSET_PATHS:
             stage.log(offsets=f"none: {len(paths)} static paths (searched up to {OFFSET_PATHS})")
             return
-        biases = {q.name: b for q in graph.control_nodes
-                  if (b := self.term[q.name][1] if q.name in self.term else final_bias(executor.nodes[q.name],
-                                                                                         len(q.actions))) is not None}
+        # What shifts a node's values by a constant per action: its head term's bias, else its last fc's.
+        biases = {q.name: self.term[q.name][1] if q.name in self.term else final_bias(executor.nodes[q.name],
+                                                                                        len(q.actions))
+                  for q in graph.control_nodes}
+        biases = {q: b for q, b in biases.items() if b is not None}
         if not biases:
             stage.log(offsets="none: no control node ends with a biased `fc` or has a head term")
             return
@@ -650,7 +651,7 @@ class QLearningTrainer(Trainer):
         predictions, costs, values = [], [], []
         with evaluating(executor):
             for actions in paths:
-                found_p, cost_p, values_p = [], [], {q: [] for q in actions}
+                predicted_p, cost_p, values_p = [], [], {q: [] for q in actions}
                 for x, _ in batches(data.val, max(stage.batch, 256)):
                     forced = every_control(graph, actions, len(x))
                     x = x.to(stage.device)
@@ -658,12 +659,12 @@ class QLearningTrainer(Trainer):
                         r, found = head_confidences(executor, x, self.heads.values(), actions=forced)
                     else:
                         r, found = executor(x, mode="force", actions=forced), None
-                    found_p.append(r.outputs[output].argmax(1).cpu())
+                    predicted_p.append(r.outputs[output].argmax(1).cpu())
                     cost_p.append(r.cost_fraction.double().cpu())
                     for q, v in self._values(r, found).items():
                         if q in values_p:
                             values_p[q].append(v.detach().double().cpu())
-                predictions.append(torch.cat(found_p))
+                predictions.append(torch.cat(predicted_p))
                 costs.append(torch.cat(cost_p))
                 values.append({q: torch.cat(v) for q, v in values_p.items()})
         predictions, costs = torch.stack(predictions), torch.stack(costs)
@@ -681,7 +682,7 @@ class QLearningTrainer(Trainer):
 
         try:
             before = reward(offset_route(paths, values, {}))
-        except ValueError as e:  # static_paths lists every path up to MAX_PATHS; say so if not
+        except ValueError as e:  # static_paths tries at most MAX_COMBINATIONS combinations of actions
             stage.log(offsets=f"none: {e}")
             return
         offsets, after = search_offsets(reward, paths, values, {q: len(graph[q].actions) for q in biases})
