@@ -190,29 +190,31 @@ def test_full_backups_learn_the_known_routing_sooner_than_sampled_ones():
     assert agreement["greedy"] == agreement["full"]  # one control node: nothing below it to follow
 
 
-def test_offsets_keep_every_example_on_the_cheap_branch_where_the_dear_one_answers_the_same():
+@pytest.mark.parametrize("offsets", ["auto", "epochs"])
+def test_offsets_keep_every_example_on_the_cheap_branch_where_the_dear_one_answers_the_same(offsets):
     # B is set to read what A reads: the two answer every example alike, B at three times the
     # cost. At λ = 0.99 their values differ by 0.005, less than the noise of values fitted in
     # a few epochs, so the argmax of the values as learnt sends examples to B for nothing;
     # the searched offsets (`offsets=auto`, which searches when the branches are frozen, as
     # `mix=0` keeps them here) move the node to A, where validation says it loses nothing.
     graph, data, _ = _synthetic()
+    # `epochs` searches after every epoch once ε has stopped falling (here after epochs 4-6).
     share, accuracy = {}, {}
-    for offsets in ("none", "auto"):
+    for searched in ("none", offsets):
         config = resolve(graph, ["policy.lambda=0.99", "policy.epochs=6", "policy.epsilon_decay=3",
-                                 "policy.minibag=1", f"policy.offsets={offsets}"])
+                                 "policy.minibag=1", f"policy.offsets={searched}"])
         executor = _hand_set(graph, 0)
         with torch.no_grad():
             executor.nodes["B"][0].weight.copy_(executor.nodes["A"][0].weight)
         trained = train(graph, config, None, quiet=True, echo=None,
                         start=Trained(executor, LearnedPolicy(), data, config, None))
-        share[offsets] = {split: float(np.mean(per_example(trained.executor, getattr(data, split))["action.Q"] == 1))
-                          for split in ("val", "test")}
-        accuracy[offsets] = trained.reports["val"].accuracy
+        share[searched] = {split: float(np.mean(per_example(trained.executor, getattr(data, split))["action.Q"] == 1))
+                           for split in ("val", "test")}
+        accuracy[searched] = trained.reports["val"].accuracy
     print("share sent to B:", share)
     assert share["none"]["val"] >= 0.05  # the values as learnt route on noise
-    assert share["auto"]["val"] == 0.0 and share["auto"]["test"] <= 0.01
-    assert accuracy["auto"] == accuracy["none"]
+    assert share[offsets]["val"] == 0.0 and share[offsets]["test"] <= 0.01
+    assert accuracy[offsets] == accuracy["none"]
 
 
 @pytest.mark.parametrize("random_routes", [0.0, 0.5])
@@ -447,6 +449,29 @@ def test_an_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     assert all(r["train_reward"] is not None for r in logged)
 
 
+def test_an_interrupted_run_resumes_its_searched_offsets_exactly(tmp_path, monkeypatch):
+    # offsets=epochs: searched after epochs 2 and 3 (ε stops falling after the first); the run
+    # is cut in the third, while the training routes follow the constants found after the second.
+    graph = _synthetic()[0]
+    short = ["policy.epochs=3", "policy.epsilon_decay=1", "policy.mix=0.5", "policy.offsets=epochs"]
+
+    def run(name):
+        config = resolve(graph, ["policy.lambda=0.5", *short])
+        return Run.create(graph, SYNTHETIC, config, out=tmp_path / name)
+
+    whole = _fit(overrides=short, run=run("whole"))
+    cut = run("cut")
+    ctrl_c_after(monkeypatch, stage=0, epoch=2, step=5)
+    with pytest.raises(Interrupted):
+        _fit(overrides=short, run=cut)
+    monkeypatch.undo()
+    resumed = _fit(overrides=short, run=Run.open(cut.folder), resume=True)
+    sw, sr = whole.executor.state_dict(), resumed.executor.state_dict()
+    assert all(torch.equal(sw[k], sr[k]) for k in sw)
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (cut.folder / "metrics.jsonl").read_text()
+    assert len([r for r in Run.open(tmp_path / "whole").rows() if "val_reward_after_offsets" in r]) == 2
+
+
 def test_an_interrupted_run_resumes_its_head_term_exactly(tmp_path, monkeypatch):
     graph = _heads_task()[0]
     short = ["policy.epochs=2", "policy.mix=0.5"]
@@ -527,7 +552,7 @@ def test_every_d2nn_example_trains_a_few_steps(example, data, tmp_path):
     graph = d2graph.load(path)
     config = resolve(graph, ["data.n=300", "batch=32", *data])
     # Two classes: bags of one with F1's per-example weights (`minibag=auto`), else bags of 16.
-    params = {"epochs": 1, "minibag": "auto" if data else 16, "offsets": "search"}
+    params = {"epochs": 1, "minibag": "auto" if data else 16, "offsets": "end"}
     config.stages = [{"name": "policy", "trainer": "qlearning", "params": params}]
     before = {k: v.clone() for k, v in _fresh_weights(graph, config).items()}
     run = Run.create(graph, path.read_text(), config, out=tmp_path / "run")
@@ -546,7 +571,7 @@ def test_every_d2nn_example_trains_a_few_steps(example, data, tmp_path):
     if example == "cascade":
         assert trained.policy.heads == {"Q1": "N2", "Q2": "N4", "Q3": "N6"}
     report = trained.reports["val"]
-    # offsets=search: the searched routing is what the policy does on validation, and never worse
+    # offsets=end: the searched routing is what the policy does on validation, and never worse
     (searched,) = [r for r in run.rows() if "val_reward_after_offsets" in r]
     assert searched["val_reward_before_offsets"] == pytest.approx(kept["kept_val_reward"], abs=1e-6)
     a = report.f1 if data else report.accuracy

@@ -108,12 +108,15 @@ Guarantees:
     59.6 → 55.2% over its last three epochs; docs/trainers.md).
     The epoch's mean training reward is kept in `stage.extra` (checkpointed), so a resumed
     epoch logs what the uninterrupted one would have.
-  - **Offsets** (`offsets=search`; `auto` searches when `mix = 0`): after the kept epoch, each
+  - **Offsets** (`offsets=end`, what `auto` does when `mix = 0`): after the kept epoch, each
     control node's values get one constant per action, searched on validation for the best
     validation reward (`search_offsets`, from one forced pass per static path on graphs of
     at most OFFSET_PATHS paths) and folded into the node's head-term bias or final `fc`'s
     bias, so the policy is still the argmax of the nodes' values; never a lower validation
-    reward than the values as learnt. Why: with frozen branches a node's argmax among
+    reward than the values as learnt. `offsets=epochs` searches after every epoch once ε
+    has stopped falling and keeps the constants beside the values (`stage.extra`): the
+    exploring routes, validation and the kept epoch use values + constants, the Q-loss the
+    values alone; the kept epoch's constants are folded in at the end. Why: with frozen branches a node's argmax among
     actions whose values differ by less than their estimation error routes on noise (the
     synthetic D²NN chain at λ = 0.9: 56.9% at 0.48 of the cost where one static path
     answers 60.0% at 0.24; with the offsets 59.9% at 0.23). With joint training the search
@@ -390,10 +393,11 @@ class QLearningTrainer(Trainer):
         Param("keep", "choice", "best", choices=("best", "last"),
               doc="the weights the stage ends with: those of the epoch with the best validation reward, or the "
                   "last epoch's"),
-        Param("offsets", "choice", "auto", choices=("auto", "search", "none"),
-              doc="`search`: at the end, add to each control node's values one constant per action, searched for the "
-                  f"best validation reward (graphs of at most {OFFSET_PATHS} paths); `none`: the learned values as "
-                  "they are; `auto`: search when the function nodes are frozen (`mix=0`)"),
+        Param("offsets", "choice", "auto", choices=("auto", "end", "epochs", "none"),
+              doc="`end`: at the end, add to each control node's values one constant per action, searched for the "
+                  f"best validation reward (graphs of at most {OFFSET_PATHS} paths); `epochs`: searched after every "
+                  "epoch once ε has stopped falling, and the training routes follow them; `none`: the learned values "
+                  "as they are; `auto`: `end` when the function nodes are frozen (`mix=0`), else `none`"),
     ), doc="D²NN: control nodes learn Q-values of their actions from a mini-bag reward λ·A + (1 − λ)·E")
 
     def check_graph(self, graph) -> None:
@@ -453,12 +457,18 @@ class QLearningTrainer(Trainer):
                                 help="use `minibag=1` (or `auto`), or `backup=sampled`")
         self.paths = [actions for actions, _ in paths] if backup in ("full", "greedy") else None
         self.greedy = backup == "greedy"
+        self.static = [actions for actions, _ in paths]
+        # `offsets=epochs`: the constants the training routes and validation add to the values,
+        # kept apart from them (the Q-loss would pull folded ones back); in the checkpoint state.
+        self.shift = stage.extra.setdefault("shift", {})
         try:
             self._train(executor, data, stage, optimizer, metric, m)
             if p["keep"] == "best":
                 self._restore_best(executor, stage)
-            if p["offsets"] == "search" or (p["offsets"] == "auto" and mix == 0):
-                self._fit_offsets(executor, data, stage, [actions for actions, _ in paths], metric)
+            if p["offsets"] == "end" or (p["offsets"] == "auto" and mix == 0):
+                self._fold(executor, self._fit_offsets(executor, data, stage, metric))
+            elif p["offsets"] == "epochs" and p["keep"] == "last":
+                self._fold(executor, self.shift)  # with keep=best the kept weights hold their epoch's
         finally:
             for w in frozen:
                 w.requires_grad_(True)
@@ -491,7 +501,7 @@ class QLearningTrainer(Trainer):
         greedy action is the argmax of scores + term, which the executor cannot add itself: one
         pass of every node (eval mode, no gradient) gives the scores and the heads, and the
         chosen actions are then forced in a training-mode pass whose scores carry the gradient."""
-        if not self.term:
+        if not self.term and not self.shift:
             return executor(x, mode="explore", epsilon=epsilon, generator=generator), None
         # The exploring draws are made once, at the first choice: the greedy choice may take
         # several passes (`decide_on_route`) and must not draw again in each.
@@ -510,6 +520,8 @@ class QLearningTrainer(Trainer):
                 if q in self.term:
                     w, b = self.term[q]
                     scores = scores + found[self.heads[q]].to(scores) @ w.detach().T + b.detach()
+                if q in self.shift:
+                    scores = scores + self.shift[q].to(scores)
                 explore, anything = draws[q]
                 chosen[q] = torch.where(explore, anything, scores.argmax(1).cpu())
             return chosen
@@ -582,14 +594,21 @@ class QLearningTrainer(Trainer):
                 stage.step(loss=float(loss.detach()), n=len(y))
                 total, bags = stage.sums([float(reward.sum()), len(reward)])
                 stage.extra["reward"] = [stage.extra["reward"][0] + total, stage.extra["reward"][1] + int(bags)]
-            report = self._validate(executor, data, stage)
-            accuracy = report.f1 if metric == "f1" else report.accuracy
+            if p["offsets"] == "epochs" and epoch + 1 > p["epsilon_decay"]:  # once ε has stopped falling
+                self.shift.clear()
+                self.shift.update(self._fit_offsets(executor, data, stage, metric))
+            self._fold(executor, self.shift)  # validated (and kept) as the policy will be used
+            try:
+                report = self._validate(executor, data, stage)
+                accuracy = report.f1 if metric == "f1" else report.accuracy
+                val_reward = lam * accuracy + (1 - lam) * (1 - report.cost_fraction)
+                if p["keep"] == "best":
+                    self._remember_if_best(executor, stage, val_reward)
+            finally:  # the checkpoint holds the values as learnt, the constants beside them
+                self._fold(executor, self.shift, -1.0)
             if weighted:
                 stage.extra["f1"] = report.f1
-            val_reward = lam * accuracy + (1 - lam) * (1 - report.cost_fraction)
             total, bags = stage.extra.get("reward", [0.0, 0])
-            if p["keep"] == "best":
-                self._remember_if_best(executor, stage, val_reward)
             stage.end_epoch(score=val_reward, val_reward=round(val_reward, 6),
                             val_accuracy=round(report.accuracy, 6),
                             **({"val_f1": round(report.f1, 6)} if report.f1 is not None else {}),
@@ -625,26 +644,35 @@ class QLearningTrainer(Trainer):
                 b.copy_(best["head_term"][q][1])
         stage.log(kept_epoch=best["epoch"], kept_val_reward=round(best["reward"], 6))
 
-    def _fit_offsets(self, executor, data, stage, paths: list[dict[str, int]], metric: str) -> None:
-        """`offsets=search` (`auto` with `mix=0`): add to each control node's values the
-        per-action constants that `search_offsets` finds for the best validation reward (the
-        stage's own score), folded into the node's head-term bias or its final `fc`'s bias, so
-        the policy stays the argmax of the nodes' values. One forced pass per static path over
-        validation gives what each node computes on each route; graphs with more than
-        OFFSET_PATHS paths, and nodes with no bias to move, are left as they are (the log says
-        so)."""
-        graph = executor.graph
-        if len(paths) > OFFSET_PATHS:
-            stage.log(offsets=f"none: {len(paths)} static paths (searched up to {OFFSET_PATHS})")
-            return
-        # What shifts a node's values by a constant per action: its head term's bias, else its last fc's.
+    def _biases(self, executor) -> dict[str, Tensor]:
+        """What shifts each control node's values by a constant per action: its head term's bias,
+        else its final `fc`'s (nodes with neither are left out)."""
         biases = {q.name: self.term[q.name][1] if q.name in self.term else final_bias(executor.nodes[q.name],
                                                                                         len(q.actions))
-                  for q in graph.control_nodes}
-        biases = {q: b for q, b in biases.items() if b is not None}
+                  for q in executor.graph.control_nodes}
+        return {q: b for q, b in biases.items() if b is not None}
+
+    def _fold(self, executor, offsets: dict[str, Tensor], sign: float = 1.0) -> None:
+        """Add (sign = −1: take back) per-action constants to the control nodes' biases."""
+        biases = self._biases(executor)
+        with torch.no_grad():
+            for q, o in offsets.items():
+                biases[q].add_(sign * o.to(biases[q].device, biases[q].dtype))
+
+    def _fit_offsets(self, executor, data, stage, metric: str) -> dict[str, Tensor]:
+        """The per-action constants (`offsets`) that `search_offsets` finds for the best
+        validation reward (the stage's own score) on the values as they stand, for the nodes
+        that have a bias to carry them ({} where nothing was searched; the log says why). One
+        forced pass per static path over validation gives what each node computes on each
+        route; graphs with more than OFFSET_PATHS paths are left as they are."""
+        graph, paths = executor.graph, self.static
+        if len(paths) > OFFSET_PATHS:
+            stage.log(offsets=f"none: {len(paths)} static paths (searched up to {OFFSET_PATHS})")
+            return {}
+        biases = self._biases(executor)
         if not biases:
             stage.log(offsets="none: no control node ends with a biased `fc` or has a head term")
-            return
+            return {}
         lam = float(self.params["lambda"])
         output = graph.outputs[0].name
         y = data.val.tensors[1]
@@ -684,17 +712,15 @@ class QLearningTrainer(Trainer):
             before = reward(offset_route(paths, values, {}))
         except ValueError as e:  # static_paths tries at most MAX_COMBINATIONS combinations of actions
             stage.log(offsets=f"none: {e}")
-            return
+            return {}
         offsets, after = search_offsets(reward, paths, values, {q: len(graph[q].actions) for q in biases})
-        with torch.no_grad():
-            for q, bias in biases.items():
-                bias.add_(offsets[q].to(bias.device, bias.dtype))
         route = offset_route(paths, values, offsets)
         shares = torch.bincount(route, minlength=len(paths)).double() / len(route)
         # Said in the log, not hidden: offsets may leave one path for (nearly) everyone.
         stage.log(offsets=" ".join(f"{q}=" + ",".join(f"{v:.6g}" for v in o.tolist()) for q, o in offsets.items()),
                   val_reward_before_offsets=round(before, 6), val_reward_after_offsets=round(after, 6),
                   val_paths_used=int((shares > 0).sum()), val_top_path_share=round(float(shares.max()), 6))
+        return offsets
 
     def _full_loss(self, executor, x, y, r, values: dict[str, Tensor], found, controls: list[str],
                    lam: float, weight: Tensor | None = None) -> Tensor:
