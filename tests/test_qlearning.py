@@ -425,6 +425,22 @@ def test_the_same_seed_gives_the_same_weights_and_another_seed_does_not():
     assert not torch.equal(sa["nodes.Q.0.weight"], _hand_set(_synthetic()[0], 0).state_dict()["nodes.Q.0.weight"])
 
 
+def _resumes_exactly(tmp_path, monkeypatch, make_run, fit, epoch: int, step: int):
+    """Train once whole and once cut by Ctrl-C at (epoch, step) then resumed; assert the two
+    end with the same weights and metrics rows. Returns (whole, resumed)."""
+    whole = fit(run=make_run("whole"))
+    cut = make_run("cut")
+    ctrl_c_after(monkeypatch, stage=0, epoch=epoch, step=step)
+    with pytest.raises(Interrupted):
+        fit(run=cut)
+    monkeypatch.undo()
+    resumed = fit(run=Run.open(cut.folder), resume=True)
+    sw, sr = whole.executor.state_dict(), resumed.executor.state_dict()
+    assert all(torch.equal(sw[k], sr[k]) for k in sw)
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (cut.folder / "metrics.jsonl").read_text()
+    return whole, resumed
+
+
 def test_an_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     graph = _synthetic()[0]
     short = ["policy.epochs=3", "policy.epsilon_decay=2", "policy.mix=0.5"]  # ε changes within epochs
@@ -433,17 +449,8 @@ def test_an_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
         config = resolve(graph, ["policy.lambda=0.5", *short])
         return Run.create(graph, SYNTHETIC, config, out=tmp_path / name)
 
-    whole = _fit(overrides=short, run=run("whole"))
-    cut = run("cut")
-    ctrl_c_after(monkeypatch, stage=0, epoch=1, step=5)  # during the 6th step of the second epoch
-    with pytest.raises(Interrupted):
-        _fit(overrides=short, run=cut)
-    monkeypatch.undo()
-    resumed = _fit(overrides=short, run=Run.open(cut.folder), resume=True)
-    sw, sr = whole.executor.state_dict(), resumed.executor.state_dict()
-    assert all(torch.equal(sw[k], sr[k]) for k in sw)
-    rows = (tmp_path / "whole" / "metrics.jsonl").read_text()
-    assert rows == (cut.folder / "metrics.jsonl").read_text()
+    # cut during the 6th step of the second epoch
+    _resumes_exactly(tmp_path, monkeypatch, run, functools.partial(_fit, overrides=short), epoch=1, step=5)
     logged = [r for r in Run.open(tmp_path / "whole").rows() if r.get("trainer") == "qlearning" and "epsilon" in r]
     assert [r["epsilon"] for r in logged] == pytest.approx([0.1 + 0.9 * 17 / 32, 0.1 + 0.9 / 32, 0.1])  # ε_end = 0.1 in SYNTHETIC
     assert all(r["train_reward"] is not None for r in logged)
@@ -459,16 +466,7 @@ def test_an_interrupted_run_resumes_its_searched_offsets_exactly(tmp_path, monke
         config = resolve(graph, ["policy.lambda=0.5", *short])
         return Run.create(graph, SYNTHETIC, config, out=tmp_path / name)
 
-    whole = _fit(overrides=short, run=run("whole"))
-    cut = run("cut")
-    ctrl_c_after(monkeypatch, stage=0, epoch=2, step=5)
-    with pytest.raises(Interrupted):
-        _fit(overrides=short, run=cut)
-    monkeypatch.undo()
-    resumed = _fit(overrides=short, run=Run.open(cut.folder), resume=True)
-    sw, sr = whole.executor.state_dict(), resumed.executor.state_dict()
-    assert all(torch.equal(sw[k], sr[k]) for k in sw)
-    assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (cut.folder / "metrics.jsonl").read_text()
+    _resumes_exactly(tmp_path, monkeypatch, run, functools.partial(_fit, overrides=short), epoch=2, step=5)
     assert len([r for r in Run.open(tmp_path / "whole").rows() if "val_reward_after_offsets" in r]) == 2
 
 
@@ -479,17 +477,9 @@ def test_an_interrupted_run_resumes_its_head_term_exactly(tmp_path, monkeypatch)
     def run(name):
         return Run.create(graph, HEADS, resolve(graph, ["seed=0", *short]), out=tmp_path / name)
 
-    whole = _train_heads(short, run=run("whole"))
-    cut = run("cut")
-    ctrl_c_after(monkeypatch, stage=0, epoch=1, step=3)
-    with pytest.raises(Interrupted):
-        _train_heads(short, run=cut)
-    monkeypatch.undo()
-    resumed = _train_heads(short, run=Run.open(cut.folder), resume=True)
-    sw, sr = whole.executor.state_dict(), resumed.executor.state_dict()
-    assert all(torch.equal(sw[k], sr[k]) for k in sw)
+    whole, resumed = _resumes_exactly(tmp_path, monkeypatch, run, functools.partial(_train_heads, short),
+                                      epoch=1, step=3)
     assert whole.policy.state() == resumed.policy.state() and whole.policy.weight["Q"].abs().sum() > 0
-    assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (cut.folder / "metrics.jsonl").read_text()
 
 
 @pytest.mark.parametrize("example, expected", [

@@ -455,9 +455,9 @@ class QLearningTrainer(Trainer):
         if backup in ("full", "greedy") and m != 1:
             raise trainer_error(self.name, f"`backup={backup}` values each example on its own, but the mini-bag has {m}",
                                 help="use `minibag=1` (or `auto`), or `backup=sampled`")
-        self.paths = [actions for actions, _ in paths] if backup in ("full", "greedy") else None
-        self.greedy = backup == "greedy"
         self.static = [actions for actions, _ in paths]
+        self.paths = self.static if backup in ("full", "greedy") else None
+        self.greedy = backup == "greedy"
         # `offsets=epochs`: the constants the training routes and validation add to the values,
         # kept apart from them (the Q-loss would pull folded ones back); in the checkpoint state.
         self.shift = stage.extra.setdefault("shift", {})
