@@ -46,7 +46,7 @@ from .ir import Graph, format_cost
 from .paths import heads
 from .policies import Policy, evaluating, run_policy
 
-__all__ = ["NO_CONTROL", "NO_EXIT", "Report", "evaluate", "per_example", "summarise", "whole_percentages"]
+__all__ = ["NO_CONTROL", "NO_EXIT", "Report", "evaluate", "f1_score", "per_example", "summarise", "whole_percentages"]
 
 NO_CONTROL = "(no control)"  # the path label of every example of a graph without control nodes
 NO_EXIT = "(none)"  # the exit label of an example whose output took no head's scores
@@ -276,6 +276,21 @@ class Report:
         return "\n".join(lines)
 
 
+def f1_score(prediction, label) -> float:
+    """F1 of class 1 from predicted and true labels (numpy arrays or tensors of one shape):
+    2TP / (2TP + FP + FN), 0.0 when there is neither a positive nor an error (sklearn's
+    zero_division=0).
+
+    Example:
+        >>> f1_score(np.array([1, 0, 1, 1]), np.array([1, 0, 0, 1]))  # TP 2, FP 1
+        0.8
+    """
+    pred, true = np.asarray(prediction) == 1, np.asarray(label) == 1
+    tp = int(np.count_nonzero(pred & true))
+    wrong = int(np.count_nonzero(pred != true))  # false positives + false negatives
+    return 2 * tp / (2 * tp + wrong) if tp + wrong else 0.0
+
+
 def whole_percentages(shares: list[float]) -> list[int]:
     """Shares that add up to 1 as whole percentages that add up to exactly 100 (largest
     remainder: the percentages rounded down, then one more to those rounded down the most).
@@ -328,12 +343,7 @@ def summarise(graph: Graph, rows: Mapping[str, np.ndarray], *, classes: int, spl
     full = graph.full_cost
     mean_cost = _mean(cost)
 
-    f1 = None
-    if classes == 2:
-        pred, label = rows["prediction"] == 1, rows["label"] == 1
-        tp = int(np.count_nonzero(pred & label))
-        wrong = int(np.count_nonzero(pred != label))  # false positives + false negatives
-        f1 = 2 * tp / (2 * tp + wrong) if tp + wrong else 0.0  # sklearn's zero_division=0
+    f1 = f1_score(rows["prediction"], rows["label"]) if classes == 2 else None
 
     def rate(mask: np.ndarray) -> float:
         return int(np.count_nonzero(mask)) / n

@@ -23,7 +23,7 @@ from d2graph.runs import load_data as runs_load_data_root
 from d2graph.trainers import LearnedPolicy
 from d2graph.trainers.baselines import HeadTermPolicy, head_decay
 from d2graph.trainers.qlearning import (QLearningTrainer, bag_reward, epsilon_at, f1_weights, full_targets,
-                                        minibag_size)
+                                        minibag_size, offset_route, search_offsets)
 
 from .conftest import ROOT, ctrl_c_after
 
@@ -215,6 +215,33 @@ def test_offsets_keep_every_example_on_the_cheap_branch_where_the_dear_one_answe
     assert share["none"]["val"] >= 0.05  # the values as learnt route on noise
     assert share[offsets]["val"] == 0.0 and share[offsets]["test"] <= 0.01
     assert accuracy[offsets] == accuracy["none"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_searched_offsets_margin_keeps_them_from_following_one_validation_sets_noise(seed):
+    # Six actions; each one but the first pays 0.05 less on average, every example with noise
+    # of 1, and the values as learnt send everyone to the first. Searched on 1,000 examples,
+    # the offsets move groups whose noise happened to favour another action; on fresh
+    # examples those moves lose. The margin keeps only moves that clear their standard error.
+    k = 6
+    paths = [{"Q": a} for a in range(k)]
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(n):
+        rewards = torch.randn(k, n, generator=g, dtype=torch.float64) - 0.05
+        rewards[0] = 0.0
+        values = torch.randn(n, k, generator=g, dtype=torch.float64)
+        values[:, 0] += 3.0
+        return rewards, [{"Q": values}] * k
+
+    (searched, values), (fresh, fresh_values) = draw(1000), draw(20000)
+    on_fresh = {}
+    for margin in (0.0, 1.0):
+        offsets, _ = search_offsets(lambda route: searched[route, torch.arange(1000)], paths, values, {"Q": k},
+                                    margin=margin)
+        on_fresh[margin] = float(fresh[offset_route(paths, fresh_values, offsets), torch.arange(20000)].mean())
+    print("mean reward on fresh examples (0 = the values as learnt):", on_fresh)
+    assert on_fresh[1.0] > on_fresh[0.0]
 
 
 @pytest.mark.parametrize("random_routes", [0.0, 0.5])
