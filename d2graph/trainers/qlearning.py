@@ -84,7 +84,10 @@ Guarantees:
     output on a route every control node draws uniformly (a second pass of the batch), so
     that a block the routing sends few examples to still learns from all of them: the
     blocks otherwise learn only where they are routed, and the dearer routes a higher λ buys
-    are trained on fewer examples (docs/results.md, the synthetic D²NN chain).
+    are trained on fewer examples (docs/results.md, the synthetic D²NN chain). With the
+    searched offsets (`offsets=epochs`) it is what keeps the routing per example: without it
+    the routing settles on the path best on average and the branches then train on that
+    path alone (the shipped chain at λ = 0.9: one path for 88–99.8% of the examples).
   - **Held-out rewards.** When the run holds training examples out of the function nodes'
     training (`data.holdout`; the train block's `holdout`, 0.2 by default with this
     trainer), the rewards and Q-targets are measured on held-out examples and the
@@ -108,7 +111,7 @@ Guarantees:
     59.6 → 55.2% over its last three epochs; docs/trainers.md).
     The epoch's mean training reward is kept in `stage.extra` (checkpointed), so a resumed
     epoch logs what the uninterrupted one would have.
-  - **Offsets** (`offsets=end`, what `auto` does when `mix = 0`): after the kept epoch, each
+  - **Offsets** (`auto`: `offsets=end` when `mix = 0`, `epochs` otherwise): after the kept epoch, each
     control node's values get one constant per action, searched on validation for the best
     validation reward (`search_offsets`, from one forced pass per static path on graphs of
     at most OFFSET_PATHS paths) and folded into the node's head-term bias or final `fc`'s
@@ -119,9 +122,12 @@ Guarantees:
     values alone; the kept epoch's constants are folded in at the end. Why: with frozen branches a node's argmax among
     actions whose values differ by less than their estimation error routes on noise (the
     synthetic D²NN chain at λ = 0.9: 56.9% at 0.48 of the cost where one static path
-    answers 60.0% at 0.24; with the offsets 59.9% at 0.23). With joint training the search
-    moved points along the accuracy–cost curve, not above it, so `auto` leaves it off there
-    (docs/trainers.md).
+    answers 60.0% at 0.24; with the offsets 59.9% at 0.23). With joint training one search
+    at the end moved points along the accuracy–cost curve, not above it; searched after every
+    epoch, the routes the branches learn on follow the constants, and with the search's
+    margin (`search_offsets`) and `random_routes` that put, at equal cost, the shipped chain
+    0.4–2.1 points above its old curve, the hierarchy at its λ 3.5 and the cascade 0.1–0.7
+    above, and high-low 0.1–0.5 below (docs/trainers.md).
 """
 
 from __future__ import annotations
@@ -395,7 +401,7 @@ class QLearningTrainer(Trainer):
               doc="the set metric A of the reward; `auto`: F1 for two classes, else accuracy"),
         Param("mix", "number", 1.0, doc="weight of the function nodes' cross-entropy: "
                                         "loss = q_loss + mix·ce_loss; 0 freezes them"),
-        Param("random_routes", "number", 0.0,
+        Param("random_routes", "number", 0.3,
               doc="weight of a second cross-entropy of the function nodes, on a route every control node draws at "
                   "random (uniformly): blocks that few examples are routed to keep learning from all of them"),
         Param("lr_scale", "number", 1.0, doc="the control nodes' learning rate, times the block's `lr`"),
@@ -417,7 +423,7 @@ class QLearningTrainer(Trainer):
               doc="`end`: at the end, add to each control node's values one constant per action, searched for the "
                   f"best validation reward (graphs of at most {OFFSET_PATHS} paths); `epochs`: searched after every "
                   "epoch once ε has stopped falling, and the training routes follow them; `none`: the learned values "
-                  "as they are; `auto`: `end` when the function nodes are frozen (`mix=0`), else `none`"),
+                  "as they are; `auto`: `end` when the function nodes are frozen (`mix=0`), else `epochs`"),
     ), doc="D²NN: control nodes learn Q-values of their actions from a mini-bag reward λ·A + (1 − λ)·E")
 
     def check_graph(self, graph) -> None:
@@ -478,6 +484,8 @@ class QLearningTrainer(Trainer):
         self.static = [actions for actions, _ in paths]
         self.paths = self.static if backup in ("full", "greedy") else None
         self.greedy = backup == "greedy"
+        # Frozen function nodes: one search at the end finds the same constants the epochs' would.
+        self.offsets = ("end" if mix == 0 else "epochs") if p["offsets"] == "auto" else p["offsets"]
         # `offsets=epochs`: the constants the training routes and validation add to the values,
         # kept apart from them (the Q-loss would pull folded ones back); in the checkpoint state.
         self.shift = stage.extra.setdefault("shift", {})
@@ -485,9 +493,9 @@ class QLearningTrainer(Trainer):
             self._train(executor, data, stage, optimizer, metric, m)
             if p["keep"] == "best":
                 self._restore_best(executor, stage)
-            if p["offsets"] == "end" or (p["offsets"] == "auto" and mix == 0):
+            if self.offsets == "end":
                 self._fold(executor, self._fit_offsets(executor, data, stage, metric))
-            elif p["offsets"] == "epochs" and p["keep"] == "last":
+            elif self.offsets == "epochs" and p["keep"] == "last":
                 self._fold(executor, self.shift)  # with keep=best the kept weights hold their epoch's
         finally:
             for w in frozen:
@@ -614,7 +622,7 @@ class QLearningTrainer(Trainer):
                 stage.step(loss=float(loss.detach()), n=len(y))
                 total, bags = stage.sums([float(reward.sum()), len(reward)])
                 stage.extra["reward"] = [stage.extra["reward"][0] + total, stage.extra["reward"][1] + int(bags)]
-            if p["offsets"] == "epochs" and epoch + 1 > p["epsilon_decay"]:  # once ε has stopped falling
+            if self.offsets == "epochs" and epoch + 1 > p["epsilon_decay"]:  # once ε has stopped falling
                 self.shift.clear()
                 self.shift.update(self._fit_offsets(executor, data, stage, metric))
             self._fold(executor, self.shift)  # validated (and kept) as the policy will be used
