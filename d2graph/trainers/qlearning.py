@@ -126,7 +126,7 @@ Guarantees:
     at the end moved points along the accuracy–cost curve, not above it; searched after every
     epoch, the routes the branches learn on follow the constants, and with the search's
     margin (`search_offsets`) and `random_routes` that put, at equal cost, the shipped chain
-    0.4–2.1 points above its old curve and the hierarchy at its λ 3.5 above, the cascade
+    0.4–2.1 points above its old curve and the hierarchy at its λ 3.6 above, the cascade
     −0.3 to +1.4 and high-low −0.8 to +0.2 (docs/trainers.md).
 """
 
