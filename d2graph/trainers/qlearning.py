@@ -727,13 +727,13 @@ class QLearningTrainer(Trainer):
         examples = torch.arange(len(y))
 
         try:
-            predicted = predictions[offset_route(paths, values, {}), examples]
+            start = offset_route(paths, values, {})  # the values' own routes
         except ValueError as e:  # static_paths tries at most MAX_COMBINATIONS combinations of actions
             stage.log(offsets=f"none: {e}")
             return {}
         # F1 is not a mean over examples; its per-example stand-in (`f1_weights`, at the F1 the
         # values give as they are) is what the margin is measured on, F1 itself what is scored.
-        weight = (f1_weights(y, f1_score(predicted, y), float((y == 1).double().mean())).double()
+        weight = (f1_weights(y, f1_score(predictions[start, examples], y), float((y == 1).double().mean())).double()
                   if metric == "f1" else torch.ones(len(y), dtype=torch.float64))
 
         def rewards(route: Tensor) -> Tensor:
@@ -745,7 +745,7 @@ class QLearningTrainer(Trainer):
             a = f1_score(predicted, y) if metric == "f1" else float((predicted == y).double().mean())
             return lam * a + (1 - lam) * (1 - float(costs[route, examples].mean()))
 
-        before = score(offset_route(paths, values, {}))
+        before = score(start)
         offsets, after = search_offsets(rewards, paths, values, {q: len(graph[q].actions) for q in biases}, score)
         route = offset_route(paths, values, offsets)
         shares = torch.bincount(route, minlength=len(paths)).double() / len(route)
